@@ -1,0 +1,80 @@
+"""LoraLinear against PEFT's LoRA Linear: same A/B -> same outputs; exact merge/unmerge."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from vlm_lora.lora import AdapterSpec, LoraLinear
+
+peft = pytest.importorskip("peft")
+
+
+def _pair(rank=4, alpha=8.0, in_f=24, out_f=20):
+    torch.manual_seed(0)
+    base = nn.Linear(in_f, out_f)
+    ours = LoraLinear(copy.deepcopy(base), "default", AdapterSpec(rank=rank, alpha=alpha))
+    torch.nn.init.normal_(ours.lora_B["default"].weight)
+    model = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)),
+                                peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"]))
+    theirs = model.base_model.model[0]
+    theirs.lora_A["default"].weight.data.copy_(ours.lora_A["default"].weight)
+    theirs.lora_B["default"].weight.data.copy_(ours.lora_B["default"].weight)
+    return ours, theirs
+
+
+def test_forward_matches_peft():
+    ours, theirs = _pair()
+    x = torch.randn(3, 7, 24)
+    assert ours.scaling["default"] == theirs.scaling["default"] == 2.0
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
+    assert not torch.allclose(ours(x), ours.base_layer(x))  # the adapter really contributes
+
+
+def test_fresh_adapter_is_identity_and_init_matches_peft_scheme():
+    base = nn.Linear(16, 12)
+    layer = LoraLinear(copy.deepcopy(base), "default", AdapterSpec(rank=8, alpha=16))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), base(x), atol=0, rtol=0)
+    bound = 1 / 16 ** 0.5  # kaiming_uniform(a=sqrt(5)) on [r, in] gives U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A["default"].weight.abs().max() <= bound
+    assert layer.lora_A["default"].weight.std() > bound / 3
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+
+
+def test_merge_equals_w_plus_scaled_ba_and_unmerge_restores():
+    ours, theirs = _pair(rank=3, alpha=12.0)
+    w0 = ours.base_layer.weight.detach().clone()
+    expected = w0 + 4.0 * ours.lora_B["default"].weight @ ours.lora_A["default"].weight
+    x = torch.randn(6, 24)
+    before = ours(x)
+    ours.merge()
+    torch.testing.assert_close(ours.base_layer.weight, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours(x), before, atol=1e-5, rtol=0)  # merged adapters are not added twice
+    theirs.merge()
+    torch.testing.assert_close(ours.base_layer.weight, theirs.base_layer.weight, atol=1e-6, rtol=0)
+    ours.unmerge()
+    torch.testing.assert_close(ours.base_layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_disable_gives_base_output_and_gradients_reach_a_and_b():
+    ours, _ = _pair()
+    x = torch.randn(4, 24)
+    ours.disabled = True
+    torch.testing.assert_close(ours(x), ours.base_layer(x), atol=0, rtol=0)
+    ours.disabled = False
+    ours(x).square().sum().backward()
+    assert ours.lora_A["default"].weight.grad.abs().sum() > 0
+    assert ours.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_two_named_adapters_add_up():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 8), "a", AdapterSpec(rank=2, alpha=2))
+    layer.add_adapter("b", AdapterSpec(rank=4, alpha=8))
+    for name in ("a", "b"):
+        nn.init.normal_(layer.lora_B[name].weight)
+    x = torch.randn(3, 8)
+    expected = layer.base_layer(x) + (x @ layer.delta_weight("a").T) + (x @ layer.delta_weight("b").T)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)

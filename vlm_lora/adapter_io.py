@@ -1,0 +1,166 @@
+"""Save and load adapters in PEFT's file format.
+
+``adapter_config.json`` (``peft_type: LORA``, ``r``, ``lora_alpha``, ``target_modules`` as full
+module paths, ``rank_pattern``/``alpha_pattern`` for per-component ranks, ``modules_to_save``)
+and ``adapter_model.safetensors`` with ``base_model.model.<path>.lora_A.weight`` [r, in],
+``.lora_B.weight`` [out, r] and fully-trained modules as plain ``base_model.model.<path>`` tensors.
+``PeftModel.from_pretrained`` loads what we write; we load what PEFT writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlm_lora.lora import AdapterSpec, LoraLinear, inject_lora, iter_lora_layers
+from vlm_lora.lora.inject import DEFAULT_ADAPTER
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be read or does not fit the model it is loaded into."""
+
+
+def _most_common(values: list) -> object:
+    return Counter(values).most_common(1)[0][0]
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str,
+                 modules_to_save: list[str], adapter_name: str = DEFAULT_ADAPTER,
+                 never_saved: list[str] = ()) -> Path:
+    """Write ``adapter_name`` and the fully-trained modules of ``model`` as a PEFT adapter."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas, dropouts = {}, {}, []
+    for path, layer in iter_lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        spec = layer.specs[adapter_name]
+        ranks[path], alphas[path] = spec.rank, spec.alpha
+        dropouts.append(spec.dropout)
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    for prefix in modules_to_save:
+        for name, param in model.get_submodule(prefix).named_parameters(prefix=prefix):
+            if not any(name.startswith(n + ".") for n in never_saved):
+                tensors[PREFIX + name] = param
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    r = _most_common(list(ranks.values())) if ranks else 8
+    alpha = _most_common(list(alphas.values())) if alphas else 16
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": _most_common(dropouts) if dropouts else 0.0,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {p: v for p, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {p: v for p, v in sorted(alphas.items()) if v != alpha},
+        "modules_to_save": list(modules_to_save) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    return out_dir
+
+
+def _matches(path: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _pattern_value(path: str, patterns: dict, default):
+    """PEFT's rule: a pattern key matches the path's end on a module boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+    for unsupported in ("use_dora", "use_rslora"):
+        if config.get(unsupported):
+            raise AdapterError(f"{config_file}: {unsupported}=true is not supported yet")
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+    """Inject and load a PEFT-format LoRA adapter into ``model``; returns the adapted paths.
+
+    Fails with ``AdapterError`` naming the module when the adapter does not fit this base.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights_file = adapter_dir / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
+    state = load_file(str(weights_file))
+    origin = config.get("base_model_name_or_path")
+
+    lora_paths = sorted({k[len(PREFIX):].rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k})
+    modules = dict(model.named_modules())
+    specs = {}
+    for path in lora_paths:
+        module = modules.get(path)
+        if isinstance(module, LoraLinear):
+            module = module.base_layer
+        if module is None:
+            raise AdapterError(f"adapter targets module {path!r}, which this model does not have; "
+                               f"the adapter was made for {origin!r}")
+        lora_a = state[f"{PREFIX}{path}.lora_A.weight"]
+        lora_b = state[f"{PREFIX}{path}.lora_B.weight"]
+        if not isinstance(module, nn.Linear) or lora_a.shape[1] != module.in_features \
+                or lora_b.shape[0] != module.out_features:
+            shape = (getattr(module, "out_features", "?"), getattr(module, "in_features", "?"))
+            raise AdapterError(f"adapter does not fit {path!r}: its update is {tuple(lora_b.shape[:1]) + tuple(lora_a.shape[1:])} "
+                               f"[out, in] but the module is {shape}; the adapter was made for {origin!r}")
+        rank = _pattern_value(path, config.get("rank_pattern") or {}, config["r"])
+        if rank != lora_a.shape[0]:
+            raise AdapterError(f"{path}: config says rank {rank} but lora_A has {lora_a.shape[0]} rows")
+        alpha = _pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
+        specs[path] = AdapterSpec(rank=rank, alpha=alpha, dropout=0.0)
+    inject_lora(model, specs, adapter_name)
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in state.items():
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            for part in ("lora_A", "lora_B"):
+                name = name.replace(f".{part}.weight", f".{part}.{adapter_name}.weight")
+            if name not in params:
+                base_name = name.rsplit(".", 1)
+                wrapped = f"{base_name[0]}.base_layer.{base_name[1]}" if len(base_name) == 2 else name
+                if wrapped not in params:
+                    raise AdapterError(f"adapter tensor {key!r} has no place in this model "
+                                       f"(made for {origin!r})")
+                name = wrapped
+            if params[name].shape != tensor.shape:
+                raise AdapterError(f"adapter tensor {key!r} has shape {tuple(tensor.shape)} but the model's "
+                                   f"{name} is {tuple(params[name].shape)}; the adapter was made for {origin!r}")
+            params[name].copy_(tensor.to(params[name].dtype))
+    return lora_paths

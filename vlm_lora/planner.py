@@ -1,0 +1,199 @@
+"""The planner: resolve a strategy plus overrides against a model into a ``Plan``.
+
+A Plan says, per component, its mode, the exact module paths that get LoRA (or are
+trained in full), rank, alpha, learning rate and trainable parameters. It prints as a
+table, serialises with ``to_dict()`` and ``apply(model)`` injects the adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from vlm_lora.lora import AdapterSpec, inject_lora
+from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
+from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED, Architecture, detect_architecture
+
+
+class PlanError(ValueError):
+    """A strategy or policy that cannot be applied to this model."""
+
+
+@dataclass
+class ComponentPlan:
+    component: str
+    policy: ComponentPolicy
+    lora_paths: list[str] = field(default_factory=list)   # leaf nn.Linear paths that get LoRA
+    full_prefixes: list[str] = field(default_factory=list)  # module prefixes trained in full
+    trainable_params: int = 0
+
+
+@dataclass
+class Plan:
+    architecture: str
+    strategy: str
+    components: list[ComponentPlan]
+    total_params: int
+    frozen_paths: list[str] = field(default_factory=list)  # never-adapted modules, kept frozen
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(c.trainable_params for c in self.components)
+
+    def adapter_specs(self) -> dict[str, AdapterSpec]:
+        """Module path -> AdapterSpec for every LoRA target."""
+        specs = {}
+        for comp in self.components:
+            if comp.policy.mode == "lora":
+                spec = AdapterSpec(rank=comp.policy.rank, alpha=comp.policy.alpha, dropout=comp.policy.dropout or 0.0)
+                specs.update({path: spec for path in comp.lora_paths})
+        return specs
+
+    def full_prefixes(self) -> list[str]:
+        return [p for c in self.components if c.policy.mode == "full" for p in c.full_prefixes]
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze the model, inject the LoRA adapters and unfreeze fully-trained components."""
+        model.requires_grad_(False)
+        inject_lora(model, self.adapter_specs())
+        for prefix in self.full_prefixes():
+            model.get_submodule(prefix).requires_grad_(True)
+        for path in self.frozen_paths:
+            model.get_submodule(path).requires_grad_(False)
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.requires_grad_(True)
+        return model
+
+    def component_of_param(self, name: str) -> str | None:
+        """Which component a (post-apply) parameter name belongs to."""
+        for comp in self.components:
+            for prefix in comp.lora_paths + comp.full_prefixes:
+                if name.startswith(prefix + "."):
+                    return comp.component
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "architecture": self.architecture, "strategy": self.strategy,
+            "total_params": self.total_params, "trainable_params": self.trainable_params,
+            "components": [{
+                "component": c.component, **c.policy.model_dump(),
+                "modules": c.lora_paths or c.full_prefixes, "trainable_params": c.trainable_params,
+            } for c in self.components],
+            "never_adapted": self.frozen_paths,
+        }
+
+    def __str__(self) -> str:
+        header = ("component", "mode", "modules", "rank", "alpha", "lr", "trainable", "%")
+        rows = []
+        for c in self.components:
+            p = c.policy
+            lora_mode = p.mode == "lora"
+            modules = (f"{len(c.lora_paths)} x {','.join(p.targets)}" if lora_mode
+                       else ", ".join(c.full_prefixes) if p.mode == "full" else "-")
+            rows.append((c.component, p.mode, modules, str(p.rank) if lora_mode else "-",
+                         f"{p.alpha:g}" if lora_mode else "-",
+                         "-" if p.mode == "frozen" else f"{p.lr:g}" if p.lr else "default",
+                         f"{c.trainable_params:,}", f"{100 * c.trainable_params / self.total_params:.3f}"))
+        rows.append(("total", "", "", "", "", "", f"{self.trainable_params:,}",
+                     f"{100 * self.trainable_params / self.total_params:.3f}"))
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [f"plan: {self.architecture}, strategy {self.strategy}, {self.total_params:,} params", line(header),
+               line(["-" * w for w in widths]), *map(line, rows)]
+        if self.frozen_paths:
+            out.append("never adapted: " + ", ".join(self.frozen_paths))
+        return "\n".join(out)
+
+
+def _resolve_policies(arch: Architecture, strategy: str, overrides: dict[str, ComponentPolicy],
+                      errors: list[str]) -> dict[str, ComponentPolicy]:
+    """Strategy defaults with overrides applied, for each component the architecture has."""
+    if strategy not in STRATEGIES:
+        raise PlanError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    for name in overrides:
+        if name == NEVER_ADAPTED:
+            errors.append(f"components.{name}: patch embeddings are never adapted "
+                          f"(module {', '.join(arch.never_adapted)}); remove this entry")
+        elif name not in COMPONENTS:
+            errors.append(f"components.{name}: unknown component; valid: {', '.join(COMPONENTS)}")
+        elif name not in arch.components:
+            errors.append(f"components.{name}: {arch.name} has no {name}; it has {', '.join(arch.components)}")
+    wanted = STRATEGIES[strategy].modes
+    missing = [c for c in wanted if c not in arch.components]
+    if missing:
+        errors.append(f"strategy {strategy!r} needs {', '.join(missing)}, which {arch.name} does not have; "
+                      f"{arch.name} has {', '.join(arch.components)}")
+    policies = {}
+    for name in arch.components:
+        base = wanted.get(name, FROZEN)
+        override = overrides.get(name)
+        if override is not None and override.mode == "lora" and base.mode != "lora":
+            base = DEFAULT_POLICY.get(name, base).model_copy(update={"mode": "lora"})
+        policies[name] = base.merged_with(override)
+    return policies
+
+
+def plan(model: nn.Module, strategy: str = "language_only", components: dict | None = None,
+         **overrides: dict | ComponentPolicy) -> Plan:
+    """Plan LoRA for ``model``.
+
+    >>> p = plan(model, strategy="both", language_decoder={"rank": 8})
+    >>> print(p); p.apply(model)
+
+    ``components`` (as in a recipe) and keyword overrides are per-component dicts with any of
+    ``mode, rank, alpha, targets, dropout, lr``.
+    """
+    arch = detect_architecture(model)
+    raw = {**(components or {}), **overrides}
+    parsed = {k: v if isinstance(v, ComponentPolicy) else ComponentPolicy(**v) for k, v in raw.items()}
+    errors: list[str] = []
+    policies = _resolve_policies(arch, strategy, parsed, errors)
+
+    never = [p for p in arch.never_adapted if _has_module(model, p)]
+    modules = dict(model.named_modules())
+    comp_plans = []
+    for name, policy in policies.items():
+        cmap = arch.components[name]
+        cp = ComponentPlan(component=name, policy=policy)
+        if policy.mode == "lora":
+            valid = sorted(cmap.targets) or ["(the module itself)"]
+            bad = [t for t in policy.targets or [] if cmap.targets and t not in cmap.targets]
+            if bad:
+                errors.append(f"components.{name}.targets: {bad} not valid for {arch.name}; valid: {', '.join(valid)}")
+                continue
+            suffixes = [cmap.targets[t] for t in policy.targets or []] if cmap.targets else None
+            for path, module in modules.items():
+                if not isinstance(module, nn.Linear) or not cmap.owns(path):
+                    continue
+                if suffixes is None or any(path.endswith("." + s) for s in suffixes):
+                    cp.lora_paths.append(path)
+                    cp.trainable_params += policy.rank * (module.in_features + module.out_features)
+            if not cp.lora_paths:
+                errors.append(f"components.{name}: no nn.Linear matched targets {policy.targets}")
+        elif policy.mode == "full":
+            cp.full_prefixes = [p for p in cmap.prefixes if _has_module(model, p)]
+            seen = set()
+            for prefix in cp.full_prefixes:
+                for pname, param in modules[prefix].named_parameters(prefix=prefix):
+                    if id(param) in seen or any(pname.startswith(n + ".") for n in never):
+                        continue
+                    seen.add(id(param))
+                    cp.trainable_params += param.numel()
+        comp_plans.append(cp)
+    if errors:
+        raise PlanError("invalid plan:\n  - " + "\n  - ".join(errors))
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(c.trainable_params for c in comp_plans if c.policy.mode == "lora")
+    return Plan(architecture=arch.name, strategy=strategy, components=comp_plans, total_params=total,
+                frozen_paths=never)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,154 @@
+"""Recipe schema: a YAML file validated with pydantic, every error reported at once.
+
+Recipes are plain YAML a user copies and edits. ``load_recipe`` applies ``--set`` overrides,
+validates every key, and raises one ``RecipeError`` listing each problem with its key and
+the valid options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlm_lora.policy import STRATEGIES, ComponentPolicy
+from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="local model folder or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(_Strict):
+    train: str = Field(description="caption JSONL: rows {image, caption}")
+    eval: str | None = None
+    image_root: str | None = Field(default=None, description="images are relative to this folder; default: the JSONL's")
+    prompt: str = "Describe the image."
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    save_steps: int | None = Field(default=None, ge=1)
+    eval_steps: int | None = Field(default=None, ge=1)
+    log_steps: int = Field(default=5, ge=1)
+    eval_batch_size: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    eval_base: bool = Field(default=True, description="also caption the eval split with the base model")
+
+
+class Recipe(_Strict):
+    model: ModelConfig
+    strategy: str = "language_only"
+    components: dict[str, ComponentPolicy] = Field(default_factory=dict)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/default"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; valid: {', '.join(STRATEGIES)}")
+        return value
+
+    @field_validator("components")
+    @classmethod
+    def _known_components(cls, value: dict) -> dict:
+        unknown = [k for k in value if k not in COMPONENTS and k != NEVER_ADAPTED]
+        if unknown:
+            raise ValueError(f"unknown component(s) {', '.join(unknown)}; valid: {', '.join(COMPONENTS)}")
+        return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected key.sub=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    return data
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at the location of an 'extra_forbidden' error, for the message."""
+    current: Any = model
+    inside_dict = False
+    for part in loc[:-1]:
+        if inside_dict:  # this part is a dict key (a component name): the value type stays
+            inside_dict = False
+            continue
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(part)
+        if info is None:
+            return []
+        annotation = info.annotation
+        args = getattr(annotation, "__args__", ())
+        inside_dict = bool(args) and getattr(annotation, "__origin__", None) is dict
+        current = args[-1] if inside_dict else annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _field_names(Recipe, err["loc"])
+            lines.append(f"{key}: unknown key" + (f"; valid keys here: {', '.join(valid)}" if valid else ""))
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
+    return f"recipe has {len(lines)} error(s):\n  - " + "\n  - ".join(lines)
+
+
+def validate_recipe(data: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(format_errors(error)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; relative paths resolve from the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys (model, strategy, components, data, train, output_dir)")
+    return validate_recipe(apply_overrides(data, overrides or []))

@@ -1,0 +1,86 @@
+"""Architecture registry: which module paths of a model are which VLM component.
+
+Knowledge about architectures is data, not code: one ``Architecture`` entry per model
+family. Each component lists the module-path prefixes it owns and, for LoRA, a map from
+short target names (``q``, ``v``, ``gate`` ...) to the leaf-module names inside it. Adding a
+model is adding an entry (see ``register``); nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+COMPONENTS = ("vision_encoder", "cross_attention", "qformer", "connector", "language_decoder", "lm_head")
+NEVER_ADAPTED = "patch_embedding"
+
+
+@dataclass(frozen=True)
+class ComponentMap:
+    """Where a component lives and which of its leaves LoRA may target.
+
+    prefixes: module-path prefixes owned by the component (``model.language_model``).
+    targets: short target name -> leaf-path suffix inside a block (``q`` -> ``self_attn.q_proj``).
+    """
+
+    prefixes: tuple[str, ...]
+    targets: dict[str, str] = field(default_factory=dict)
+
+    def owns(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + ".") for p in self.prefixes)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_classes: tuple[str, ...]
+    components: dict[str, ComponentMap]
+    never_adapted: tuple[str, ...]  # module paths (patch embeddings) that no policy may touch
+
+    def component_of(self, path: str) -> str | None:
+        for name, comp in self.components.items():
+            if comp.owns(path):
+                return name
+        return None
+
+
+_CLIP_VISION_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                        "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_LLAMA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    REGISTRY[arch.name] = arch
+    return arch
+
+
+register(Architecture(
+    name="llava",
+    model_classes=("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"),
+    components={
+        "vision_encoder": ComponentMap(("model.vision_tower",), _CLIP_VISION_TARGETS),
+        "connector": ComponentMap(("model.multi_modal_projector",), {"fc1": "linear_1", "fc2": "linear_2"}),
+        "language_decoder": ComponentMap(("model.language_model",), _LLAMA_TARGETS),
+        "lm_head": ComponentMap(("lm_head",)),
+    },
+    never_adapted=("model.vision_tower.embeddings.patch_embedding",),
+))
+
+
+def detect_architecture(model: nn.Module) -> Architecture:
+    """The registry entry for ``model``, chosen by its class name (and its MRO)."""
+    class_names = [cls.__name__ for cls in type(model).__mro__]
+    for arch in REGISTRY.values():
+        if any(name in arch.model_classes for name in class_names):
+            return arch
+    children = ", ".join(name for name, _ in model.named_children()) or "(none)"
+    raise ValueError(
+        f"vlm-lora has no architecture entry for {type(model).__name__}. Its top-level children are: "
+        f"{children}. Add an entry with vlm_lora.registry.register(Architecture(name=..., "
+        f"model_classes=({type(model).__name__!r},), components={{'language_decoder': ComponentMap(('<prefix>',), "
+        f"{{'q': 'self_attn.q_proj', ...}}), ...}}, never_adapted=(...)))."
+    )
