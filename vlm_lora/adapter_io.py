@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlm_lora.lora import AdapterSpec, LoraLinear, inject_lora, iter_lora_layers
+from vlm_lora.lora import AdapterSpec, LoraLayer, inject_lora, iter_lora_layers
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+META_NAME = "vlm_lora.json"  # vlm-lora extras (slice layouts); PEFT ignores it
 
 
 class AdapterError(ValueError):
@@ -37,19 +38,29 @@ def _most_common(values: list) -> object:
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str,
                  modules_to_save: list[str], adapter_name: str = DEFAULT_ADAPTER,
                  never_saved: list[str] = ()) -> Path:
-    """Write ``adapter_name`` and the fully-trained modules of ``model`` as a PEFT adapter."""
+    """Write ``adapter_name`` and the fully-trained modules of ``model`` as a PEFT adapter.
+
+    Fused layers (``qkv`` slices, ``nn.MultiheadAttention``) export as exact PEFT equivalents;
+    their slice layout goes to ``vlm_lora.json`` beside the PEFT files so that vlm-lora can
+    rebuild the per-slice layers (PEFT ignores that file).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas, dropouts = {}, {}, []
+    ranks, alphas, dropouts, sliced = {}, {}, [], {}
     for path, layer in iter_lora_layers(model):
-        if adapter_name not in layer.lora_A:
+        if adapter_name not in layer.specs:
             continue
         spec = layer.specs[adapter_name]
-        ranks[path], alphas[path] = spec.rank, spec.alpha
         dropouts.append(spec.dropout)
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if spec.slices:
+            sliced[path] = {"rank": spec.rank, "alpha": spec.alpha, "slices": list(spec.slices),
+                            "slice_order": list(spec.slice_order)}
+        for entry in layer.peft_export(adapter_name):
+            target = f"{path}.{entry.suffix}" if entry.suffix else path
+            ranks[target], alphas[target] = entry.rank, entry.alpha
+            tensors[f"{PREFIX}{target}.lora_A.weight"] = entry.lora_A
+            tensors[f"{PREFIX}{target}.lora_B.weight"] = entry.lora_B
     for prefix in modules_to_save:
         for name, param in model.get_submodule(prefix).named_parameters(prefix=prefix):
             if not any(name.startswith(n + ".") for n in never_saved):
@@ -77,6 +88,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "inference_mode": True,
     }
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / META_NAME).write_text(json.dumps({"sliced_layers": sliced}, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
 
@@ -109,6 +121,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
+def _read_meta(adapter_dir: Path) -> dict:
+    meta_file = adapter_dir / META_NAME
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
     """Inject and load a PEFT-format LoRA adapter into ``model``; returns the adapted paths.
 
@@ -121,46 +138,65 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
     state = load_file(str(weights_file))
     origin = config.get("base_model_name_or_path")
-
-    lora_paths = sorted({k[len(PREFIX):].rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k})
+    sliced = _read_meta(adapter_dir).get("sliced_layers", {})
     modules = dict(model.named_modules())
-    specs = {}
-    for path in lora_paths:
+
+    # PEFT target path -> (lora_A, lora_B)
+    pairs = {k[len(PREFIX):-len(".lora_A.weight")]: (v, state[k.replace(".lora_A.", ".lora_B.")])
+             for k, v in state.items() if k.endswith(".lora_A.weight")}
+    specs: dict[str, AdapterSpec] = {}
+    entries: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for path, info in sliced.items():
+        if path not in modules:
+            raise AdapterError(f"adapter targets module {path!r}, which this model does not have; "
+                               f"the adapter was made for {origin!r}")
+        specs[path] = AdapterSpec(rank=info["rank"], alpha=info["alpha"], slices=tuple(info["slices"]),
+                                  slice_order=tuple(info["slice_order"]))
+        entries[path] = {}
+        for target in [t for t in pairs if t == path or t.startswith(path + ".")]:
+            entries[path][target[len(path) + 1:]] = pairs.pop(target)
+    for path, (lora_a, lora_b) in pairs.items():
         module = modules.get(path)
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraLayer):
             module = module.base_layer
         if module is None:
             raise AdapterError(f"adapter targets module {path!r}, which this model does not have; "
                                f"the adapter was made for {origin!r}")
-        lora_a = state[f"{PREFIX}{path}.lora_A.weight"]
-        lora_b = state[f"{PREFIX}{path}.lora_B.weight"]
         if not isinstance(module, nn.Linear) or lora_a.shape[1] != module.in_features \
                 or lora_b.shape[0] != module.out_features:
             shape = (getattr(module, "out_features", "?"), getattr(module, "in_features", "?"))
-            raise AdapterError(f"adapter does not fit {path!r}: its update is {tuple(lora_b.shape[:1]) + tuple(lora_a.shape[1:])} "
+            raise AdapterError(f"adapter does not fit {path!r}: its update is ({lora_b.shape[0]}, {lora_a.shape[1]}) "
                                f"[out, in] but the module is {shape}; the adapter was made for {origin!r}")
         rank = _pattern_value(path, config.get("rank_pattern") or {}, config["r"])
         if rank != lora_a.shape[0]:
             raise AdapterError(f"{path}: config says rank {rank} but lora_A has {lora_a.shape[0]} rows")
         alpha = _pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
-        specs[path] = AdapterSpec(rank=rank, alpha=alpha, dropout=0.0)
-    inject_lora(model, specs, adapter_name)
+        specs[path] = AdapterSpec(rank=rank, alpha=alpha)
+        entries[path] = {"": (lora_a, lora_b)}
+    try:
+        inject_lora(model, specs, adapter_name)
+    except TypeError as error:
+        raise AdapterError(f"{error} (adapter made for {origin!r})") from None
+    for path, layer_entries in entries.items():
+        try:
+            model.get_submodule(path).load_peft(adapter_name, layer_entries)
+        except (ValueError, RuntimeError) as error:
+            raise AdapterError(f"adapter does not fit {path!r}: {error}; the adapter was made for {origin!r}") from None
 
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in state.items():
+            if ".lora_A." in key or ".lora_B." in key:
+                continue
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-            for part in ("lora_A", "lora_B"):
-                name = name.replace(f".{part}.weight", f".{part}.{adapter_name}.weight")
             if name not in params:
-                base_name = name.rsplit(".", 1)
-                wrapped = f"{base_name[0]}.base_layer.{base_name[1]}" if len(base_name) == 2 else name
+                parent, _, leaf = name.rpartition(".")
+                wrapped = f"{parent}.base_layer.{leaf}"
                 if wrapped not in params:
-                    raise AdapterError(f"adapter tensor {key!r} has no place in this model "
-                                       f"(made for {origin!r})")
+                    raise AdapterError(f"adapter tensor {key!r} has no place in this model (made for {origin!r})")
                 name = wrapped
             if params[name].shape != tensor.shape:
                 raise AdapterError(f"adapter tensor {key!r} has shape {tuple(tensor.shape)} but the model's "
                                    f"{name} is {tuple(params[name].shape)}; the adapter was made for {origin!r}")
             params[name].copy_(tensor.to(params[name].dtype))
-    return lora_paths
+    return sorted(specs)

@@ -7,13 +7,13 @@ table, serialises with ``to_dict()`` and ``apply(model)`` injects the adapters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from vlm_lora.lora import AdapterSpec, inject_lora
 from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
-from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED, Architecture, detect_architecture
+from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
 
 class PlanError(ValueError):
@@ -24,9 +24,13 @@ class PlanError(ValueError):
 class ComponentPlan:
     component: str
     policy: ComponentPolicy
-    lora_paths: list[str] = field(default_factory=list)   # leaf nn.Linear paths that get LoRA
+    lora_specs: dict[str, AdapterSpec] = field(default_factory=dict)  # module path -> adapter
     full_prefixes: list[str] = field(default_factory=list)  # module prefixes trained in full
     trainable_params: int = 0
+
+    @property
+    def lora_paths(self) -> list[str]:
+        return list(self.lora_specs)
 
 
 @dataclass
@@ -43,12 +47,7 @@ class Plan:
 
     def adapter_specs(self) -> dict[str, AdapterSpec]:
         """Module path -> AdapterSpec for every LoRA target."""
-        specs = {}
-        for comp in self.components:
-            if comp.policy.mode == "lora":
-                spec = AdapterSpec(rank=comp.policy.rank, alpha=comp.policy.alpha, dropout=comp.policy.dropout or 0.0)
-                specs.update({path: spec for path in comp.lora_paths})
-        return specs
+        return {path: spec for comp in self.components for path, spec in comp.lora_specs.items()}
 
     def full_prefixes(self) -> list[str]:
         return [p for c in self.components if c.policy.mode == "full" for p in c.full_prefixes]
@@ -164,14 +163,8 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
             if bad:
                 errors.append(f"components.{name}.targets: {bad} not valid for {arch.name}; valid: {', '.join(valid)}")
                 continue
-            suffixes = [cmap.targets[t] for t in policy.targets or []] if cmap.targets else None
-            for path, module in modules.items():
-                if not isinstance(module, nn.Linear) or not cmap.owns(path):
-                    continue
-                if suffixes is None or any(path.endswith("." + s) for s in suffixes):
-                    cp.lora_paths.append(path)
-                    cp.trainable_params += policy.rank * (module.in_features + module.out_features)
-            if not cp.lora_paths:
+            _plan_lora(cp, cmap, modules)
+            if not cp.lora_specs:
                 errors.append(f"components.{name}: no nn.Linear matched targets {policy.targets}")
         elif policy.mode == "full":
             cp.full_prefixes = [p for p in cmap.prefixes if _has_module(model, p)]
@@ -189,6 +182,49 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     total += sum(c.trainable_params for c in comp_plans if c.policy.mode == "lora")
     return Plan(architecture=arch.name, strategy=strategy, components=comp_plans, total_params=total,
                 frozen_paths=never)
+
+
+def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Module]) -> None:
+    """Fill ``cp.lora_specs`` and its parameter count: one spec per targeted module, with the
+    chosen slices for fused modules (``q``, ``v`` of a ``qkv``)."""
+    policy = cp.policy
+    spec = AdapterSpec(rank=policy.rank, alpha=policy.alpha, dropout=policy.dropout or 0.0)
+    if not cmap.targets:  # the component is a single layer (lm_head): adapt its linears
+        leaves = {}
+    else:
+        leaves: dict[str, list[str]] = {}
+        for target in policy.targets or []:
+            leaves.setdefault(cmap.targets[target], []).append(target)
+    for path, module in modules.items():
+        if not cmap.owns(path):
+            continue
+        if not leaves:
+            if isinstance(module, nn.Linear):
+                cp.lora_specs[path] = spec
+                cp.trainable_params += policy.rank * (module.in_features + module.out_features)
+            continue
+        leaf = next((leaf for leaf in leaves if path.endswith("." + leaf)), None)
+        if leaf is None:
+            continue
+        order = cmap.fused.get(leaf)
+        if order is None:
+            if isinstance(module, nn.Linear):
+                cp.lora_specs[path] = spec
+                cp.trainable_params += policy.rank * (module.in_features + module.out_features)
+            continue
+        slices = tuple(s for s in order if s in leaves[leaf])
+        cp.lora_specs[path] = replace(spec, slices=slices, slice_order=order)
+        cp.trainable_params += sum(policy.rank * sum(fused_slice_shape(module, s, order)) for s in slices)
+
+
+def fused_slice_shape(module: nn.Module, slice_name: str, order: tuple[str, ...]) -> tuple[int, int]:
+    """(in, out) of one slice of a fused module: a qkv ``nn.Linear`` split into equal output
+    slices, or an ``nn.MultiheadAttention`` (q/k/v of ``in_proj``, ``o`` = ``out_proj``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        dim = module.embed_dim
+        return (dim, dim)
+    n_in_proj = len([s for s in order if s != "o"])
+    return (module.in_features, module.out_features // n_in_proj)
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

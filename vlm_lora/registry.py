@@ -22,10 +22,15 @@ class ComponentMap:
 
     prefixes: module-path prefixes owned by the component (``model.language_model``).
     targets: short target name -> leaf-path suffix inside a block (``q`` -> ``self_attn.q_proj``).
+        Several names may share one leaf when that leaf is fused (``q``, ``k``, ``v`` -> ``attn.qkv``).
+    fused: fused leaf suffix -> its slice order (``attn.qkv`` -> ``("q", "k", "v")``); a fused
+        ``nn.Linear`` is split into equal output slices, an ``nn.MultiheadAttention`` into its
+        ``in_proj`` q/k/v slices plus ``o`` for ``out_proj``.
     """
 
     prefixes: tuple[str, ...]
     targets: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def owns(self, path: str) -> bool:
         return any(path == p or path.startswith(p + ".") for p in self.prefixes)
@@ -45,34 +50,19 @@ class Architecture:
         return None
 
 
-_CLIP_VISION_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                        "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-_LLAMA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
 REGISTRY: dict[str, Architecture] = {}
 
 
 def register(arch: Architecture) -> Architecture:
+    """Add (or replace) an architecture entry; returns it."""
     REGISTRY[arch.name] = arch
     return arch
 
 
-register(Architecture(
-    name="llava",
-    model_classes=("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"),
-    components={
-        "vision_encoder": ComponentMap(("model.vision_tower",), _CLIP_VISION_TARGETS),
-        "connector": ComponentMap(("model.multi_modal_projector",), {"fc1": "linear_1", "fc2": "linear_2"}),
-        "language_decoder": ComponentMap(("model.language_model",), _LLAMA_TARGETS),
-        "lm_head": ComponentMap(("lm_head",)),
-    },
-    never_adapted=("model.vision_tower.embeddings.patch_embedding",),
-))
-
-
 def detect_architecture(model: nn.Module) -> Architecture:
     """The registry entry for ``model``, chosen by its class name (and its MRO)."""
+    import vlm_lora.architectures  # noqa: F401  (registers the built-in entries)
+
     class_names = [cls.__name__ for cls in type(model).__mro__]
     for arch in REGISTRY.values():
         if any(name in arch.model_classes for name in class_names):

@@ -1,48 +1,29 @@
-"""``LoraLinear``: a LoRA wrapper around ``nn.Linear`` that keeps the base layer intact."""
+"""``LoraLinear``: LoRA around ``nn.Linear``, ``y = W x + b + s * B A dropout(x)``."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
 from vlm_lora.lora.variants import LoraVariant, get_variant
 
 
-@dataclass(frozen=True)
-class AdapterSpec:
-    """What one adapter on one layer looks like."""
-
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    variant: str = "lora"
-
-
-class LoraLinear(nn.Module):
-    """``y = base(x) + sum over active adapters of s * B A dropout(x)``.
-
-    Adapters are held by name (``lora_A[name]`` is ``nn.Linear(in, r)``, ``lora_B[name]`` is
-    ``nn.Linear(r, out)``), so several adapters can live on one layer; the state-dict keys
-    (``<path>.lora_A.<name>.weight``) match PEFT's. The base layer stays at ``base_layer`` and
-    is only changed by an explicit :meth:`merge`, which :meth:`unmerge` undoes.
+class LoraLinear(LoraLayer):
+    """Adapters are held by name (``lora_A[name]`` is ``nn.Linear(in, r)``, ``lora_B[name]`` is
+    ``nn.Linear(r, out)``), so several can live on one layer; state-dict keys
+    (``<path>.lora_A.<name>.weight``) match PEFT's.
     """
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, spec: AdapterSpec):
-        super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.variants: dict[str, LoraVariant] = {}
-        self.specs: dict[str, AdapterSpec] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
         self.add_adapter(adapter_name, spec)
 
     @property
@@ -71,11 +52,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
         out = self.base_layer(x)
-        if self.disabled:
-            return out
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
+        for name in self.unmerged_active():
             delta = self.variants[name].forward_delta(
                 x, self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name])
             out = out + delta.to(out.dtype)
@@ -85,23 +62,19 @@ class LoraLinear(nn.Module):
         """[out, in] fp32 update that merging adapter ``name`` adds to the base weight."""
         return self.variants[name].delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name])
 
-    @torch.no_grad()
-    def merge(self, names: list[str] | None = None) -> None:
-        """Add the adapters' deltas into ``base_layer.weight`` (in fp32, then cast back)."""
-        for name in names or self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() + self.delta_weight(name)).to(weight.dtype))
-            self.merged_adapters.append(name)
+    def _merge_adapter(self, name: str, sign: float) -> None:
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + sign * self.delta_weight(name)).to(weight.dtype))
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract every merged adapter's delta again (exact up to float rounding)."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+    def peft_export(self, name: str) -> list[PeftEntry]:
+        spec = self.specs[name]
+        return [PeftEntry("", self.lora_A[name].weight, self.lora_B[name].weight, spec.rank, spec.alpha)]
+
+    def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        lora_a, lora_b = entries[""]
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(lora_a)
+            self.lora_B[name].weight.copy_(lora_b)
 
     def extra_repr(self) -> str:
         ranks = {n: s.rank for n, s in self.specs.items()}

@@ -1,0 +1,3 @@
+"""Built-in architecture entries; importing this package registers them all."""
+
+from vlm_lora.architectures import llava  # noqa: F401

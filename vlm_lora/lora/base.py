@@ -1,0 +1,86 @@
+"""What every LoRA layer shares: adapters by name, explicit merge/unmerge, disable, PEFT export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What one adapter on one module looks like.
+
+    slices: for fused modules (``qkv`` linears, ``nn.MultiheadAttention``), which slices get
+        their own rank-``rank`` pair, e.g. ``("q", "v")``; empty for a plain linear.
+    slice_order: the fused module's slice layout, e.g. ``("q", "k", "v")``.
+    """
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    variant: str = "lora"
+    slices: tuple[str, ...] = ()
+    slice_order: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeftEntry:
+    """One PEFT-format LoRA pair: ``suffix`` is appended to the layer path ('' for the layer itself).
+
+    lora_A: [rank, in]; lora_B: [out, rank]; PEFT's scaling is alpha / rank.
+    """
+
+    suffix: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank: int
+    alpha: float
+
+
+class LoraLayer(nn.Module):
+    """Base of all LoRA layers. The wrapped module stays at ``base_layer``, untouched except by
+    an explicit :meth:`merge`. Subclasses implement ``add_adapter``, ``forward``,
+    ``_merge_adapter(name, sign)``, ``peft_export`` and ``load_peft``.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str, spec: AdapterSpec) -> None:
+        raise NotImplementedError
+
+    def _merge_adapter(self, name: str, sign: float) -> None:
+        """Add ``sign`` times adapter ``name``'s delta to the base weights (in fp32)."""
+        raise NotImplementedError
+
+    def peft_export(self, name: str) -> list[PeftEntry]:
+        """Adapter ``name`` as PEFT-format pairs, exact (same outputs when PEFT loads them)."""
+        raise NotImplementedError
+
+    def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Inverse of :meth:`peft_export`: fill adapter ``name`` from ``suffix -> (lora_A, lora_B)``."""
+        raise NotImplementedError
+
+    def unmerged_active(self) -> list[str]:
+        return [n for n in self.active_adapters if n not in self.merged_adapters] if not self.disabled else []
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the adapters into the base weights; forward then skips them."""
+        for name in names or self.active_adapters:
+            if name not in self.merged_adapters:
+                self._merge_adapter(name, +1.0)
+                self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again (exact up to float rounding)."""
+        while self.merged_adapters:
+            self._merge_adapter(self.merged_adapters.pop(), -1.0)
