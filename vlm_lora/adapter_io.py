@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlm_lora.lora import AdapterSpec, LoraLayer, inject_lora, iter_lora_layers
+from vlm_lora.lora import AdapterSpec, LoraLayer, PeftEntry, inject_lora, iter_lora_layers
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
 
 PREFIX = "base_model.model."
@@ -37,7 +37,7 @@ def _most_common(values: list) -> object:
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str,
                  modules_to_save: list[str], adapter_name: str = DEFAULT_ADAPTER,
-                 never_saved: list[str] = ()) -> Path:
+                 never_saved: list[str] = (), extra_meta: dict | None = None) -> Path:
     """Write ``adapter_name`` and the fully-trained modules of ``model`` as a PEFT adapter.
 
     Fused layers (``qkv`` slices, ``nn.MultiheadAttention``) export as exact PEFT equivalents;
@@ -47,20 +47,29 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas, dropouts, sliced = {}, {}, [], {}
+    ranks, alphas, dropouts, sliced, inits = {}, {}, [], {}, {}
+    entries: dict[str, PeftEntry] = {}
     for path, layer in iter_lora_layers(model):
         if adapter_name not in layer.specs:
             continue
         spec = layer.specs[adapter_name]
         dropouts.append(spec.dropout)
+        inits[spec.init] = inits.get(spec.init, 0) + 1
         if spec.slices:
             sliced[path] = {"rank": spec.rank, "alpha": spec.alpha, "slices": list(spec.slices),
                             "slice_order": list(spec.slice_order)}
         for entry in layer.peft_export(adapter_name):
-            target = f"{path}.{entry.suffix}" if entry.suffix else path
-            ranks[target], alphas[target] = entry.rank, entry.alpha
-            tensors[f"{PREFIX}{target}.lora_A.weight"] = entry.lora_A
-            tensors[f"{PREFIX}{target}.lora_B.weight"] = entry.lora_B
+            entries[f"{path}.{entry.suffix}" if entry.suffix else path] = entry
+    use_dora = _one_setting(entries, lambda e: e.magnitude is not None, "DoRA")
+    use_rslora = bool(entries) and all(e.rslora for e in entries.values())
+    for target, entry in entries.items():
+        # mixed rsLoRA/plain adapters: express alpha / sqrt(r) as an equivalent alpha / r
+        alpha = entry.alpha * entry.rank ** 0.5 if entry.rslora and not use_rslora else entry.alpha
+        ranks[target], alphas[target] = entry.rank, alpha
+        tensors[f"{PREFIX}{target}.lora_A.weight"] = entry.lora_A
+        tensors[f"{PREFIX}{target}.lora_B.weight"] = entry.lora_B
+        if entry.magnitude is not None:
+            tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = entry.magnitude
     for prefix in modules_to_save:
         for name, param in model.get_submodule(prefix).named_parameters(prefix=prefix):
             if not any(name.startswith(n + ".") for n in never_saved):
@@ -82,15 +91,25 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "modules_to_save": list(modules_to_save) or None,
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
+        "init_lora_weights": True,  # PiSSA/OLoRA adapters are saved converted, for the original base
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
         "inference_mode": True,
     }
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / META_NAME).write_text(json.dumps({"sliced_layers": sliced}, indent=2) + "\n")
+    meta = {"sliced_layers": sliced, "inits": inits, **(extra_meta or {})}
+    (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
+
+
+def _one_setting(entries: dict[str, PeftEntry], test, what: str) -> bool:
+    """PEFT sets DoRA for a whole adapter: all layers or none."""
+    flags = {test(e) for e in entries.values()}
+    if len(flags) > 1:
+        raise AdapterError(f"{what} is on for some adapted modules and off for others; PEFT's format sets it "
+                           f"for the whole adapter: use it on every LoRA component or on none")
+    return flags == {True}
 
 
 def _matches(path: str, targets: list[str] | str) -> bool:
@@ -115,10 +134,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     config = json.loads(config_file.read_text())
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
-    for unsupported in ("use_dora", "use_rslora"):
-        if config.get(unsupported):
-            raise AdapterError(f"{config_file}: {unsupported}=true is not supported yet")
     return config
+
+
+def read_meta(adapter_dir: str | Path) -> dict:
+    """vlm-lora's extras beside the PEFT files (slice layouts, quantization); {} for PEFT-made adapters."""
+    return _read_meta(Path(adapter_dir))
 
 
 def _read_meta(adapter_dir: Path) -> dict:
@@ -171,8 +192,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         if rank != lora_a.shape[0]:
             raise AdapterError(f"{path}: config says rank {rank} but lora_A has {lora_a.shape[0]} rows")
         alpha = _pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
-        specs[path] = AdapterSpec(rank=rank, alpha=alpha)
-        entries[path] = {"": (lora_a, lora_b)}
+        specs[path] = AdapterSpec(rank=rank, alpha=alpha, rslora=bool(config.get("use_rslora")),
+                                  variant="dora" if config.get("use_dora") else "lora")
+        entries[path] = {"": (lora_a, lora_b, state.get(f"{PREFIX}{path}.lora_magnitude_vector"))}
     try:
         inject_lora(model, specs, adapter_name)
     except TypeError as error:
@@ -186,7 +208,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in state.items():
-            if ".lora_A." in key or ".lora_B." in key:
+            if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
                 continue
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
             if name not in params:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_lora.adapter_io import load_adapter
+from vlm_lora.adapter_io import load_adapter, read_adapter_config, read_meta
 from vlm_lora.lora import iter_lora_layers, unload_lora
 from vlm_lora.modeling import load_model_and_processor
 
@@ -36,9 +36,25 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     Returns ``{"max_logit_diff": float}``: adapter model vs merged model on a probe input.
     """
     model, processor = load_model_and_processor(base, "float32")
+    quant = read_meta(adapter_dir).get("quantization")
+    if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
+        from vlm_lora.quantize import quantize_linears
+        from vlm_lora.registry import detect_architecture
+
+        components = detect_architecture(model).components
+        prefixes = [p for c in quant["components"] if c in components for p in components[c].prefixes]
+        quantize_linears(model, prefixes, quant["type"], quant["double_quant"], "float32")
+        modules_to_save = read_adapter_config(adapter_dir).get("modules_to_save") or []
+        for prefix in modules_to_save:  # fully-trained modules were never quantized
+            if any(prefix == p or prefix.startswith(p + ".") or p.startswith(prefix + ".") for p in prefixes):
+                log.warning("%s was trained in full but lies in a quantized component", prefix)
     load_adapter(model, adapter_dir)
     layers = len(list(iter_lora_layers(model)))
     before = _probe_logits(model, processor)
+    if quant:
+        from vlm_lora.quantize import dequantize_linears
+
+        log.info("dequantized %d 4-bit linears to float32 before merging", dequantize_linears(model))
     unload_lora(model, merge=True)
     after = _probe_logits(model, processor)
     diff = (before - after).abs().max().item()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from vlm_lora.lora import AdapterSpec, inject_lora
+from vlm_lora.lora import AdapterSpec, inject_lora, iter_lora_layers
 from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
 from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
@@ -27,6 +27,7 @@ class ComponentPlan:
     lora_specs: dict[str, AdapterSpec] = field(default_factory=dict)  # module path -> adapter
     full_prefixes: list[str] = field(default_factory=list)  # module prefixes trained in full
     trainable_params: int = 0
+    prefixes: list[str] = field(default_factory=list)  # every module prefix of the component in this model
 
     @property
     def lora_paths(self) -> list[str]:
@@ -49,6 +50,13 @@ class Plan:
         """Module path -> AdapterSpec for every LoRA target."""
         return {path: spec for comp in self.components for path, spec in comp.lora_specs.items()}
 
+    def mode_of(self, component: str) -> str | None:
+        return next((c.policy.mode for c in self.components if c.component == component), None)
+
+    def prefixes_of(self, components: list[str]) -> list[str]:
+        """Module prefixes (that exist in the model) of the named components."""
+        return [p for c in self.components if c.component in components for p in c.prefixes]
+
     def full_prefixes(self) -> list[str]:
         return [p for c in self.components if c.policy.mode == "full" for p in c.full_prefixes]
 
@@ -61,8 +69,12 @@ class Plan:
         for path in self.frozen_paths:
             model.get_submodule(path).requires_grad_(False)
         for name, param in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
+            if any(f".{key}." in name for key in ("lora_A", "lora_B", "lora_magnitude_vector")):
                 param.requires_grad_(True)
+        for _, layer in iter_lora_layers(model):  # LoRA-FA: A stays a fixed projection
+            for adapter, variant in getattr(layer, "variants", {}).items():
+                if not variant.trains_A:
+                    layer.lora_A[adapter].requires_grad_(False)
         return model
 
     def component_of_param(self, name: str) -> str | None:
@@ -156,7 +168,7 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     comp_plans = []
     for name, policy in policies.items():
         cmap = arch.components[name]
-        cp = ComponentPlan(component=name, policy=policy)
+        cp = ComponentPlan(component=name, policy=policy, prefixes=[p for p in cmap.prefixes if _has_module(model, p)])
         if policy.mode == "lora":
             valid = sorted(cmap.targets) or ["(the module itself)"]
             bad = [t for t in policy.targets or [] if cmap.targets and t not in cmap.targets]
@@ -188,7 +200,8 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
     """Fill ``cp.lora_specs`` and its parameter count: one spec per targeted module, with the
     chosen slices for fused modules (``q``, ``v`` of a ``qkv``)."""
     policy = cp.policy
-    spec = AdapterSpec(rank=policy.rank, alpha=policy.alpha, dropout=policy.dropout or 0.0)
+    spec = AdapterSpec(rank=policy.rank, alpha=policy.alpha, dropout=policy.dropout or 0.0,
+                       variant=policy.variant or "lora", init=policy.init or "kaiming", rslora=bool(policy.rslora))
     if not cmap.targets:  # the component is a single layer (lm_head): adapt its linears
         leaves = {}
     else:
@@ -201,7 +214,7 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
         if not leaves:
             if isinstance(module, nn.Linear):
                 cp.lora_specs[path] = spec
-                cp.trainable_params += policy.rank * (module.in_features + module.out_features)
+                cp.trainable_params += _linear_lora_params(module, spec)
             continue
         leaf = next((leaf for leaf in leaves if path.endswith("." + leaf)), None)
         if leaf is None:
@@ -210,11 +223,21 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
         if order is None:
             if isinstance(module, nn.Linear):
                 cp.lora_specs[path] = spec
-                cp.trainable_params += policy.rank * (module.in_features + module.out_features)
+                cp.trainable_params += _linear_lora_params(module, spec)
             continue
+        if spec.variant != "lora" or spec.init not in ("kaiming", "gaussian"):
+            raise PlanError(f"components.{cp.component}: variant {spec.variant!r} with init {spec.init!r} is not "
+                            f"available on fused modules ({path}); fused qkv / MultiheadAttention slices take "
+                            f"variant lora with init kaiming or gaussian")
         slices = tuple(s for s in order if s in leaves[leaf])
         cp.lora_specs[path] = replace(spec, slices=slices, slice_order=order)
         cp.trainable_params += sum(policy.rank * sum(fused_slice_shape(module, s, order)) for s in slices)
+
+
+def _linear_lora_params(module: nn.Linear, spec: AdapterSpec) -> int:
+    """Trainable parameters of one LoRA on a linear: r (in + out); LoRA-FA trains only B; DoRA adds m [out]."""
+    a_params = 0 if spec.variant == "lora_fa" else spec.rank * module.in_features
+    return a_params + spec.rank * module.out_features + (module.out_features if spec.variant == "dora" else 0)
 
 
 def fused_slice_shape(module: nn.Module, slice_name: str, order: tuple[str, ...]) -> tuple[int, int]:

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["lora", "full", "frozen"]
+Variant = Literal["lora", "dora", "lora_fa"]
+Init = Literal["kaiming", "gaussian", "pissa", "olora"]
 
 
 class ComponentPolicy(BaseModel):
@@ -20,6 +22,9 @@ class ComponentPolicy(BaseModel):
     targets: list[str] | None = Field(default=None, description="short target names, e.g. [q, v]")
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     lr: float | None = Field(default=None, gt=0, description="learning rate; default: train.learning_rate")
+    variant: Variant | None = Field(default=None, description="lora | dora | lora_fa")
+    rslora: bool | None = Field(default=None, description="scaling alpha/sqrt(r) instead of alpha/r")
+    init: Init | None = Field(default=None, description="adapter initialisation")
 
     def merged_with(self, override: "ComponentPolicy | None") -> "ComponentPolicy":
         """This policy with every field the override sets replaced."""
@@ -33,7 +38,8 @@ class ComponentPolicy(BaseModel):
 
 
 def lora(rank: int, targets: list[str]) -> ComponentPolicy:
-    return ComponentPolicy(mode="lora", rank=rank, alpha=2.0 * rank, targets=targets, dropout=0.0)
+    return ComponentPolicy(mode="lora", rank=rank, alpha=2.0 * rank, targets=targets, dropout=0.0,
+                           variant="lora", rslora=False, init="kaiming")
 
 
 FULL = ComponentPolicy(mode="full")

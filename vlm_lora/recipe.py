@@ -25,9 +25,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class QuantizationConfig(_Strict):
+    """QLoRA: store the base linears of ``components`` in 4-bit (bitsandbytes); LoRA on top."""
+
+    bits: Literal[4, 16, 32] = Field(default=16, description="4 quantizes; 16/32 leave the base as loaded")
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    components: list[str] = Field(default_factory=lambda: ["language_decoder"])
+
+
 class ModelConfig(_Strict):
     path: str = Field(description="local model folder or hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
 
 
 class DataConfig(_Strict):
@@ -51,6 +62,8 @@ class TrainConfig(_Strict):
     save_steps: int | None = Field(default=None, ge=1)
     eval_steps: int | None = Field(default=None, ge=1)
     log_steps: int = Field(default=5, ge=1)
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0, description="LoRA+: lr of B = ratio x lr of A (paper: 16)")
+    optimizer: Literal["adamw", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     eval_batch_size: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=32, ge=1)
     eval_base: bool = Field(default=True, description="also caption the eval split with the base model")

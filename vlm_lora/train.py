@@ -26,6 +26,7 @@ from vlm_lora.evaluate import evaluate_captions, write_predictions
 from vlm_lora.modeling import load_model_and_processor
 from vlm_lora.planner import Plan, plan as make_plan
 from vlm_lora.plotting import plot_loss
+from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 
 log = logging.getLogger("vlm_lora")
@@ -38,20 +39,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float) -> list[dict]:
-    """One group per (component, decay) pair; component lr from its policy, else ``base_lr``."""
+def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float,
+                 loraplus_lr_ratio: float | None = None) -> list[dict]:
+    """Optimizer groups per (component, decay, LoRA+ B) triple.
+
+    The component's lr comes from its policy, else ``base_lr``; norms, biases and DoRA magnitudes
+    get no weight decay; with LoRA+ every ``lora_B`` gets ``ratio`` times its component's lr.
+    """
     lrs = {c.component: c.policy.lr or base_lr for c in plan.components}
-    groups: dict[tuple[str, bool], dict] = {}
+    groups: dict[tuple[str, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         component = plan.component_of_param(name) or "other"
         decay = param.ndim >= 2 and not any(k in name.lower() for k in NO_DECAY)
-        group = groups.setdefault((component, decay), {
-            "params": [], "lr": lrs.get(component, base_lr), "weight_decay": weight_decay if decay else 0.0,
-            "name": f"{component}{'' if decay else '/no_decay'}"})
+        is_b = loraplus_lr_ratio is not None and ".lora_B." in name
+        lr = lrs.get(component, base_lr) * (loraplus_lr_ratio if is_b else 1.0)
+        group = groups.setdefault((component, decay, is_b), {
+            "params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0,
+            "name": component + ("/lora_B" if is_b else "") + ("" if decay else "/no_decay")})
         group["params"].append(param)
     return list(groups.values())
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' paged AdamW (32-bit or 8-bit states)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    import bitsandbytes.optim as bnb_optim
+
+    return {"paged_adamw": bnb_optim.PagedAdamW, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit}[name](groups, lr=lr)
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -107,10 +124,16 @@ def finetune(recipe: Recipe) -> dict:
         write_predictions(rows, out / "predictions_base.jsonl")
         log.info("base model on %s: %s", recipe.data.eval, _fmt(results["base"]))
 
+    quant = recipe.model.quantization
+    if quant.bits == 4:
+        prefixes = plan.prefixes_of([c for c in quant.components if plan.mode_of(c) != "full"])
+        n = len(quantize_linears(model, prefixes, quant.type, quant.double_quant, quant.compute_dtype))
+        log.info("QLoRA: %d linears of %s in 4-bit %s (compute %s)", n, ", ".join(quant.components),
+                 quant.type, quant.compute_dtype)
     plan.apply(model)
     model.train()
-    groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
     eval_loader = DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate) if eval_set else None
@@ -155,14 +178,14 @@ def finetune(recipe: Recipe) -> dict:
                 plot_loss(out / "metrics.jsonl", out / "loss.png")
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                 save_adapter(model, out / f"checkpoint-{step}", recipe.model.path, plan.full_prefixes(),
-                             never_saved=plan.frozen_paths)
+                             never_saved=plan.frozen_paths, extra_meta=_adapter_meta(recipe))
             if step >= total_steps:
                 break
     bar.close()
     metrics_file.close()
     model.eval()
     adapter_dir = save_adapter(model, out / "adapter", recipe.model.path, plan.full_prefixes(),
-                               never_saved=plan.frozen_paths)
+                               never_saved=plan.frozen_paths, extra_meta=_adapter_meta(recipe))
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     train_time = time.time() - started
 
@@ -172,6 +195,12 @@ def finetune(recipe: Recipe) -> dict:
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     _summary(out, adapter_dir, results, train_time, time.time() - started, step)
     return results
+
+
+def _adapter_meta(recipe: Recipe) -> dict:
+    """What a later merge needs to know: the 4-bit layout the adapter was trained on."""
+    quant = recipe.model.quantization
+    return {"quantization": quant.model_dump() if quant.bits == 4 else None}
 
 
 def _fmt(metrics: dict) -> str:

@@ -20,7 +20,9 @@ class AdapterSpec:
     rank: int
     alpha: float
     dropout: float = 0.0
-    variant: str = "lora"
+    variant: str = "lora"      # lora | lora_fa | dora
+    init: str = "kaiming"      # kaiming | gaussian | pissa | olora
+    rslora: bool = False       # scaling alpha / sqrt(r) instead of alpha / r
     slices: tuple[str, ...] = ()
     slice_order: tuple[str, ...] = ()
 
@@ -29,7 +31,8 @@ class AdapterSpec:
 class PeftEntry:
     """One PEFT-format LoRA pair: ``suffix`` is appended to the layer path ('' for the layer itself).
 
-    lora_A: [rank, in]; lora_B: [out, rank]; PEFT's scaling is alpha / rank.
+    lora_A: [rank, in]; lora_B: [out, rank]; PEFT's scaling is alpha / rank (alpha / sqrt(rank)
+    when ``rslora``). ``magnitude`` [out] is DoRA's ``lora_magnitude_vector``.
     """
 
     suffix: str
@@ -37,6 +40,8 @@ class PeftEntry:
     lora_B: torch.Tensor
     rank: int
     alpha: float
+    rslora: bool = False
+    magnitude: torch.Tensor | None = None
 
 
 class LoraLayer(nn.Module):

@@ -1,4 +1,4 @@
-"""``LoraLinear``: LoRA around ``nn.Linear``, ``y = W x + b + s * B A dropout(x)``."""
+"""``LoraLinear``: LoRA around ``nn.Linear`` (or a bitsandbytes 4-bit linear)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
-from vlm_lora.lora.variants import LoraVariant, get_variant
+from vlm_lora.lora.init import INITS
+from vlm_lora.lora.variants import LoraVariant, get_variant, lora_scaling
 
 
 class LoraLinear(LoraLayer):
-    """Adapters are held by name (``lora_A[name]`` is ``nn.Linear(in, r)``, ``lora_B[name]`` is
-    ``nn.Linear(r, out)``), so several can live on one layer; state-dict keys
-    (``<path>.lora_A.<name>.weight``) match PEFT's.
+    """``y = W x + b + sum over adapters of the variant's update`` (plain LoRA: ``s B A dropout(x)``).
+
+    Adapters are held by name (``lora_A[name]`` is ``nn.Linear(in, r)``, ``lora_B[name]`` is
+    ``nn.Linear(r, out)``, DoRA adds ``lora_magnitude_vector[name].weight`` [out]), so several
+    can live on one layer; state-dict keys match PEFT's.
     """
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, spec: AdapterSpec):
@@ -22,8 +25,11 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.variants: dict[str, LoraVariant] = {}
+        self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA (A0, B0)
+        self.dora_merge_scale: dict[str, torch.Tensor] = {}
         self.add_adapter(adapter_name, spec)
 
     @property
@@ -37,45 +43,59 @@ class LoraLinear(LoraLayer):
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if spec.init not in INITS:
+            raise ValueError(f"unknown init {spec.init!r}; valid: {', '.join(INITS)}")
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        if getattr(weight, "quant_state", None) is not None:  # 4-bit base: adapters in the compute dtype
+            dtype = getattr(self.base_layer, "compute_dtype", None) or torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, spec.rank, bias=False, device=weight.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(spec.rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        variant = get_variant(spec.variant)
-        variant.init_weights(self.lora_A[name], self.lora_B[name])
-        self.variants[name] = variant
-        self.scaling[name] = variant.scaling(spec.rank, spec.alpha)
         self.specs[name] = spec
+        self.scaling[name] = lora_scaling(spec.rank, spec.alpha, spec.rslora)
+        self.variants[name] = variant = get_variant(spec.variant)
+        with torch.no_grad():
+            INITS[spec.init](self, name)
+        variant.create(self, name)
         self.active_adapters.append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
         out = self.base_layer(x)
         for name in self.unmerged_active():
-            delta = self.variants[name].forward_delta(
-                x, self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name])
-            out = out + delta.to(out.dtype)
+            out = out + self.variants[name].forward_delta(self, name, x, out).to(out.dtype)
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """[out, in] fp32 update that merging adapter ``name`` adds to the base weight."""
-        return self.variants[name].delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name])
+        """[out, in] fp32 ``s B A`` of adapter ``name`` (for DoRA, before magnitude rescaling)."""
+        return self.variants[name].delta_weight(self, name)
 
     def _merge_adapter(self, name: str, sign: float) -> None:
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + sign * self.delta_weight(name)).to(weight.dtype))
+        if getattr(self.base_layer.weight, "quant_state", None) is not None:
+            raise ValueError("cannot merge into a 4-bit layer in place; use vlm_lora.merge (dequantizes first)")
+        self.variants[name].merge(self, name, sign)
 
     def peft_export(self, name: str) -> list[PeftEntry]:
-        spec = self.specs[name]
-        return [PeftEntry("", self.lora_A[name].weight, self.lora_B[name].weight, spec.rank, spec.alpha)]
+        """PEFT pair for adapter ``name``. PiSSA/OLoRA adapters are converted to a rank-2r LoRA
+        for the original (pre-initialisation) base: s (B A - B0 A0) = s [B, -B0] [A; A0]."""
+        spec, lora_a, lora_b = self.specs[name], self.lora_A[name].weight, self.lora_B[name].weight
+        magnitude = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
+        if name in self.initial_lora:
+            a0, b0 = self.initial_lora[name]
+            alpha = spec.alpha * (2 ** 0.5 if spec.rslora else 2)  # keeps s for rank 2r
+            return [PeftEntry("", torch.cat([lora_a, a0.to(lora_a)], 0), torch.cat([lora_b, -b0.to(lora_b)], 1),
+                              2 * spec.rank, alpha, spec.rslora, magnitude)]
+        return [PeftEntry("", lora_a, lora_b, spec.rank, spec.alpha, spec.rslora, magnitude)]
 
-    def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        lora_a, lora_b = entries[""]
+    def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, ...]]) -> None:
+        lora_a, lora_b, *rest = entries[""]
         with torch.no_grad():
             self.lora_A[name].weight.copy_(lora_a)
             self.lora_B[name].weight.copy_(lora_b)
+            if rest and rest[0] is not None:
+                self.lora_magnitude_vector[name].weight.copy_(rest[0])
 
     def extra_repr(self) -> str:
-        ranks = {n: s.rank for n, s in self.specs.items()}
-        return f"in={self.in_features}, out={self.out_features}, adapters={ranks}"
+        adapters = {n: f"{self.variants[n].name} r={s.rank}" for n, s in self.specs.items()}
+        return f"in={self.in_features}, out={self.out_features}, adapters={adapters}"
