@@ -1,53 +1,162 @@
-"""``vlm-lora eval`` and ``vlm-lora score``: caption a data set with models, score predictions."""
+"""``vlm-lora eval`` and ``vlm-lora score``: caption a data set with models, score predictions.
+
+``vlm-lora eval --model BASE --adapter A --adapter B --data GT --out DIR`` scores the base model
+and every adapter in one run and writes ``DIR/summary.json``, ``predictions.jsonl``,
+``report.html`` and ``contact_sheet.png``. ``--out FILE.json`` keeps the older single-model
+form: metrics JSON plus ``FILE.predictions.jsonl`` beside it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import sys
+import time
 from pathlib import Path
+
+log = logging.getLogger("vlm_lora")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def model_labels(adapters: list[str], names: list[str] | None, base_label: str = "base") -> list[str]:
+    """One label per adapter: ``names`` if given, else the adapter paths as typed."""
+    from vlm_lora.adapter_io import AdapterError
+
+    labels = list(names) if names else [str(Path(a)) for a in adapters]
+    if len(labels) != len(adapters):
+        raise AdapterError(f"--names gives {len(labels)} label(s) for {len(adapters)} adapter(s)")
+    if base_label in labels or len(set(labels)) != len(labels):
+        raise AdapterError(f"model labels must be unique and not {base_label!r}: {labels}")
+    return labels
+
+
+def decoding_settings(args) -> dict:
+    return dict(prompt=args.prompt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams, min_new_tokens=args.min_new_tokens)
+
+
+def run_eval(args) -> dict:
+    """Run ``vlm-lora eval`` from parsed arguments; returns what was written as metrics."""
+    import torch
+
+    from vlm_lora.adapter_io import AdapterError, load_adapter
+    from vlm_lora.coco import load_caption_data
+    from vlm_lora.evaluate import (check_adapter_dir, compare_models, evaluate_captions, format_metrics,
+                                   meteor_spice_note, write_predictions)
+    from vlm_lora.modeling import load_model_and_processor
+
+    out = Path(args.out)
+    single_file = out.suffix.lower() == ".json"
+    if single_file and len(args.adapter) > 1:
+        raise AdapterError("--out FILE.json takes at most one adapter; give a folder to compare several")
+    labels = model_labels(args.adapter, args.names)
+    for adapter in args.adapter:
+        check_adapter_dir(adapter)
+    data = load_caption_data(args.data, args.image_root, args.limit)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("loading %s (%s) on %s; %d images from %s", args.model, args.dtype, device, len(data), args.data)
+    model, processor = load_model_and_processor(args.model, args.dtype, device)
+    decoding = decoding_settings(args)
+
+    if single_file:
+        if args.adapter:
+            load_adapter(model, args.adapter[0])
+        start = time.perf_counter()
+        metrics, rows = evaluate_captions(model, processor, data, **decoding)
+        seconds = time.perf_counter() - start
+        log.info("%s; %.2f samples/s (%d images in %.1fs, scoring included)", format_metrics(metrics),
+                 len(data) / seconds, len(data), seconds)
+        log.info(meteor_spice_note())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_predictions(rows, out.with_suffix(".predictions.jsonl"))
+        print(json.dumps(metrics))
+        return metrics
+
+    from vlm_lora.report import write_outputs
+
+    summary, rows = compare_models(model, processor, data, list(zip(labels, args.adapter)), **decoding)
+    settings = {
+        "model": args.model,
+        **{f"adapter {label}": path for label, path in zip(labels, args.adapter)},
+        "data": f"{args.data} ({len(data)} images)",
+        "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
+        "new tokens": f"{args.min_new_tokens} to {args.max_new_tokens}",
+        "prompt": args.prompt,
+        "batch size": args.batch_size,
+        "device": f"{device}, {args.dtype}",
+        "metrics": "BLEU-1..4, ROUGE-L, CIDEr-D (PTB-tokenized, equal to pycocoevalcap); " + meteor_spice_note(),
+    }
+    paths = write_outputs(out, summary, rows, settings, args.contact_sheet)
+    log.info(meteor_spice_note())
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    print(json.dumps(summary))
+    return summary
 
 
 def cmd_eval(args) -> None:
-    from vlm_lora.adapter_io import load_adapter
-    from vlm_lora.data import CaptionDataset
-    from vlm_lora.evaluate import evaluate_captions, write_predictions
-    from vlm_lora.modeling import load_model_and_processor
-
-    model, processor = load_model_and_processor(args.model, args.dtype)
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    data = CaptionDataset(args.data, args.image_root)
-    metrics, rows = evaluate_captions(model, processor, data, args.prompt, args.batch_size, args.max_new_tokens)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions(rows, out.with_suffix(".predictions.jsonl"))
-    print(json.dumps(metrics))
+    run_eval(args)
 
 
 def cmd_score(args) -> None:
-    from vlm_lora.metrics.score import score_predictions_file
+    from vlm_lora.evaluate import meteor_spice_note, score_prediction_file
 
-    metrics = score_predictions_file(args.predictions)
+    metrics = score_prediction_file(args.predictions)
+    print(meteor_spice_note(), file=sys.stderr)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
 
 
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``eval`` options (shared by ``vlm-lora eval`` and ``scripts/eval_captions.py``)."""
+    p.add_argument("--model", required=True, help="base model folder or hub id")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter folder; repeat to compare several (the base model is always scored)")
+    p.add_argument("--names", nargs="+", action="extend", metavar="LABEL", help="one label per --adapter")
+    p.add_argument("--data", required=True,
+                   help="ground truth: COCO caption JSON ({images, annotations}) or JSONL ({image, caption(s)})")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
+    p.add_argument("--limit", type=_positive, help="only the first N images")
+    p.add_argument("--out", required=True,
+                   help="output folder (summary.json, predictions.jsonl, report.html, contact_sheet.png); "
+                        "FILE.json: one model's metrics, predictions beside it")
+    p.add_argument("--prompt", default="Describe the image.",
+                   help="instruction put into the chat template; with the image token (<image>) it is the "
+                        "full template, used verbatim")
+    p.add_argument("--num-beams", type=_positive, default=1, help="1: greedy; more: beam search")
+    p.add_argument("--max-new-tokens", type=_positive, default=32)
+    p.add_argument("--min-new-tokens", type=_non_negative, default=0)
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--contact-sheet", type=_non_negative, default=16, metavar="N",
+                   help="images on contact_sheet.png")
+
+
 def add_eval_parsers(sub) -> None:
     """Register the ``eval`` and ``score`` subcommands on an argparse subparsers object."""
-    p = sub.add_parser("eval", help="caption a data set and score it")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter")
-    p.add_argument("--data", required=True, help="caption JSONL")
-    p.add_argument("--image-root")
-    p.add_argument("--out", required=True, help="metrics JSON; predictions go beside it")
-    p.add_argument("--prompt", default="Describe the image.")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = sub.add_parser("eval", help="caption a data set with the base model and adapters, score and report")
+    add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score existing predictions (no model)")
-    p.add_argument("--predictions", required=True, help="JSONL rows {image, prediction, references}")
-    p.add_argument("--out")
+    p.add_argument("--predictions", required=True,
+                   help="JSONL rows {image, prediction, references} or {image, predictions: {label: caption}, references}")
+    p.add_argument("--out", help="metrics JSON: bleu1..bleu4, rougeL, cider, n (per label for several models)")
     p.set_defaults(func=cmd_score)

@@ -1,27 +1,48 @@
-"""Caption a data set with a model (batched greedy decoding) and score it against references."""
+"""Caption a data set with models (batched greedy or beam search) and score it against references.
+
+``evaluate_captions`` scores one model; ``compare_models`` scores the base model and several
+adapters in one run, each adapter loaded into the same model under its own name.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from vlm_lora.data import CaptionDataset, build_prompt
+from vlm_lora.data import CaptionDataset, DataError, build_prompt
+
+log = logging.getLogger("vlm_lora")
+
+
+def render_prompt(processor, prompt: str) -> str:
+    """The full generation prompt: ``prompt`` put into the chat template, or used verbatim as the
+    template when it already contains the image token (e.g. ``"USER: <image>\\nCaption: ASSISTANT:"``)."""
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    return prompt if image_token in prompt else build_prompt(processor, prompt)
 
 
 @torch.no_grad()
 def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, batch_size: int = 32,
-                      max_new_tokens: int = 32, desc: str = "captioning") -> list[str]:
-    """Greedy captions for every example, batched with left padding."""
+                      max_new_tokens: int = 32, desc: str = "captioning", num_beams: int = 1,
+                      min_new_tokens: int = 0) -> list[str]:
+    """Captions for every example, batched with left padding; greedy, or beam search if ``num_beams > 1``."""
     tokenizer = processor.tokenizer
-    text = build_prompt(processor, prompt)
+    text = render_prompt(processor, prompt)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    decoding = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if min_new_tokens:
+        decoding["min_new_tokens"] = min_new_tokens
     captions: list[str] = []
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
@@ -29,8 +50,7 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
             batch = processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(**batch, **decoding)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             captions += [c.strip() for c in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
@@ -40,11 +60,13 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
 
 
 def evaluate_captions(model, processor, dataset: CaptionDataset, prompt: str, batch_size: int = 32,
-                      max_new_tokens: int = 32, desc: str = "captioning") -> tuple[dict, list[dict]]:
+                      max_new_tokens: int = 32, desc: str = "captioning", num_beams: int = 1,
+                      min_new_tokens: int = 0) -> tuple[dict, list[dict]]:
     """(metrics, per-sample rows ``{image, prediction, references}``) for ``dataset``."""
     from vlm_lora.metrics import score_captions
 
-    predictions = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens, desc)
+    predictions = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens, desc,
+                                    num_beams=num_beams, min_new_tokens=min_new_tokens)
     references = [ex.captions for ex in dataset.examples]
     rows = [{"image": str(ex.image_path), "prediction": p, "references": ex.captions}
             for ex, p in zip(dataset.examples, predictions)]
@@ -55,3 +77,164 @@ def write_predictions(rows: list[dict], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------- several adapters in one model
+
+def activate_adapter(model, name: str | None) -> None:
+    """Make adapter ``name`` the only active one on every LoRA layer (``None``: the base model)."""
+    from vlm_lora.lora import iter_lora_layers
+
+    for _, layer in iter_lora_layers(model):
+        if layer.merged_adapters:
+            raise ValueError("cannot switch adapters on a model with merged adapters")
+        layer.active_adapters = [name] if name is not None and name in layer.specs else []
+        layer.disabled = False
+
+
+def _snapshot_overwritten(model, adapter_dirs: list[Path]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, CPU copy) for every base parameter that some adapter's fully-trained modules
+    (``modules_to_save``) overwrite when loaded, so that it can be restored between adapters."""
+    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME
+
+    params = dict(model.named_parameters())
+    chosen: dict[str, torch.nn.Parameter] = {}
+    for adapter_dir in adapter_dirs:
+        with safe_open(str(adapter_dir / WEIGHTS_NAME), framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            if ".lora_A." in key or ".lora_B." in key:
+                continue
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            if name not in params:  # the module may already be wrapped by a LoRA layer
+                parent, _, leaf = name.rpartition(".")
+                name = f"{parent}.base_layer.{leaf}"
+            if name in params:  # otherwise load_adapter reports it
+                chosen[name] = params[name]
+    return [(p, p.detach().to("cpu", copy=True)) for p in chosen.values()]
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """Fail early (``AdapterError``) on a folder that is not a loadable adapter."""
+    from vlm_lora.adapter_io import WEIGHTS_NAME, AdapterError, read_adapter_config
+
+    adapter_dir = Path(adapter_dir)
+    read_adapter_config(adapter_dir)
+    if not (adapter_dir / WEIGHTS_NAME).is_file():
+        raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
+    return adapter_dir
+
+
+def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tuple[str, str | Path]],
+                   prompt: str, batch_size: int = 32, max_new_tokens: int = 32, num_beams: int = 1,
+                   min_new_tokens: int = 0, base_label: str = "base") -> tuple[dict, list[dict]]:
+    """Caption and score ``dataset`` with the base ``model`` and with each ``(label, adapter_dir)``.
+
+    Every adapter is loaded into ``model`` under its own name and evaluated with only it active;
+    parameters that adapters overwrite (``modules_to_save``, e.g. the connector) are restored to
+    the base values before each load, so every model is scored exactly as if loaded alone.
+    Returns ``(summary, rows)``: summary ``{label: metrics + "speed"}``, rows one per image
+    ``{image, references, predictions: {label: caption}, cider: {label: per-sample CIDEr-D}}``.
+    """
+    from vlm_lora.adapter_io import AdapterError, load_adapter
+    from vlm_lora.metrics import score_captions
+
+    labels = [base_label] + [label for label, _ in adapters]
+    if len(set(labels)) != len(labels):
+        raise AdapterError(f"model labels must be unique, got {labels}")
+    dirs = [check_adapter_dir(path) for _, path in adapters]
+    saved = _snapshot_overwritten(model, dirs)
+    references = [ex.captions for ex in dataset.examples]
+    summary: dict = {}
+    captions: dict[str, list[str]] = {}
+    cider: dict[str, list[float]] = {}
+    try:
+        for i, (label, adapter_dir) in enumerate([(base_label, None), *zip(labels[1:], dirs)]):
+            _restore(saved)
+            name = None
+            if adapter_dir is not None:
+                name = f"eval_{i}"
+                load_adapter(model, adapter_dir, name)
+            activate_adapter(model, name)
+            start = time.perf_counter()
+            captions[label] = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens,
+                                                desc=f"captioning ({label})", num_beams=num_beams,
+                                                min_new_tokens=min_new_tokens)
+            seconds = time.perf_counter() - start
+            metrics = score_captions(captions[label], references, per_sample=True)
+            cider[label] = [sample["cider"] for sample in metrics.pop("per_sample")]
+            metrics["speed"] = {"samples_per_s": len(dataset) / seconds, "seconds": seconds,
+                                "batch_size": batch_size, "num_beams": num_beams}
+            summary[label] = metrics
+            log.info("%s: %s; %.2f samples/s (%d images in %.1fs)", label, format_metrics(metrics),
+                     len(dataset) / seconds, len(dataset), seconds)
+    finally:
+        _restore(saved)
+        activate_adapter(model, None)
+    rows = [{"image": str(ex.image_path), "references": ex.captions,
+             "predictions": {label: captions[label][i] for label in labels},
+             "cider": {label: cider[label][i] for label in labels}}
+            for i, ex in enumerate(dataset.examples)]
+    return summary, rows
+
+
+@torch.no_grad()
+def _restore(saved: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    for param, value in saved:
+        param.copy_(value)
+
+
+def format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items() if not isinstance(v, dict))
+
+
+# ---------------------------------------------------------------- scoring prediction files
+
+def meteor_spice_note() -> str:
+    """One line saying why METEOR and SPICE are not in the scores."""
+    from vlm_lora.metrics import meteor_spice_available
+
+    if meteor_spice_available():
+        return ("METEOR and SPICE skipped: Java and pycocoevalcap's jars are installed, but vlm-lora does not "
+                "run Java (run pycocoevalcap on the predictions for them)")
+    return "METEOR and SPICE skipped: they need Java and pycocoevalcap's jars, which were not found"
+
+
+def read_prediction_rows(path: str | Path) -> list[dict]:
+    """Rows of a predictions JSONL: ``{image, prediction, references}`` (one model) or
+    ``{image, predictions: {label: caption}, references}`` (several, as ``vlm-lora eval`` writes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"predictions file not found: {path}")
+    rows = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{line_no}: not JSON ({error.msg})") from None
+        refs = row.get("references") if isinstance(row, dict) else None
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"{path}:{line_no}: 'references' must be a non-empty list of strings")
+        preds = row.get("predictions", {"": row.get("prediction")})
+        if not isinstance(preds, dict) or not all(isinstance(p, str) for p in preds.values()):
+            raise DataError(f"{path}:{line_no}: needs 'prediction' (a string) or 'predictions' ({{label: string}})")
+        if rows and set(preds) != set(rows[0]["predictions"]):
+            raise DataError(f"{path}:{line_no}: models {sorted(preds)} differ from line 1's {sorted(rows[0]['predictions'])}")
+        rows.append({"references": refs, "predictions": preds})
+    if not rows:
+        raise DataError(f"{path}: no rows to score")
+    return rows
+
+
+def score_prediction_file(path: str | Path) -> dict:
+    """Metrics of a predictions JSONL: one metrics dict, or ``{label: metrics}`` for several models."""
+    from vlm_lora.metrics import score_captions
+
+    rows = read_prediction_rows(path)
+    references = [row["references"] for row in rows]
+    scores = {label: score_captions([row["predictions"][label] for row in rows], references)
+              for label in rows[0]["predictions"]}
+    return scores[""] if list(scores) == [""] else scores
