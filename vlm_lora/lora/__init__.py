@@ -4,6 +4,9 @@ from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
 from vlm_lora.lora.inject import inject_lora, iter_lora_layers, register_layer_type, unload_lora
 from vlm_lora.lora.linear import LoraLinear
 from vlm_lora.lora.variants import LoraVariant, get_variant
+from vlm_lora.lora import fused, mha  # noqa: E402,F401  (register the fused-qkv and MHA layer types)
+from vlm_lora.lora.fused import FusedLinearLora  # noqa: E402
+from vlm_lora.lora.mha import LoraMultiheadAttention  # noqa: E402
 
-__all__ = ["AdapterSpec", "LoraLayer", "LoraLinear", "LoraVariant", "PeftEntry", "get_variant", "inject_lora",
+__all__ = ["AdapterSpec", "FusedLinearLora", "LoraLayer", "LoraLinear", "LoraMultiheadAttention", "LoraVariant", "PeftEntry", "get_variant", "inject_lora",
            "iter_lora_layers", "register_layer_type", "unload_lora"]

@@ -1,0 +1,201 @@
+"""Time one LoRA training step against the frozen model's floor and PEFT, in one process.
+
+Every variant trains the same LLaVA-shaped model (random weights) on the same batch:
+
+  floor            base frozen, connector trained (forward + activation-grad backward)
+  peft / vlm_lora  LoRA r=16 on all language-decoder linears + connector (PEFT: modules_to_save)
+  *_vision         plus vision q/v LoRA r=64 (floor_vision: backward runs through the vision tower)
+  *_dora           DoRA instead of LoRA
+  *_gc             gradient checkpointing on the language decoder
+  *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
+
+Prints one JSON line per variant (step_s = median of timed steps after warm-up) and a final
+line of ratios to the matching floor. Examples::
+
+    python bench/lora_step.py                                   # CPU preset, about a minute on 2 cores
+    python bench/lora_step.py --device cuda --preset llava-7b   # design-notes shapes, bf16 autocast
+    python bench/lora_step.py --preset tiny --steps 1 --warmup 0 # CI smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+PRESETS = {
+    # name: (vision hidden, vision layers, image, patch, text hidden, text layers, intermediate, vocab, batch, text tokens)
+    "tiny": dict(vh=32, vl=2, img=16, patch=8, th=64, tl=2, inter=128, vocab=128, batch=2, text=8),
+    "cpu": dict(vh=256, vl=4, img=64, patch=8, th=512, tl=6, inter=1376, vocab=8192, batch=4, text=65),
+    "llava-7b": dict(vh=1024, vl=24, img=336, patch=14, th=4096, tl=32, inter=11008, vocab=32064, batch=4, text=128),
+}
+ALL_VARIANTS = ["floor", "peft", "vlm_lora", "floor_vision", "peft_vision", "vlm_lora_vision",
+                "peft_dora", "vlm_lora_dora", "floor_gc", "peft_gc", "vlm_lora_gc", "peft_qlora", "vlm_lora_qlora"]
+FLOOR_OF = {"vision": "floor_vision", "gc": "floor_gc"}
+LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def build_model(p: dict, device: str, dtype: torch.dtype):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=p["vh"], intermediate_size=4 * p["vh"], num_hidden_layers=p["vl"],
+                              num_attention_heads=max(1, p["vh"] // 64), image_size=p["img"], patch_size=p["patch"])
+    text = LlamaConfig(hidden_size=p["th"], intermediate_size=p["inter"], num_hidden_layers=p["tl"],
+                       num_attention_heads=max(1, p["th"] // 128), vocab_size=p["vocab"],
+                       max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=p["vocab"] - 1,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        model = LlavaForConditionalGeneration(config)
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def make_batch(p: dict, model, device: str, dtype: torch.dtype) -> dict:
+    n_image = (p["img"] // p["patch"]) ** 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, p["vocab"] - 1, (p["batch"], n_image + p["text"]), generator=g)
+    ids[:, 1:1 + n_image] = model.config.image_token_id
+    labels = ids.clone()
+    labels[:, :1 + n_image] = -100
+    pixels = torch.randn(p["batch"], 3, p["img"], p["img"], generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": labels.to(device), "pixel_values": pixels.to(device, dtype)}
+
+
+def setup_variant(model, variant: str):
+    """Make ``model`` trainable as ``variant``; returns (model to step, undo callable)."""
+    family, _, kind = variant.partition("_")
+    model.requires_grad_(False)
+    undo = []
+    if kind == "gc":
+        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        undo.append(model.model.language_model.gradient_checkpointing_disable)
+    if family == "floor":
+        model.model.multi_modal_projector.requires_grad_(True)
+        if kind == "vision":  # activations of the vision tower need grad, so backward walks it
+            hook = model.model.vision_tower.embeddings.patch_embedding.register_forward_hook(
+                lambda m, i, o: o.requires_grad_(True))
+            undo.append(hook.remove)
+        return model, undo
+    if family == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        targets, ranks = LM_TARGETS, {}
+        if kind == "vision":
+            targets = rf"({LM_TARGETS})|(model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q|v)_proj)"
+            ranks = {r"vision_tower.*": 64}
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, rank_pattern=ranks,
+                            alpha_pattern={k: 2 * v for k, v in ranks.items()}, lora_dropout=0.0,
+                            modules_to_save=["multi_modal_projector"], use_dora=kind == "dora")
+        peft_model = get_peft_model(model, config)
+        undo.append(lambda: peft_model.unload())
+        return peft_model, undo
+    import vlm_lora
+    from vlm_lora.lora import unload_lora
+
+    strategy = "both" if kind == "vision" else "language_only"
+    overrides = {"vision_encoder": {"rank": 64, "targets": ["q", "v"]}} if kind == "vision" else {}
+    if kind == "dora":
+        overrides["language_decoder"] = {"variant": "dora"}
+    vlm_lora.plan(model, strategy, **overrides).apply(model)
+    undo.append(lambda: unload_lora(model, merge=False))
+    return model, undo
+
+
+def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: int) -> dict:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
+    del optimizer
+    return {"step_s": statistics.median(times), "peak_mib": peak, "loss": loss.item(),
+            "trainable": sum(p.numel() for p in trainable)}
+
+
+def quantize_language_decoder(model) -> None:
+    from vlm_lora.quantize import quantize_linears
+
+    quantize_linears(model, ["model.language_model"], compute_dtype="bfloat16" if model.dtype == torch.bfloat16
+                     else "float32")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu, or llava-7b on cuda")
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 5 on cpu)")
+    parser.add_argument("--warmup", type=int, default=None)
+    args = parser.parse_args()
+    preset = args.preset or ("llava-7b" if args.device == "cuda" else "cpu")
+    p = PRESETS[preset]
+    steps = args.steps if args.steps is not None else (10 if args.device == "cuda" else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 2)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    autocast = torch.bfloat16 if args.device == "cuda" else None
+    variants = [v for v in args.variants.split(",") if v]
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        variants = [v for v in variants if not v.endswith("qlora")]
+    variants = [v for v in variants if not v.endswith("qlora")] + [v for v in variants if v.endswith("qlora")]
+
+    model = build_model(p, args.device, dtype)
+    batch = make_batch(p, model, args.device, dtype)
+    tokens = batch["input_ids"].numel()
+    shape = {"preset": preset, "batch": p["batch"], "seq": batch["input_ids"].shape[1],
+             "params": sum(x.numel() for x in model.parameters()),
+             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    results, quantized = {}, False
+    for variant in variants:
+        if variant.endswith("qlora") and not quantized:
+            quantize_language_decoder(model)
+            quantized = True
+        step_model, undo = setup_variant(model, variant)
+        result = time_variant(step_model, batch, args.device, autocast, steps, warmup)
+        for fn in reversed(undo):
+            fn()
+        model.requires_grad_(False)
+        result.update(variant=variant, tokens_per_s=round(tokens / result["step_s"]), **shape)
+        result["step_s"] = round(result["step_s"], 4)
+        results[variant] = result
+        print(json.dumps(result), flush=True)
+    ratios = {}
+    for variant, result in results.items():
+        kind = variant.partition("_")[2]
+        floor = results.get(FLOOR_OF.get(kind, "floor"))
+        if floor and not variant.startswith("floor"):
+            ratios[variant] = {"step_vs_floor": round(result["step_s"] / floor["step_s"], 3)}
+            if result["peak_mib"] and floor["peak_mib"]:
+                ratios[variant]["mem_vs_floor"] = round(result["peak_mib"] / floor["peak_mib"], 3)
+    print(json.dumps({"ratios": ratios, **shape}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
