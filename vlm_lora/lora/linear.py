@@ -30,6 +30,7 @@ class LoraLinear(LoraLayer):
         self.variants: dict[str, LoraVariant] = {}
         self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA (A0, B0)
         self.dora_merge_scale: dict[str, torch.Tensor] = {}
+        self.dora_base_norm_sq: dict[str, torch.Tensor] = {}  # cached ||W_o||^2 of the frozen base
         self.add_adapter(adapter_name, spec)
 
     @property
@@ -46,9 +47,7 @@ class LoraLinear(LoraLayer):
         if spec.init not in INITS:
             raise ValueError(f"unknown init {spec.init!r}; valid: {', '.join(INITS)}")
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        if getattr(weight, "quant_state", None) is not None:  # 4-bit base: adapters in the compute dtype
-            dtype = getattr(self.base_layer, "compute_dtype", None) or torch.float32
+        dtype = torch.float32  # fp32 master weights; forward casts them to the activations' dtype
         self.lora_A[name] = nn.Linear(self.in_features, spec.rank, bias=False, device=weight.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(spec.rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()

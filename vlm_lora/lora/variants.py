@@ -18,6 +18,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -39,6 +40,25 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     return weight.float()
 
 
+def low_rank_update(layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
+    """``B A dropout(x)`` [..., out] computed in x's dtype.
+
+    The adapter weights are fp32 masters; casting them (r x in, out x r) instead of the
+    activations (tokens x in) avoids an fp32 copy of every adapted layer's input, and under
+    autocast it is exactly the cast autocast would do.
+    """
+    x = layer.lora_dropout[name](x)
+    weight_a, weight_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return F.linear(F.linear(x, weight_a.to(x.dtype)), weight_b.to(x.dtype))
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a (possibly 4-bit) base layer computes in."""
+    if getattr(base.weight, "quant_state", None) is not None:
+        return getattr(base, "compute_dtype", None) or torch.float32
+    return base.weight.dtype
+
+
 class LoraVariant:
     """Plain LoRA."""
 
@@ -58,9 +78,7 @@ class LoraVariant:
 
     def forward_delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """[..., out] to add to ``base_out`` for input x [..., in]."""
-        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-        x = x.to(lora_A.weight.dtype)
-        return lora_B(lora_A(layer.lora_dropout[name](x))) * layer.scaling[name]
+        return low_rank_update(layer, name, x) * layer.scaling[name]
 
     def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
         """[out, in] fp32 update ``s B A``."""
@@ -92,17 +110,35 @@ class DoraVariant(LoraVariant):
         layer.lora_magnitude_vector[name] = module
 
     def _weight_norm(self, layer: "LoraLinear", name: str) -> torch.Tensor:
-        """[out] row norms of W + s B A, fp32; B A enters detached (paper section 4.3)."""
-        lora = (layer.lora_B[name].weight.detach().float() @ layer.lora_A[name].weight.detach().float())
-        return (base_weight(layer.base_layer) + layer.scaling[name] * lora).norm(p=2, dim=1)
+        """[out] row norms of W + s B A in fp32, without forming the [out, in] matrix.
+
+        ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T, where
+        W A^T comes from the base layer applied to A's rows (so a 4-bit base works unchanged)
+        and ||W_o||^2 is cached (the base is frozen). Costs O(out * in * r), like one LoRA matmul.
+        B and A enter detached: the paper (section 4.3) treats the norm as a constant in backward.
+        """
+        a = layer.lora_A[name].weight.detach().float()
+        b = layer.lora_B[name].weight.detach().float()
+        base = layer.base_layer
+        cached = layer.dora_base_norm_sq.get(name)
+        if cached is None or cached.device != a.device:
+            cached = layer.dora_base_norm_sq[name] = base_weight(base).pow(2).sum(dim=1)
+        with torch.autocast(a.device.type, enabled=False):
+            wa = base(a.to(_compute_dtype(base)))  # [r, out] = A W^T (+ bias)
+            if base.bias is not None:
+                wa = wa - base.bias
+            wa = wa.float().T  # [out, r]
+        s = layer.scaling[name]
+        cross = (b * wa).sum(dim=1)
+        lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
+        return (cached + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
     def forward_delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
         magnitude = layer.lora_magnitude_vector[name].weight
-        norm_scale = (magnitude.float() / self._weight_norm(layer, name).detach()).to(base_out.dtype)
+        norm_scale = (magnitude.float() / self._weight_norm(layer, name)).to(base_out.dtype)
         bias = layer.base_layer.bias
         plain = base_out - bias if bias is not None else base_out  # W x
-        lora = lora_B(lora_A(layer.lora_dropout[name](x.to(lora_A.weight.dtype)))).to(base_out.dtype)
+        lora = low_rank_update(layer, name, x).to(base_out.dtype)
         return (norm_scale - 1) * plain + norm_scale * lora * layer.scaling[name]
 
     def merged_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
@@ -113,6 +149,7 @@ class DoraVariant(LoraVariant):
 
     def merge(self, layer: "LoraLinear", name: str, sign: float) -> None:
         weight = layer.base_layer.weight
+        layer.dora_base_norm_sq.clear()  # the base weight changes
         if sign > 0:
             layer.dora_merge_scale[name] = self._weight_norm(layer, name)
             weight.copy_(self.merged_weight(layer, name).to(weight.dtype))
