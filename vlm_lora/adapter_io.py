@@ -20,6 +20,7 @@ from torch import nn
 
 from vlm_lora.lora import AdapterSpec, LoraLayer, PeftEntry, inject_lora, iter_lora_layers
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
+from vlm_lora.planner import named_params_at
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -71,9 +72,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         if entry.magnitude is not None:
             tensors[f"{PREFIX}{target}.lora_magnitude_vector"] = entry.magnitude
     for prefix in modules_to_save:
-        for name, param in model.get_submodule(prefix).named_parameters(prefix=prefix):
+        for name, param in named_params_at(model, prefix):
             if not any(name.startswith(n + ".") for n in never_saved):
                 tensors[PREFIX + name] = param
+    # PEFT's modules_to_save names modules; bare parameters (BLIP-2 query_tokens) are saved as
+    # tensors but PEFT will not restore them
+    modules_to_save = [p for p in modules_to_save if _is_module(model, p)]
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
     r = _most_common(list(ranks.values())) if ranks else 8
@@ -101,6 +105,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
+
+
+def _is_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _one_setting(entries: dict[str, PeftEntry], test, what: str) -> bool:

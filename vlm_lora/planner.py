@@ -65,7 +65,8 @@ class Plan:
         model.requires_grad_(False)
         inject_lora(model, self.adapter_specs())
         for prefix in self.full_prefixes():
-            model.get_submodule(prefix).requires_grad_(True)
+            for _, param in named_params_at(model, prefix):
+                param.requires_grad_(True)
         for path in self.frozen_paths:
             model.get_submodule(path).requires_grad_(False)
         for name, param in model.named_parameters():
@@ -81,7 +82,7 @@ class Plan:
         """Which component a (post-apply) parameter name belongs to."""
         for comp in self.components:
             for prefix in comp.lora_paths + comp.full_prefixes:
-                if name.startswith(prefix + "."):
+                if name == prefix or name.startswith(prefix + "."):
                     return comp.component
         return None
 
@@ -102,7 +103,7 @@ class Plan:
         for c in self.components:
             p = c.policy
             lora_mode = p.mode == "lora"
-            modules = (f"{len(c.lora_paths)} x {','.join(p.targets)}" if lora_mode
+            modules = (f"{len(c.lora_paths)} x {','.join(p.targets or ['all'])}" if lora_mode
                        else ", ".join(c.full_prefixes) if p.mode == "full" else "-")
             rows.append((c.component, p.mode, modules, str(p.rank) if lora_mode else "-",
                          f"{p.alpha:g}" if lora_mode else "-",
@@ -168,8 +169,12 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     comp_plans = []
     for name, policy in policies.items():
         cmap = arch.components[name]
-        cp = ComponentPlan(component=name, policy=policy, prefixes=[p for p in cmap.prefixes if _has_module(model, p)])
+        cp = ComponentPlan(component=name, policy=policy, prefixes=[p for p in cmap.prefixes if named_params_at(model, p)])
         if policy.mode == "lora":
+            user_targets = name in parsed and parsed[name].targets is not None
+            if not user_targets and policy.targets and cmap.targets:  # strategy defaults: keep what exists
+                policy = policy.model_copy(update={"targets": [t for t in policy.targets if t in cmap.targets]})
+                cp.policy = policy
             valid = sorted(cmap.targets) or ["(the module itself)"]
             bad = [t for t in policy.targets or [] if cmap.targets and t not in cmap.targets]
             if bad:
@@ -179,10 +184,10 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
             if not cp.lora_specs:
                 errors.append(f"components.{name}: no nn.Linear matched targets {policy.targets}")
         elif policy.mode == "full":
-            cp.full_prefixes = [p for p in cmap.prefixes if _has_module(model, p)]
+            cp.full_prefixes = [p for p in cmap.prefixes if named_params_at(model, p)]
             seen = set()
             for prefix in cp.full_prefixes:
-                for pname, param in modules[prefix].named_parameters(prefix=prefix):
+                for pname, param in named_params_at(model, prefix):
                     if id(param) in seen or any(pname.startswith(n + ".") for n in never):
                         continue
                     seen.add(id(param))
@@ -248,6 +253,17 @@ def fused_slice_shape(module: nn.Module, slice_name: str, order: tuple[str, ...]
         return (dim, dim)
     n_in_proj = len([s for s in order if s != "o"])
     return (module.in_features, module.out_features // n_in_proj)
+
+
+def named_params_at(model: nn.Module, path: str) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a component prefix owns: those of the module at ``path``, or the bare
+    ``nn.Parameter`` at ``path`` (BLIP-2 ``query_tokens``, open_clip ``visual.proj``); [] if neither."""
+    if _has_module(model, path):
+        return list(model.get_submodule(path).named_parameters(prefix=path))
+    try:
+        return [(path, model.get_parameter(path))]
+    except AttributeError:
+        return []
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

@@ -42,6 +42,20 @@ class Architecture:
     model_classes: tuple[str, ...]
     components: dict[str, ComponentMap]
     never_adapted: tuple[str, ...]  # module paths (patch embeddings) that no policy may touch
+    # submodule path -> class names one of which it must have (in its MRO), e.g. BLIP-2's language_model
+    submodule_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def matches(self, model: nn.Module) -> bool:
+        if not any(cls.__name__ in self.model_classes for cls in type(model).__mro__):
+            return False
+        for path, names in self.submodule_classes.items():
+            try:
+                sub = model.get_submodule(path)
+            except AttributeError:
+                return False
+            if not any(cls.__name__ in names for cls in type(sub).__mro__):
+                return False
+        return True
 
     def component_of(self, path: str) -> str | None:
         for name, comp in self.components.items():
@@ -63,9 +77,8 @@ def detect_architecture(model: nn.Module) -> Architecture:
     """The registry entry for ``model``, chosen by its class name (and its MRO)."""
     import vlm_lora.architectures  # noqa: F401  (registers the built-in entries)
 
-    class_names = [cls.__name__ for cls in type(model).__mro__]
     for arch in REGISTRY.values():
-        if any(name in arch.model_classes for name in class_names):
+        if arch.matches(model):
             return arch
     children = ", ".join(name for name, _ in model.named_children()) or "(none)"
     raise ValueError(

@@ -58,6 +58,15 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for model code that reads ``module.weight`` (T5, open_clip)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
         raise NotImplementedError
 
