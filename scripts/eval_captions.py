@@ -1,0 +1,40 @@
+r"""Caption an evaluation set with a base model and adapters, score it and write a report.
+
+The same as ``vlm-lora eval`` (same options, same code), as a script:
+
+    python scripts/eval_captions.py --model assets/tiny-llava --adapter runs/quickstart/adapter \
+        --data assets/data/microscopy/eval.jsonl --out runs/quickstart/eval_report
+
+Writes OUT/summary.json, predictions.jsonl, report.html and contact_sheet.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from vlm_lora.errors import USER_ERRORS  # noqa: E402
+from vlm_lora.eval_cli import add_eval_arguments, run_eval  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        run_eval(args)
+    except USER_ERRORS as error:
+        print(f"eval_captions: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
