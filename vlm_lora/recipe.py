@@ -42,10 +42,16 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str = Field(description="caption JSONL: rows {image, caption}")
+    train: str = Field(description="data file: caption JSONL/CSV, LLaVA conversation JSON, or an imagefolder")
     eval: str | None = None
-    image_root: str | None = Field(default=None, description="images are relative to this folder; default: the JSONL's")
-    prompt: str = "Describe the image."
+    format: Literal["auto", "caption_jsonl", "caption_csv", "llava_json", "imagefolder"] = Field(
+        default="auto", description="inferred from the path when auto")
+    image_root: str | None = Field(default=None, description="images are relative to this folder; default: the data file's")
+    prompt: str = Field(default="Describe the image.", description="user turn for caption data")
+    chat_template: str | None = Field(default=None, description="Jinja template overriding the processor's")
+    on_bad_sample: Literal["error", "skip"] = Field(
+        default="error", description="missing/corrupt image or too long: stop with its id, or skip and count")
+    label_key: str = Field(default="label", description="row key holding the class label (classification)")
 
 
 class TrainConfig(_Strict):
@@ -66,6 +72,7 @@ class TrainConfig(_Strict):
     optimizer: Literal["adamw", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     eval_batch_size: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=32, ge=1)
+    max_length: int | None = Field(default=None, ge=8, description="longest training sequence (tokens)")
     eval_base: bool = Field(default=True, description="also caption the eval split with the base model")
 
 
