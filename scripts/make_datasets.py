@@ -4,6 +4,9 @@
 * ``microscopy``: the shifted domain, synthetic stained-tissue fields with cells and
   lesions, captioned in a terse report style (the spirit of the ``llava_medical`` recipe).
 
+Rows are ``{"image", "caption", "label"}``; ``label`` (the first shape, or the stain) serves
+classification recipes.
+
 Everything is drawn from a seeded ``random.Random`` and written as PNG with fixed
 settings, so re-running the script reproduces the files byte for byte::
 
@@ -77,7 +80,7 @@ def general_sample(rng: random.Random) -> tuple[Image.Image, str]:
         where_text = f"at the {where}" if count == 1 else "scattered around"
         article = "a" if count == 1 else NUMBER_WORDS[count]
         phrases.append(f"{article} {color} {noun} {where_text}")
-    return image, " and ".join(phrases) + "."
+    return image, " and ".join(phrases) + ".", shapes[0]
 
 
 STAINS = {  # stain name -> (cytoplasm colour, nucleus colour)
@@ -120,7 +123,7 @@ def microscopy_sample(rng: random.Random) -> tuple[Image.Image, str]:
         draw.ellipse((x - 1, y - 1, x + 2, y + 2), fill=nucleus)
     cells = "1 cell" if count == 1 else f"{count} cells"
     finding = f"lesion {lesion}" if lesion else "no lesion"
-    return image, f"{stain} stain, {cells}, {finding}."
+    return image, f"{stain} stain, {cells}, {finding}.", stain
 
 
 def write_split(root: Path, split: str, n: int, make, rng: random.Random) -> None:
@@ -128,10 +131,10 @@ def write_split(root: Path, split: str, n: int, make, rng: random.Random) -> Non
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
-        image, caption = make(rng)
+        image, caption, label = make(rng)
         name = f"images/{split}_{i:04d}.png"
         image.save(root / name, format="PNG", optimize=False, compress_level=9)
-        rows.append({"image": name, "caption": caption})
+        rows.append({"image": name, "caption": caption, "label": label})
     with open(root / f"{split}.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

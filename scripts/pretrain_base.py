@@ -154,7 +154,7 @@ def main() -> None:
     # More scenes from the same generator (another seed) so the base sees the general domain widely.
     gen_rng = random.Random(1000 + args.seed)
     for _ in range(3000):
-        image, caption = general_sample(gen_rng)
+        image, caption, _ = general_sample(gen_rng)
         images.append(image)
         captions.append(caption)
 
