@@ -57,8 +57,13 @@ def test_missing_and_bad_rows_are_all_reported(tmp_path):
 
 
 def test_corrupt_image_names_file_and_row(tmp_path):
+    """Unreadable images are found when the data set is built; one that breaks later fails when loaded."""
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "broken.png", "caption": "c"}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl: 1 bad row\(s\):\n  - line 1: cannot read image .*broken.png"):
+        CaptionDataset(tmp_path / "d.jsonl")
+    Image.new("RGB", (8, 8)).save(tmp_path / "broken.png")
     data = CaptionDataset(tmp_path / "d.jsonl")
-    with pytest.raises(DataError, match=r"d.jsonl:1: cannot read image .*broken.png"):
+    (tmp_path / "broken.png").write_bytes(b"broken after the check")
+    with pytest.raises(DataError, match=r"d.jsonl line 1: cannot read image .*broken.png"):
         data[0]

@@ -23,18 +23,33 @@ def cmd_finetune(args) -> None:
     from vlm_lora.recipe import load_recipe
     from vlm_lora.train import finetune
 
-    finetune(load_recipe(args.recipe, args.set))
+    finetune(load_recipe(args.recipe, args.set), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_plan(args) -> None:
-    from vlm_lora.modeling import load_model_and_processor
     from vlm_lora.planner import plan
     from vlm_lora.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    model, _ = load_model_and_processor(recipe.model.path, recipe.model.dtype)
+    model = _model_on_meta(recipe) if args.meta else _load_for_plan(recipe)
     result = plan(model, recipe.strategy, recipe.components)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+
+
+def _load_for_plan(recipe):
+    from vlm_lora.run_setup import load_for_recipe
+
+    return load_for_recipe(recipe, "cpu")[0]
+
+
+def _model_on_meta(recipe):
+    """The recipe's model built from its config alone on the meta device: no weights, any size, seconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def cmd_merge(args) -> None:
@@ -51,12 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a recipe")
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("plan", help="show which modules get what, without training")
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--meta", action="store_true", help="build the model from its config on the meta device (no weights)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and export a plain model")

@@ -38,6 +38,7 @@ class QuantizationConfig(_Strict):
 class ModelConfig(_Strict):
     path: str = Field(description="local model folder or hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = Field(default=False, description="run code shipped with a hub model (off unless set)")
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
 
 
@@ -73,7 +74,14 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(default=32, ge=1)
     max_new_tokens: int = Field(default=32, ge=1)
     max_length: int | None = Field(default=None, ge=8, description="longest training sequence (tokens)")
-    eval_base: bool = Field(default=True, description="also caption the eval split with the base model")
+    eval_base: bool = Field(default=True, description="also score the eval split with the base model")
+    eval_samples: int | None = Field(default=None, ge=1, description="score only the first N eval rows at eval_steps")
+    metric_for_best: str | None = Field(default=None, description="keeps adapter/ as the best; default: cider or accuracy")
+    save_total_limit: int | None = Field(default=2, ge=1, description="checkpoints kept in output_dir")
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 on GPUs that support it, else no")
+    tensorboard: bool = Field(default=True, description="write TensorBoard events when tensorboard is installed")
 
 
 class Recipe(_Strict):

@@ -42,6 +42,7 @@ class Architecture:
     model_classes: tuple[str, ...]
     components: dict[str, ComponentMap]
     never_adapted: tuple[str, ...]  # module paths (patch embeddings) that no policy may touch
+    task: str = "caption"  # the training objective: caption (image-to-text) or classify (image classifier)
     # submodule path -> class names one of which it must have (in its MRO), e.g. BLIP-2's language_model
     submodule_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 

@@ -1,8 +1,13 @@
 """The fine-tuning loop behind ``vlm-lora finetune``.
 
-load base -> plan -> (score base) -> apply adapters -> train -> save PEFT adapter -> score adapted.
-Everything lands in ``output_dir``: ``adapter/``, ``metrics.jsonl``, ``loss.png``, ``eval.json``,
-per-sample predictions, ``plan.txt`` and ``recipe.resolved.yaml``.
+load base -> plan -> (score base) -> apply adapters -> train -> keep the best adapter -> score it.
+One process or many through accelerate (``accelerate launch -m vlm_lora finetune RECIPE``);
+only the main process writes. Everything lands in ``output_dir``: ``adapter/`` (best by
+``train.metric_for_best``, PEFT format), ``adapter_last/``, ``checkpoint-<step>/``,
+``metrics.jsonl``, ``loss.png``, ``eval.json``, predictions, ``plan.txt``, ``recipe.resolved.yaml``.
+
+Data order is a pure function of (seed, epoch): micro-batch ``k`` of the run is the same in
+every run, so a resumed run continues exactly where the killed one left off.
 """
 
 from __future__ import annotations
@@ -17,20 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlm_lora.adapter_io import save_adapter
-from vlm_lora.data import CaptionCollator, CaptionDataset
-from vlm_lora.evaluate import evaluate_captions, write_predictions
-from vlm_lora.modeling import load_model_and_processor
+from vlm_lora.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, set_rng_state
+from vlm_lora.evaluate import write_predictions
+from vlm_lora.lora import iter_lora_layers
 from vlm_lora.planner import Plan, plan as make_plan
 from vlm_lora.plotting import plot_loss
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
+from vlm_lora.run_setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe
 
 log = logging.getLogger("vlm_lora")
 NO_DECAY = ("bias", "norm", "lora_magnitude")
+
+__all__ = ["RunExistsError", "TrainingError", "finetune", "param_groups"]
 
 
 def seed_everything(seed: int) -> None:
@@ -84,117 +91,301 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
+def micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Index lists of one epoch's micro-batches: a seeded permutation, cut every ``batch_size``."""
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+class BatchStream:
+    """The run's micro-batches in order, across epochs; ``take(k)`` returns the next k."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, start: int = 0):
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.per_epoch = math.ceil(n_items / batch_size)
+        self.position = start  # micro-batches consumed so far
+
+    def take(self, count: int) -> list[list[int]]:
+        out = []
+        for k in range(self.position, self.position + count):
+            epoch, index = divmod(k, self.per_epoch)
+            out.append(micro_batches(self.n_items, self.batch_size, self.seed, epoch)[index])
+        self.position += count
+        return out
+
+
+def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run a recipe end to end; returns the ``eval.json`` content (main process)."""
+    from accelerate import Accelerator
+
+    cfg, started = recipe.train, time.time()
+    out = Path(recipe.output_dir)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    main = accelerator.is_main_process
+    checkpoint = _resume_point(out, resume, overwrite)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    seed_everything(cfg.seed)
+
+    model, processor = load_for_recipe(recipe, accelerator.device)
+    plan = make_plan(model, recipe.strategy, recipe.components)
+    task, train_set, eval_set = build_task_and_data(recipe, model, processor)
+    if main:
+        (out / "plan.txt").write_text(str(plan) + "\n")
+        log.info("\n%s", plan)
+
+    results: dict = {}
+    if main and eval_set is not None and cfg.eval_base and checkpoint is None:
+        results["base"], rows = task.evaluate(model, eval_set, desc="scoring base")
+        write_predictions(rows, out / "predictions_base.jsonl")
+        log.info("base model on %s: %s", recipe.data.eval, _fmt(results["base"]))
+    elif checkpoint is not None and (out / "eval_base.json").is_file():
+        results["base"] = json.loads((out / "eval_base.json").read_text())
+    if main and "base" in results:
+        (out / "eval_base.json").write_text(json.dumps(results["base"], indent=2) + "\n")
+
+    _quantize_if_asked(recipe, model, plan)
+    plan.apply(model)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
+    world = accelerator.num_processes
+    per_step = world * cfg.grad_accum  # micro-batches one optimizer step consumes, over all processes
+    stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // per_step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, best = 0, {"value": None, "step": None, "state": None}
+    metric = cfg.metric_for_best or task.default_metric
+    if checkpoint is not None:
+        step, best = _restore(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, out, metric)
+        log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
+    stream.position = step * per_step
+    unwrapped = accelerator.unwrap_model(model)
+    writer = _MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
+
+    def write_adapter(folder: Path) -> None:
+        save_adapter(unwrapped, folder, recipe.model.path, plan.full_prefixes(), never_saved=plan.frozen_paths,
+                     extra_meta=_adapter_meta(recipe))
+
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not main)
+    window = {"loss": 0.0, "samples": 0, "start": time.time()}
+    model.train()
+    while step < total_steps:
+        chunks = stream.take(per_step)[accelerator.process_index::world]
+        batches = [_to_device(task.collate([train_set[i] for i in chunk]), accelerator.device) for chunk in chunks]
+        units = [task.count_units(b) for b in batches]
+        total_units = accelerator.reduce(torch.tensor(float(sum(units)), device=accelerator.device), "sum").item()
+        step_loss = 0.0
+        for i, (batch, n) in enumerate(zip(batches, units)):
+            sync = i == len(batches) - 1
+            with accelerator.no_sync(model) if not sync else _null():
+                loss, _ = task.loss(model, batch)
+                if not torch.isfinite(loss):
+                    _stop_on_nan(out, step, loss)
+                # sum over micro-batches of (mean loss x units) / all units; DDP averages over processes
+                accelerator.backward(loss * (n * world / max(total_units, 1.0)))
+            step_loss += loss.item() * n
+        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item() / max(total_units, 1.0)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        window["loss"] += step_loss
+        window["samples"] += sum(len(c) for c in chunks) * world
+        if main and (step % cfg.log_steps == 0 or step == total_steps):
+            n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
+            row = {"step": step, "epoch": round(stream.position / stream.per_epoch, 3), "loss": window["loss"] / n_steps,
+                   "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"])}
+            writer.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
+            window = {"loss": 0.0, "samples": 0, "start": time.time()}
+        if eval_set is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == total_steps):
+            if main:
+                scores = _periodic_eval(task, unwrapped, eval_set, cfg, step, writer, out)
+                _track_best(best, scores, metric, step, unwrapped, out / "adapter", write_adapter)
+            accelerator.wait_for_everyone()
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+            if main:
+                position = {"step": step, "micro_batches": stream.position, "best": _best_summary(best)}
+                save_checkpoint(out, step, write_adapter, optimizer, scheduler, position, cfg.save_total_limit)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    if main:
+        write_adapter(out / "adapter_last")
+        if best["step"] is None:  # no eval during training: the last adapter is the one we keep
+            write_adapter(out / "adapter")
+        elif best["state"] is not None:
+            _load_trainable(unwrapped, best["state"])
+        else:  # the best was found before a resume and is only on disk
+            restore_weights(unwrapped, out / "adapter")
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        train_time = time.time() - started
+        if eval_set is not None:
+            results["adapted"], rows = task.evaluate(unwrapped, eval_set, desc="scoring adapted")
+            if best["step"] is not None:
+                results["adapted"]["best_step"] = best["step"]
+            write_predictions(rows, out / "predictions_adapted.jsonl")
+            (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        writer.close()
+        _summary(out, results, train_time, time.time() - started, step, metric, best)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _resume_point(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    if resume:
+        found = list_checkpoints(out)
+        if not found:
+            raise RunExistsError(f"--resume: no checkpoint in {out} (checkpoints are written every train.save_steps)")
+        return found[-1]
+    finished = [name for name in ("eval.json", "adapter", "adapter_last") if (out / name).exists()]
+    if finished and not overwrite:
+        raise RunExistsError(f"{out} already holds a run ({', '.join(finished)}); pass --overwrite to replace it, "
+                             f"--resume to continue it, or set output_dir")
+    return None
+
+
+def _quantize_if_asked(recipe: Recipe, model, plan: Plan) -> None:
+    quant = recipe.model.quantization
+    if quant.bits != 4:
+        return
+    prefixes = plan.prefixes_of([c for c in quant.components if plan.mode_of(c) != "full"])
+    n = len(quantize_linears(model, prefixes, quant.type, quant.double_quant, quant.compute_dtype))
+    log.info("QLoRA: %d linears of %s in 4-bit %s (compute %s)", n, ", ".join(quant.components), quant.type,
+             quant.compute_dtype)
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward; inputs need grad so checkpointed blocks reach the adapters."""
+    if hasattr(model, "gradient_checkpointing_enable"):  # transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif hasattr(model, "set_grad_checkpointing"):  # timm
+        model.set_grad_checkpointing(True)
+    else:
+        raise TrainingError(f"{type(model).__name__} has no gradient checkpointing switch")
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _periodic_eval(task, model, eval_set, cfg, step: int, writer, out: Path) -> dict:
+    subset = eval_set if not cfg.eval_samples else eval_set.subset(cfg.eval_samples)
+    eval_loss = _eval_loss(task, model, subset, cfg.eval_batch_size)
+    scores, _ = task.evaluate(model, subset, desc=f"eval @ {step}")
+    writer.write({"step": step, "eval_loss": eval_loss, **{f"eval_{k}": v for k, v in scores.items()}})
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    return {"eval_loss": eval_loss, **scores}
+
+
 @torch.no_grad()
-def eval_loss(model, loader, device) -> float:
+def _eval_loss(task, model, dataset, batch_size: int) -> float:
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(**batch).loss.item() * n
+    for start in range(0, len(dataset), batch_size):
+        batch = _to_device(task.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
+                           device)
+        loss, n = task.loss(model, batch)
+        total += loss.item() * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
 
 
-def finetune(recipe: Recipe) -> dict:
-    """Run a recipe end to end; returns the ``eval.json`` content."""
-    cfg, started = recipe.train, time.time()
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    seed_everything(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _track_best(best: dict, scores: dict, metric: str, step: int, model, adapter_dir: Path, write_adapter) -> None:
+    if metric not in scores:
+        raise TrainingError(f"train.metric_for_best {metric!r} is not among the eval metrics {sorted(scores)}")
+    value = scores[metric]
+    lower_is_better = metric.endswith("loss")
+    if best["value"] is None or (value < best["value"] if lower_is_better else value > best["value"]):
+        best.update(value=value, step=step, state=_trainable_state(model))
+        write_adapter(adapter_dir)
+        log.info("step %d: new best %s %.4f -> %s", step, metric, value, adapter_dir)
 
-    log.info("loading %s (%s) on %s", recipe.model.path, recipe.model.dtype, device)
-    model, processor = load_model_and_processor(recipe.model.path, recipe.model.dtype, device)
-    plan = make_plan(model, recipe.strategy, recipe.components)
-    (out / "plan.txt").write_text(str(plan) + "\n")
-    log.info("\n%s", plan)
 
-    train_set = CaptionDataset(recipe.data.train, recipe.data.image_root)
-    eval_set = CaptionDataset(recipe.data.eval, recipe.data.image_root) if recipe.data.eval else None
-    collate = CaptionCollator(processor, recipe.data.prompt)
-    gen_args = dict(prompt=recipe.data.prompt, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens)
+def _best_summary(best: dict) -> dict:
+    return {"value": best["value"], "step": best["step"]}
 
-    results: dict = {}
-    if eval_set is not None and cfg.eval_base:
-        results["base"], rows = evaluate_captions(model, processor, eval_set, desc="scoring base", **gen_args)
-        write_predictions(rows, out / "predictions_base.jsonl")
-        log.info("base model on %s: %s", recipe.data.eval, _fmt(results["base"]))
 
-    quant = recipe.model.quantization
-    if quant.bits == 4:
-        prefixes = plan.prefixes_of([c for c in quant.components if plan.mode_of(c) != "full"])
-        n = len(quantize_linears(model, prefixes, quant.type, quant.double_quant, quant.compute_dtype))
-        log.info("QLoRA: %d linears of %s in 4-bit %s (compute %s)", n, ", ".join(quant.components),
-                 quant.type, quant.compute_dtype)
-    plan.apply(model)
-    model.train()
-    groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
-    optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
-    eval_loader = DataLoader(eval_set, batch_size=cfg.eval_batch_size, collate_fn=collate) if eval_set else None
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
-    trainable = [p for g in groups for p in g["params"]]
+def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: str) -> tuple[int, dict]:
+    """Load adapter weights, optimizer, scheduler and RNG state; returns (step, best)."""
+    state = load_trainer_state(checkpoint)
+    restore_weights(model, checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    saved = state["position"].get("best") or {}
+    # the best adapter so far is on disk in out/adapter; it is reloaded at the end if nothing beats it
+    return state["step"], {"value": saved.get("value"), "step": saved.get("step"), "state": None}
 
-    metrics_file = (out / "metrics.jsonl").open("w")
-    step, micro, window_loss, window_samples, window_start = 0, 0, 0.0, 0, time.time()
-    bar = tqdm(total=total_steps, desc="finetune", unit="step")
-    while step < total_steps:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            loss = model(**batch).loss
-            (loss / cfg.grad_accum).backward()
-            window_loss += loss.item() / cfg.grad_accum
-            window_samples += batch["input_ids"].shape[0]
-            micro += 1
-            if micro % cfg.grad_accum:
-                continue
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % cfg.log_steps == 0 or step == total_steps:
-                n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
-                row = {"step": step, "epoch": round(micro / len(loader), 3), "loss": window_loss / n_steps,
-                       "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": window_samples / (time.time() - window_start)}
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
-                window_loss, window_samples, window_start = 0.0, 0, time.time()
-            if eval_loader is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == total_steps):
-                metrics_file.write(json.dumps({"step": step, "eval_loss": eval_loss(model, eval_loader, device)}) + "\n")
-                metrics_file.flush()
-                plot_loss(out / "metrics.jsonl", out / "loss.png")
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                save_adapter(model, out / f"checkpoint-{step}", recipe.model.path, plan.full_prefixes(),
-                             never_saved=plan.frozen_paths, extra_meta=_adapter_meta(recipe))
-            if step >= total_steps:
-                break
-    bar.close()
-    metrics_file.close()
-    model.eval()
-    adapter_dir = save_adapter(model, out / "adapter", recipe.model.path, plan.full_prefixes(),
-                               never_saved=plan.frozen_paths, extra_meta=_adapter_meta(recipe))
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
-    train_time = time.time() - started
 
-    if eval_set is not None:
-        results["adapted"], rows = evaluate_captions(model, processor, eval_set, desc="scoring adapted", **gen_args)
-        write_predictions(rows, out / "predictions_adapted.jsonl")
-        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    _summary(out, adapter_dir, results, train_time, time.time() - started, step)
-    return results
+def restore_weights(model, adapter_dir: Path) -> None:
+    """Copy a saved adapter's tensors (and full modules) into the LoRA layers already in ``model``."""
+    from safetensors.torch import load_file
+
+    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME
+
+    layers = dict(iter_lora_layers(model))
+    by_length = sorted(layers, key=len, reverse=True)
+    grouped: dict[str, dict] = {}
+    for key, value in load_file(str(adapter_dir / WEIGHTS_NAME)).items():
+        name = key[len(PREFIX):]
+        suffix = next((s for s in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector") if name.endswith(s)),
+                      None)
+        if suffix is None:
+            _load_trainable(model, {name: value})
+            continue
+        target = name[: -len(suffix)]
+        path = next(p for p in by_length if target == p or target.startswith(p + "."))
+        grouped.setdefault(path, {}).setdefault(target[len(path) + 1:], {})[suffix] = value
+    for path, subs in grouped.items():
+        layers[path].load_peft("default", {sub: (p[".lora_A.weight"], p[".lora_B.weight"], p.get(".lora_magnitude_vector"))
+                                           for sub, p in subs.items()})
+
+
+def _stop_on_nan(out: Path, step: int, loss: torch.Tensor) -> None:
+    found = list_checkpoints(out)
+    keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+    raise TrainingError(f"loss became {loss.item()} at step {step + 1}; stopped without saving. {keep} "
+                        f"(resume with --resume after lowering train.learning_rate or setting train.max_grad_norm)")
 
 
 def _adapter_meta(recipe: Recipe) -> dict:
@@ -203,13 +394,44 @@ def _adapter_meta(recipe: Recipe) -> dict:
     return {"quantization": quant.model_dump() if quant.bits == 4 else None}
 
 
+class _MetricsWriter:
+    """``metrics.jsonl`` rows, mirrored to TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, tensorboard: bool, append: bool):
+        self.file = (out / "metrics.jsonl").open("a" if append else "w")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
-def _summary(out: Path, adapter_dir: Path, results: dict, train_time: float, total_time: float, steps: int) -> None:
+def _summary(out: Path, results: dict, train_time: float, total_time: float, steps: int, metric: str,
+             best: dict) -> None:
     lines = [f"done: {steps} steps in {train_time:.0f}s (total {total_time:.0f}s)",
-             f"adapter (PEFT format): {adapter_dir}", f"loss curve: {out / 'loss.png'}"]
+             f"adapter (PEFT format): {out / 'adapter'}" + (f"  [best {metric} {best['value']:.4f} at step {best['step']}]"
+                                                          if best["step"] is not None else ""),
+             f"last adapter: {out / 'adapter_last'}", f"loss curve: {out / 'loss.png'}"]
     for name in ("base", "adapted"):
         if name in results:
             lines.append(f"{name:>8}: {_fmt(results[name])}")

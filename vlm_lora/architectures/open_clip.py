@@ -28,4 +28,5 @@ register(Architecture(
                                          {**_BLOCK, "up": "mlp.c_fc", "down": "mlp.c_proj"}, _MHA),
     },
     never_adapted=("visual.conv1",),
+    task="contrastive",
 ))

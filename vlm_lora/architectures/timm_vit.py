@@ -22,4 +22,5 @@ register(Architecture(
         "connector": ComponentMap(("head",)),
     },
     never_adapted=("patch_embed.proj",),
+    task="classify",
 ))

@@ -1,0 +1,46 @@
+"""Save the small random-init models the BLIP-2 and ViT recipes run on (no downloads).
+
+* ``assets/tiny-blip2``: a ``Blip2ForConditionalGeneration`` (ViT with fused qkv, Q-Former with
+  cross-attention, OPT decoder) with a ``Blip2Processor``; loads with ``AutoModelForImageTextToText``.
+* ``assets/tiny-vit``: a timm ``VisionTransformer`` (48 px, patch 8) saved in timm's hub layout;
+  loads with ``timm.create_model("local-dir:assets/tiny-vit")``.
+
+Both are random init (seeded): the recipes show the mechanics, not pretrained quality::
+
+    python scripts/make_tiny_models.py
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VIT_ARGS = {"img_size": 48, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
+
+
+def save_tiny_vit(path: Path) -> Path:
+    import timm
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **VIT_ARGS)
+    path.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(path), model_args=VIT_ARGS, safe_serialization=True)
+    return path
+
+
+def main() -> None:
+    from vlm_lora.tiny_models import save_tiny_blip2
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "assets")
+    args = parser.parse_args()
+    print("wrote", save_tiny_blip2(args.out / "tiny-blip2"))
+    print("wrote", save_tiny_vit(args.out / "tiny-vit"))
+
+
+if __name__ == "__main__":
+    main()

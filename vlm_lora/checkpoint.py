@@ -1,0 +1,65 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+``checkpoint-<step>/`` holds the adapter in PEFT format (usable on its own), the trainable
+full modules (inside the adapter), and ``trainer_state.pt`` with optimizer, scheduler, RNG
+states and the data position. It is written to a temporary folder and renamed, so a run
+killed mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_NAME = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, write_adapter, optimizer, scheduler, position: dict,
+                    keep: int | None) -> Path:
+    """Write ``checkpoint-<step>`` atomically; ``write_adapter(folder)`` saves the adapter files.
+
+    Keeps the newest ``keep`` checkpoints (all when None).
+    """
+    final = out_dir / f"checkpoint-{step}"
+    temp = out_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(temp, ignore_errors=True)
+    write_adapter(temp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "position": position}, temp / STATE_NAME)
+    shutil.rmtree(final, ignore_errors=True)
+    temp.rename(final)
+    if keep:
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*") if (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)

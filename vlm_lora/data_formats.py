@@ -1,0 +1,283 @@
+"""Readers for the training data formats; every row becomes a ``Sample`` or a ``Problem``.
+
+Formats (``format=`` or inferred by ``infer_format``):
+
+* ``caption_jsonl``: one JSON object per line, ``{"image": path, "caption": str}`` (or ``"captions": [str, ...]``).
+* ``caption_csv``: a CSV with a header holding ``image`` and ``caption`` columns.
+* ``llava_json``: a JSON list (or JSONL) of ``{"id", "image", "conversations": [{"from": "human", "value":
+  "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; multi-turn; ``<image>`` is stripped from the text.
+* ``imagefolder``: a folder with ``metadata.jsonl`` (or ``metadata.csv``) rows ``{"file_name", "text" | "caption"}``.
+
+Image paths are relative to ``image_root`` or, by default, to the data file's folder (the folder itself
+for ``imagefolder``). Images are checked here: missing or unreadable ones (PIL ``verify``) become problems.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from PIL import Image
+
+FORMATS = ("caption_jsonl", "caption_csv", "llava_json", "imagefolder")
+DEFAULT_PROMPT = "Describe the image."
+IMAGE_KEYS = ("image", "file_name")
+CAPTION_KEYS = ("caption", "captions", "text")
+USER_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
+SHOWN_PROBLEMS = 20
+
+
+class DataError(ValueError):
+    """A data file or image that cannot be used; the message names the file and row."""
+
+
+class Problem(NamedTuple):
+    """One bad sample: its id, where it is (``"line 3"``, ``"item 2 (id 'a')"``) and why."""
+
+    id: Any
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class Sample:
+    """One training/eval example: an image and a conversation about it.
+
+    ``turns`` are ``(user_text, assistant_text)`` pairs (caption data: one ``(prompt, caption)``);
+    ``references`` are the texts an eval scores against (all captions; LLaVA: the last answer).
+    """
+
+    id: Any  # the line number (caption formats) or the LLaVA id (else its 1-based position)
+    image_path: Path
+    turns: list[tuple[str, str]]
+    references: list[str]
+    label: Any = None
+    system: str | None = None
+    row: int = 0  # 1-based line (JSONL/CSV) or position in the JSON list
+    where: str = ""
+    image_size: tuple[int, int] | None = field(default=None, compare=False)  # (width, height), set when checked
+
+    @property
+    def captions(self) -> list[str]:
+        """``references`` under the name the caption evaluation uses."""
+        return self.references
+
+
+def format_problems(path: Path | str, problems: list[Problem], what: str = "bad row(s)") -> str:
+    """One message for a ``DataError``: the first problems in full, then the ids of all the others."""
+    lines = [str(p) for p in problems[:SHOWN_PROBLEMS]]
+    rest = problems[SHOWN_PROBLEMS:]
+    if rest:
+        lines.append(f"... and {len(rest)} more: " + ", ".join(p.where for p in rest))
+    return f"{path}: {len(problems)} {what}:\n  - " + "\n  - ".join(lines)
+
+
+def infer_format(path: Path) -> str:
+    """A folder is an imagefolder, ``.csv`` is caption CSV, ``.json`` is LLaVA; else look at the first row."""
+    if path.is_dir():
+        return "imagefolder"
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "caption_csv"
+    if suffix == ".json":
+        return "llava_json"
+    with path.open(encoding="utf-8") as f:
+        first = next((line.strip() for line in f if line.strip()), "")
+    if first.startswith("["):
+        return "llava_json"
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return "caption_jsonl"  # the reader reports the bad line
+    return "llava_json" if isinstance(record, dict) and "conversations" in record else "caption_jsonl"
+
+
+def read_samples(path: str | Path, format: str = "auto", image_root: str | Path | None = None,
+                 prompt: str = DEFAULT_PROMPT, label_key: str = "label") -> tuple[str, list[Sample], list[Problem]]:
+    """(format, samples with a readable image, problems) for every row of the data at ``path``.
+
+    File-level errors (no file, not JSON at all, no rows) raise ``DataError``; a bad row (malformed,
+    image missing or unreadable) is a ``Problem`` for the caller's ``on_bad_sample`` policy.
+    """
+    path = Path(path)
+    fmt = infer_format(path) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if fmt == "imagefolder":
+        path = _metadata_file(path)
+        root = Path(image_root) if image_root else path.parent
+        records = _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
+    else:
+        if path.is_dir():
+            raise DataError(f"{path} is a folder; format {fmt} needs a file")
+        root = Path(image_root) if image_root else path.parent
+        if fmt == "caption_csv":
+            records = _read_csv(path)
+        elif fmt == "llava_json" and not _looks_like_jsonl(path):
+            records = _read_json_list(path)
+        else:
+            records = _read_jsonl(path)
+    rows = []
+    for row, where, record in records:
+        if isinstance(record, Problem):
+            rows.append(record)
+        elif fmt == "llava_json":
+            rows.append(_llava_sample(record, row, where, root, label_key))
+        else:
+            rows.append(_caption_sample(record, row, where, root, prompt, label_key))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    samples, problems = _check_images(rows)
+    return fmt, samples, problems
+
+
+# ---------------------------------------------------------------- files -> (row, where, record)
+
+def _metadata_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (path / name).is_file():
+            return path / name
+    raise DataError(f"{path}: an imagefolder needs a metadata.jsonl (or metadata.csv) with file_name and text")
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        first = next((line.strip() for line in f if line.strip()), "")
+    return first.startswith("{")
+
+
+def _read_jsonl(path: Path) -> list:
+    records = []
+    for row, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((row, f"line {row}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            records.append((row, f"line {row}", Problem(row, f"line {row}", f"not JSON ({error.msg})")))
+    return records
+
+
+def _read_csv(path: Path) -> list:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (Excel) is not part of the header
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty CSV (expected a header with image and caption columns)")
+        records, start = [], reader.line_num + 1
+        for record in reader:
+            records.append((start, f"line {start}", {k: v for k, v in record.items() if k and v not in (None, "")}))
+            start = reader.line_num + 1
+    return records
+
+
+def _read_json_list(path: Path) -> list:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(data, list):
+        hint = " (this looks like COCO captions, which only evaluation reads)" \
+            if isinstance(data, dict) and "annotations" in data else ""
+        raise DataError(f"{path}: LLaVA data is a JSON list of {{id, image, conversations}} records{hint}")
+    return [(pos, f"item {pos}", record) for pos, record in enumerate(data, start=1)]
+
+
+# ---------------------------------------------------------------- records -> Sample | Problem
+
+def _first(record: dict, keys: tuple[str, ...]) -> Any:
+    return next((record[k] for k in keys if record.get(k) not in (None, "", [])), None)
+
+
+def _caption_sample(record: Any, row: int, where: str, root: Path, prompt: str, label_key: str) -> Sample | Problem:
+    if not isinstance(record, dict):
+        return Problem(row, where, "expected a JSON object")
+    image, captions = _first(record, IMAGE_KEYS), _first(record, CAPTION_KEYS)
+    label = record.get(label_key)
+    if isinstance(captions, str):
+        captions = [captions]
+    if not isinstance(image, str) or (captions is None and label is None):
+        return Problem(row, where, "needs 'image' and 'caption' (or 'captions') keys "
+                                   "('file_name' and 'text' in an imagefolder)")
+    if captions is not None and (not isinstance(captions, list) or not all(isinstance(c, str) and c for c in captions)):
+        return Problem(row, where, "'captions' must be a list of non-empty strings")
+    captions = captions or []
+    turns = [(prompt, captions[0])] if captions else []
+    return Sample(row, root / image, turns, list(captions), label=label, row=row, where=where)
+
+
+def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str) -> Sample | Problem:
+    if not isinstance(record, dict):
+        return Problem(row, where, "expected a JSON object")
+    sid = record.get("id", row)
+    if "id" in record:
+        where = f"{where} (id {sid!r})"
+    image = record.get("image")
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]
+    if image is None or image == []:
+        return Problem(sid, where, "no image (text-only samples are not supported)")
+    if not isinstance(image, str):
+        return Problem(sid, where, "'image' must be one path (several images per sample are not supported)")
+    conversation = record.get("conversations")
+    if not isinstance(conversation, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("value"), str) and isinstance(m.get("from"), str)
+            for m in conversation):
+        return Problem(sid, where, "needs 'conversations': a list of {from, value} messages")
+    system = None
+    if conversation and conversation[0]["from"].lower() == "system":
+        system, conversation = conversation[0]["value"], conversation[1:]
+    turns = []
+    for i in range(0, len(conversation), 2):
+        pair = conversation[i:i + 2]
+        roles = [m["from"].lower() for m in pair]
+        if len(pair) < 2 or roles[0] not in USER_ROLES or roles[1] not in ASSISTANT_ROLES:
+            return Problem(sid, where, f"conversation must alternate human/gpt and end with gpt "
+                                       f"(message {i + 1} onwards: {roles})")
+        turns.append((pair[0]["value"].replace("<image>", "").strip(), pair[1]["value"].strip()))
+    if not turns:
+        return Problem(sid, where, "empty conversation")
+    return Sample(sid, root / image, turns, [turns[-1][1]], label=record.get(label_key), system=system,
+                  row=row, where=where)
+
+
+def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Problem]]:
+    """Split rows into samples whose image opens and verifies, and problems (file order kept)."""
+    samples, problems, seen = [], [], {}
+    for item in rows:
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        if item.image_path not in seen:
+            seen[item.image_path] = _verify_image(item.image_path)
+        size, reason = seen[item.image_path]
+        if reason:
+            problems.append(Problem(item.id, item.where, reason))
+        else:
+            item.image_size = size
+            samples.append(item)
+    return samples, problems
+
+
+def _verify_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), None) for an image PIL can read, else (None, why)."""
+    if not path.is_file():
+        return None, f"image not found: {path}"
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+        return size, None
+    except Exception as error:  # PIL raises many kinds on bad files
+        return None, f"cannot read image {path}: {error}"

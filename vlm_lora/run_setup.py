@@ -1,0 +1,73 @@
+"""What a run needs before its first step: the model for a recipe, the task, the data sets."""
+
+from __future__ import annotations
+
+from vlm_lora.modeling import load_model_and_processor, model_source
+from vlm_lora.recipe import Recipe
+
+
+class RunExistsError(ValueError):
+    """output_dir already holds a finished run, or --resume found nothing to resume."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, a missing metric); the message says what was kept."""
+
+
+class Subset:
+    """The first ``n`` examples of a data set, with the same interface."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.examples = dataset, dataset.examples[:n]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def subset(self, n: int) -> "Subset":
+        return Subset(self.dataset, min(n, len(self.examples)))
+
+
+def _load_data(recipe: Recipe, path: str):
+    from vlm_lora.data import load_dataset
+
+    data = recipe.data
+    return load_dataset(path, format=data.format, image_root=data.image_root, prompt=data.prompt,
+                        on_bad_sample=data.on_bad_sample, label_key=data.label_key)
+
+
+def load_for_recipe(recipe: Recipe, device):
+    """(model, processor) for the recipe; timm classifiers get a head sized to the training labels."""
+    num_classes = None
+    if model_source(recipe.model.path) == "timm":
+        from vlm_lora.tasks import classes_of
+
+        num_classes = len(classes_of(_load_data(recipe, recipe.data.train)))
+    return load_model_and_processor(recipe.model.path, recipe.model.dtype, device, num_classes=num_classes,
+                                    trust_remote_code=recipe.model.trust_remote_code)
+
+
+def build_task_and_data(recipe: Recipe, model, processor):
+    """(task, train set, eval set or None) for the recipe's model."""
+    from vlm_lora.registry import detect_architecture
+    from vlm_lora.tasks import CaptionTask, ClassificationTask, classes_of
+
+    train_set = _load_data(recipe, recipe.data.train)
+    eval_set = _load_data(recipe, recipe.data.eval) if recipe.data.eval else None
+    kind = detect_architecture(model).task
+    if kind == "classify":
+        task = ClassificationTask(processor, classes_of(train_set), recipe)
+    elif kind == "caption":
+        task = CaptionTask(processor, recipe)
+    else:
+        raise TrainingError(f"vlm-lora finetune has no {kind!r} objective yet; plan and adapt the model through the "
+                            f"Python API (vlm_lora.plan(model, ...).apply(model)) and train it in your own loop")
+    if kind == "caption":  # samples that cannot fit train.max_length: error or skip now, not mid-run
+        for dataset in (train_set, eval_set):
+            if dataset is not None:
+                task.collate.check_lengths(dataset)
+    if eval_set is not None and not hasattr(eval_set, "subset"):
+        eval_set.subset = lambda n, data=eval_set: Subset(data, n)
+    return task, train_set, eval_set
