@@ -24,6 +24,7 @@ def render_prompt(processor, prompt: str) -> str:
     """The full generation prompt: ``prompt`` put into the chat template, or used verbatim as the
     template when it already contains the image token (e.g. ``"USER: <image>\\nCaption: ASSISTANT:"``)."""
     image_token = getattr(processor, "image_token", None) or "<image>"
+    image_token = getattr(image_token, "content", image_token)  # BLIP-2 keeps an AddedToken
     return prompt if image_token in prompt else build_prompt(processor, prompt)
 
 
