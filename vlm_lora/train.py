@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -121,6 +122,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     cfg, started = recipe.train, time.time()
     out = Path(recipe.output_dir)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # e.g. torchrun on CPU without ACCELERATE_USE_CPU=1
+        raise TrainingError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; "
+                            f"each would train alone and write the same files. On CPU set ACCELERATE_USE_CPU=1")
     main = accelerator.is_main_process
     checkpoint = _resume_point(out, resume, overwrite)
     if main:
@@ -186,7 +191,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             with accelerator.no_sync(model) if not sync else _null():
                 loss, _ = task.loss(model, batch)
                 if not torch.isfinite(loss):
-                    _stop_on_nan(out, step, loss)
+                    _stop_on_nan(out, step, f"loss {loss.item()}")
                 # sum over micro-batches of (mean loss x units) / all units; DDP averages over processes
                 accelerator.backward(loss * (n * world / max(total_units, 1.0)))
             step_loss += loss.item() * n
@@ -196,6 +201,8 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if not _all_finite(trainable):
+            _stop_on_nan(out, step, "non-finite weights after the optimizer step")
         step += 1
         bar.update(1)
         window["loss"] += step_loss
@@ -281,7 +288,10 @@ def _quantize_if_asked(recipe: Recipe, model, plan: Plan) -> None:
 
 def _enable_gradient_checkpointing(model) -> None:
     """Recompute activations in backward; inputs need grad so checkpointed blocks reach the adapters."""
-    if hasattr(model, "gradient_checkpointing_enable"):  # transformers
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif hasattr(model, "gradient_checkpointing_enable"):  # older transformers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     elif hasattr(model, "set_grad_checkpointing"):  # timm
@@ -381,10 +391,14 @@ def restore_weights(model, adapter_dir: Path) -> None:
                                            for sub, p in subs.items()})
 
 
-def _stop_on_nan(out: Path, step: int, loss: torch.Tensor) -> None:
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
+
+
+def _stop_on_nan(out: Path, step: int, what: str) -> None:
     found = list_checkpoints(out)
     keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-    raise TrainingError(f"loss became {loss.item()} at step {step + 1}; stopped without saving. {keep} "
+    raise TrainingError(f"training diverged at step {step + 1} ({what}); stopped without saving. {keep} "
                         f"(resume with --resume after lowering train.learning_rate or setting train.max_grad_norm)")
 
 
