@@ -29,7 +29,8 @@ def quantize_linears(model: nn.Module, prefixes: list[str], quant_type: str = "n
         quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                       compute_dtype=DTYPES[compute_dtype], compress_statistics=double_quant,
                                       quant_type=quant_type, device="meta")
-        quantized.weight = bnb.nn.Params4bit(module.weight.data.float().cpu(), requires_grad=False,
+        # Params4bit quantizes when moved to a device, so the weight never leaves it as a float copy
+        quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
                                              compress_statistics=double_quant, quant_type=quant_type)
         if module.bias is not None:
             quantized.bias = nn.Parameter(module.bias.data, requires_grad=False)
