@@ -55,7 +55,7 @@ def build_model(p: dict, device: str, dtype: torch.dtype):
         torch.set_default_dtype(dtype)
         model = LlavaForConditionalGeneration(config)
         torch.set_default_dtype(default)
-    return model.eval()
+    return model.train()  # training mode: gradient checkpointing only acts in train mode (no dropout here)
 
 
 def make_batch(p: dict, model, device: str, dtype: torch.dtype) -> dict:
@@ -136,6 +136,27 @@ def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: 
             "trainable": sum(p.numel() for p in trainable)}
 
 
+def profile_variant(model, batch, device: str, autocast_dtype, path: str) -> None:
+    """Write the top kernels of two training steps (torch.profiler) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+
 def quantize_language_decoder(model) -> None:
     from vlm_lora.quantize import quantize_linears
 
@@ -152,6 +173,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 5 on cpu)")
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--profile-dir", default=None, help="also write a torch.profiler table per variant here")
     args = parser.parse_args()
     preset = args.preset or ("llava-7b" if args.device == "cuda" else "cpu")
     p = PRESETS[preset]
@@ -179,6 +201,8 @@ def main() -> None:
             quantized = True
         step_model, undo = setup_variant(model, variant)
         result = time_variant(step_model, batch, args.device, autocast, steps, warmup)
+        if args.profile_dir:
+            profile_variant(step_model, batch, args.device, autocast, f"{args.profile_dir}/profile_{variant}.txt")
         for fn in reversed(undo):
             fn()
         model.requires_grad_(False)

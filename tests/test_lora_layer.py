@@ -78,3 +78,47 @@ def test_two_named_adapters_add_up():
     x = torch.randn(3, 8)
     expected = layer.base_layer(x) + (x @ layer.delta_weight("a").T) + (x @ layer.delta_weight("b").T)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradients_match_peft(dropout):
+    """The fused forward/backward (no dropout) and the plain path (dropout) give PEFT's gradients."""
+    ours, theirs = _pair()
+    for layer in (ours, theirs):
+        layer.lora_dropout["default"] = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+    x = torch.randn(3, 7, 24)
+    grads = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        (layer(xi) * torch.linspace(-1, 1, 20)).sum().backward()
+        grads.append((xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+    for mine, peft_grad in zip(*grads):
+        torch.testing.assert_close(mine, peft_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_input_groups_give_the_same_outputs_and_gradients(tiny_llava, tiny_batch):
+    """q/k/v and gate/up applying their A matrices as one matmul change nothing numerically."""
+    import copy as copy_module
+
+    import vlm_lora
+    from conftest import randomize_adapters
+
+    grouped = tiny_llava
+    vlm_lora.plan(grouped, "both", vision_encoder={"rank": 4}).apply(grouped)
+    randomize_adapters(grouped, seed=7)
+    plain = copy_module.deepcopy(grouped)
+    for _, layer in vlm_lora.lora.iter_lora_layers(plain):
+        layer.shared_group = None
+    attn = grouped.model.language_model.layers[0].self_attn
+    assert attn.q_proj.shared_group is attn.v_proj.shared_group is not None
+    assert grouped.model.language_model.layers[0].mlp.gate_proj.shared_group is not None
+    results = []
+    for model in (grouped, plain):
+        model.train()
+        out = model(**tiny_batch).logits
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=1e-4)

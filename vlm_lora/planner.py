@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from vlm_lora.lora import AdapterSpec, inject_lora, iter_lora_layers
+from vlm_lora.lora.shared import link_shared_inputs
 from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
 from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
@@ -41,6 +42,7 @@ class Plan:
     components: list[ComponentPlan]
     total_params: int
     frozen_paths: list[str] = field(default_factory=list)  # never-adapted modules, kept frozen
+    shared_inputs: list[tuple[str, ...]] = field(default_factory=list)  # sibling leaves sharing one A matmul
 
     @property
     def trainable_params(self) -> int:
@@ -76,6 +78,7 @@ class Plan:
             for adapter, variant in getattr(layer, "variants", {}).items():
                 if not variant.trains_A:
                     layer.lora_A[adapter].requires_grad_(False)
+        link_shared_inputs(model, self.shared_inputs)
         return model
 
     def component_of_param(self, name: str) -> str | None:
@@ -197,8 +200,10 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
         raise PlanError("invalid plan:\n  - " + "\n  - ".join(errors))
     total = sum(p.numel() for p in model.parameters())
     total += sum(c.trainable_params for c in comp_plans if c.policy.mode == "lora")
+    shared = [group for c in comp_plans if c.policy.mode == "lora"
+              for group in arch.components[c.component].shared_inputs]
     return Plan(architecture=arch.name, strategy=strategy, components=comp_plans, total_params=total,
-                frozen_paths=never)
+                frozen_paths=never, shared_inputs=shared)
 
 
 def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Module]) -> None:

@@ -1,17 +1,20 @@
 """Recipe schema: a YAML file validated with pydantic, every error reported at once.
 
 Recipes are plain YAML a user copies and edits. ``load_recipe`` applies ``--set`` overrides,
-validates every key, and raises one ``RecipeError`` listing each problem with its key and
-the valid options.
+validates every key, and raises one ``RecipeError`` listing each problem with its key, the
+nearest valid name (``did you mean ...?``) and the valid options. ``check_paths=True`` also
+reports data files (and local model folders) that do not exist, in the same list.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from vlm_lora.policy import STRATEGIES, ComponentPolicy
 from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED
@@ -19,6 +22,12 @@ from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED
 
 class RecipeError(ValueError):
     """A recipe that does not validate; the message lists every problem."""
+
+
+def unknown_name(message: str, name: str, valid, options: str) -> str:
+    """``message; did you mean 'x'? options`` (the hint only when a valid name is close)."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
+    return f"{message}; did you mean {close[0]!r}? {options}" if close else f"{message}; {options}"
 
 
 class _Strict(BaseModel):
@@ -96,15 +105,18 @@ class Recipe(_Strict):
     @classmethod
     def _known_strategy(cls, value: str) -> str:
         if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy {value!r}; valid: {', '.join(STRATEGIES)}")
+            raise ValueError(unknown_name(f"unknown strategy {value!r}", value, STRATEGIES,
+                                          f"valid: {', '.join(STRATEGIES)}"))
         return value
 
     @field_validator("components")
     @classmethod
     def _known_components(cls, value: dict) -> dict:
         unknown = [k for k in value if k not in COMPONENTS and k != NEVER_ADAPTED]
-        if unknown:
-            raise ValueError(f"unknown component(s) {', '.join(unknown)}; valid: {', '.join(COMPONENTS)}")
+        if unknown:  # error_lines reports one line per unknown name
+            raise PydanticCustomError("unknown_component", "unknown component(s) {names}; valid: {valid}",
+                                      {"names": ", ".join(unknown), "valid": ", ".join(COMPONENTS),
+                                       "unknown": unknown})
         return value
 
 
@@ -147,29 +159,78 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return []
 
 
-def format_errors(error: ValidationError) -> str:
+def error_lines(error: ValidationError) -> list[str]:
+    """One ``key: problem`` line per validation error (one per unknown component name)."""
     lines = []
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             valid = _field_names(Recipe, err["loc"])
-            lines.append(f"{key}: unknown key" + (f"; valid keys here: {', '.join(valid)}" if valid else ""))
+            lines.append(unknown_name(f"{key}: unknown key", err["loc"][-1], valid,
+                                      f"valid keys here: {', '.join(valid)}") if valid else f"{key}: unknown key")
         elif err["type"] == "missing":
             lines.append(f"{key}: required key is missing")
+        elif err["type"] == "unknown_component":
+            valid = list(COMPONENTS) + [NEVER_ADAPTED]
+            for name in err["ctx"]["unknown"]:
+                lines.append(unknown_name(f"{key}.{name}: unknown component", name, valid,
+                                          f"valid: {', '.join(COMPONENTS)}"))
         else:
             lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
+    return lines
+
+
+def format_errors(error: ValidationError | list[str]) -> str:
+    lines = error_lines(error) if isinstance(error, ValidationError) else error
     return f"recipe has {len(lines)} error(s):\n  - " + "\n  - ".join(lines)
 
 
-def validate_recipe(data: dict) -> Recipe:
+def _is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith(("hf:", "timm:"))
+
+
+def path_errors(data: dict) -> list[str]:
+    """``data.train``/``data.eval`` files (and a local-looking ``model.path``) that do not exist.
+
+    Relative paths resolve from the current directory. ``model.path`` may be a hub id, so it is
+    only checked when it starts with ``.``, ``/`` or ``assets/``.
+    """
+    lines = []
+    section = data.get("data")
+    for key in ("train", "eval"):
+        value = section.get(key) if isinstance(section, dict) else None
+        if isinstance(value, str) and _is_local(value) and not Path(value).exists():
+            lines.append(f"data.{key}: file not found: {value}")
+    model = data.get("model")
+    value = model.get("path") if isinstance(model, dict) else None
+    if isinstance(value, str) and value.startswith((".", "/", "assets/")) and not Path(value).exists():
+        lines.append(f"model.path: folder not found: {value}")
+    return lines
+
+
+def validate_recipe(data: dict, check_paths: bool = False) -> Recipe:
+    """A ``Recipe`` from a dict, or one ``RecipeError`` listing every problem.
+
+    ``check_paths``: also report missing data files (and local model folders); off by default
+    because shipped example recipes name data that is not in the repository.
+    """
+    lines, recipe = [], None
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(format_errors(error)) from None
+        lines = error_lines(error)
+    if check_paths:
+        lines += path_errors(data)
+    if lines:
+        raise RecipeError(format_errors(lines))
+    return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; relative paths resolve from the current directory."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = False) -> Recipe:
+    """Read, override and validate a recipe; relative paths resolve from the current directory.
+
+    ``check_paths=True`` (``vlm-lora finetune``) also fails on missing data files, see ``validate_recipe``.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -179,4 +240,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (model, strategy, components, data, train, output_dir)")
-    return validate_recipe(apply_overrides(data, overrides or []))
+    return validate_recipe(apply_overrides(data, overrides or []), check_paths)

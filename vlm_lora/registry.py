@@ -23,6 +23,8 @@ class ComponentMap:
     prefixes: module-path prefixes owned by the component (``model.language_model``).
     targets: short target name -> leaf-path suffix inside a block (``q`` -> ``self_attn.q_proj``).
         Several names may share one leaf when that leaf is fused (``q``, ``k``, ``v`` -> ``attn.qkv``).
+    shared_inputs: groups of sibling leaves called with the same input (``self_attn.q_proj``,
+        ``k_proj``, ``v_proj``); their LoRA A matrices are then applied as one matmul.
     fused: fused leaf suffix -> its slice order (``attn.qkv`` -> ``("q", "k", "v")``); a fused
         ``nn.Linear`` is split into equal output slices, an ``nn.MultiheadAttention`` into its
         ``in_proj`` q/k/v slices plus ``o`` for ``out_proj``.
@@ -31,6 +33,7 @@ class ComponentMap:
     prefixes: tuple[str, ...]
     targets: dict[str, str] = field(default_factory=dict)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    shared_inputs: tuple[tuple[str, ...], ...] = ()  # sibling leaves always fed the same tensor (q/k/v)
 
     def owns(self, path: str) -> bool:
         return any(path == p or path.startswith(p + ".") for p in self.prefixes)

@@ -72,8 +72,9 @@ def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_deca
 
 def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """AdamW from torch, or bitsandbytes' paged AdamW (32-bit or 8-bit states)."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+    if name == "adamw":  # the fused CUDA kernel updates all (many, small) LoRA tensors at once
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None)
     import bitsandbytes.optim as bnb_optim
 
     return {"paged_adamw": bnb_optim.PagedAdamW, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit}[name](groups, lr=lr)

@@ -31,6 +31,7 @@ class LoraLinear(LoraLayer):
         self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA (A0, B0)
         self.dora_merge_scale: dict[str, torch.Tensor] = {}
         self.dora_base_norm_sq: dict[str, torch.Tensor] = {}  # cached ||W_o||^2 of the frozen base
+        self.shared_group = None  # SharedInputGroup when siblings (q/k/v, gate/up) share this input
         self.add_adapter(adapter_name, spec)
 
     @property
@@ -63,7 +64,7 @@ class LoraLinear(LoraLayer):
         """x: [..., in] -> [..., out]."""
         out = self.base_layer(x)
         for name in self.unmerged_active():
-            out = out + self.variants[name].forward_delta(self, name, x, out).to(out.dtype)
+            out = self.variants[name].add_to(self, name, x, out)
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:

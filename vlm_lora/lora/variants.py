@@ -59,6 +59,46 @@ def _compute_dtype(base: nn.Module) -> torch.dtype:
     return base.weight.dtype
 
 
+class _AddLowRank(torch.autograd.Function):
+    """``base_out + s (x A^T) B^T`` as one autograd node.
+
+    Forward: one skinny GEMM for ``h = x A^T`` and one ``addmm`` that adds ``h (s B)^T`` into the
+    base output in the GEMM epilogue (no separate scale or add pass over [tokens, out]).
+    Backward: four GEMMs; saves only ``x`` (often already kept for a sibling layer) and the
+    small ``h`` [tokens, r]. The fp32 master weights are cast to the activations' dtype here,
+    and their gradients are returned in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, base_out, x, weight_a, weight_b, scaling):
+        dtype = base_out.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a = weight_a.to(dtype)
+        b_scaled = (weight_b * scaling).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            h = x2 @ a.T  # [N, r]
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, b_scaled.T)
+        ctx.save_for_backward(x2, h, a, b_scaled)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, h, a, b_scaled = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(h.dtype)
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(g.device.type, enabled=False):
+            grad_h = g @ b_scaled  # [N, r]
+            if ctx.needs_input_grad[3]:
+                grad_b = ((g.T @ h) * ctx.scaling).to(ctx.weight_dtypes[1])  # [out, r]
+            if ctx.needs_input_grad[2]:
+                grad_a = (grad_h.T @ x2).to(ctx.weight_dtypes[0])  # [r, in]
+            if ctx.needs_input_grad[1]:
+                grad_x = (grad_h @ a).view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_out, grad_x, grad_a, grad_b, None
+
+
 class LoraVariant:
     """Plain LoRA."""
 
@@ -79,6 +119,20 @@ class LoraVariant:
     def forward_delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """[..., out] to add to ``base_out`` for input x [..., in]."""
         return low_rank_update(layer, name, x) * layer.scaling[name]
+
+    def add_to(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``base_out`` plus this adapter's update; one fused node when there is no dropout."""
+        group = layer.shared_group
+        if group is not None and group.eligible(name):
+            dtype = base_out.dtype
+            hidden = group.hidden(layer, name, x, dtype)  # [N, r], shared with the siblings
+            b_scaled = (layer.lora_B[name].weight * layer.scaling[name]).to(dtype)
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, b_scaled.T)
+            return out.view(base_out.shape)
+        if isinstance(layer.lora_dropout[name], nn.Identity) and base_out.dtype.is_floating_point:
+            return _AddLowRank.apply(base_out, x, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                     layer.scaling[name])
+        return base_out + self.forward_delta(layer, name, x, base_out).to(base_out.dtype)
 
     def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
         """[out, in] fp32 update ``s B A``."""
@@ -140,6 +194,9 @@ class DoraVariant(LoraVariant):
         plain = base_out - bias if bias is not None else base_out  # W x
         lora = low_rank_update(layer, name, x).to(base_out.dtype)
         return (norm_scale - 1) * plain + norm_scale * lora * layer.scaling[name]
+
+    def add_to(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return base_out + self.forward_delta(layer, name, x, base_out).to(base_out.dtype)
 
     def merged_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
         """[out, in] fp32: m * (W + s B A) / ||W + s B A||_row."""

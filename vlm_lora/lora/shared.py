@@ -1,0 +1,70 @@
+"""Sibling LoRA layers fed by the same tensor (q/k/v, gate/up) share one A projection.
+
+Their A matrices are applied as one matmul ``x [A_q; A_k; A_v]^T`` the first time any of them
+sees ``x``; the others take their slice of that result. In backward this is one GEMM for all
+the A gradients and one for the input gradient, instead of one each per layer, and ``x`` is
+read once. Which leaves share an input is architecture data (``ComponentMap.shared_inputs``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SharedInputGroup:
+    """Links LoRA layers that are always called with the same input tensor."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self._input: torch.Tensor | None = None
+        self._adapter: str | None = None
+        self._hidden: torch.Tensor | None = None
+        self._pending: set[int] = set()
+
+    def hidden(self, layer: nn.Module, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x A_layer^T`` [N, r] for ``layer``, from one shared matmul over all members."""
+        position = self.index[id(layer)]
+        if self._input is not x or self._adapter != name or position not in self._pending:
+            weights = torch.cat([member.lora_A[name].weight for member in self.layers]).to(dtype)
+            self._hidden = x.reshape(-1, x.shape[-1]).to(dtype) @ weights.T  # [N, members * r]
+            self._input, self._adapter = x, name
+            self._pending = set(range(len(self.layers)))
+        self._pending.discard(position)
+        rank = layer.lora_A[name].weight.shape[0]
+        hidden = self._hidden[:, position * rank:(position + 1) * rank]
+        if not self._pending:  # every member has its slice: drop the references
+            self._input = self._hidden = None
+        return hidden
+
+    def eligible(self, name: str) -> bool:
+        """All members carry plain LoRA ``name`` with one rank and no dropout."""
+        specs = [getattr(m, "specs", {}).get(name) for m in self.layers]
+        return (all(s is not None and s.variant in ("lora", "lora_fa") for s in specs)
+                and len({s.rank for s in specs}) == 1
+                and all(isinstance(m.lora_dropout[name], nn.Identity) for m in self.layers)
+                and all(name not in m.merged_adapters for m in self.layers))
+
+
+def link_shared_inputs(model: nn.Module, groups: list[tuple[str, ...]]) -> int:
+    """Group LoRA layers ``<parent>.<leaf>`` for each leaf tuple in ``groups``; returns how many groups."""
+    from vlm_lora.lora.linear import LoraLinear
+
+    modules = dict(model.named_modules())
+    count = 0
+    for leaves in groups:
+        first = leaves[0]
+        for path, module in modules.items():
+            if not (isinstance(module, LoraLinear) and path.endswith("." + first)):
+                continue
+            parent = path[: -len(first)]
+            members = [modules.get(parent + leaf) for leaf in leaves]
+            members = [m for m in members if isinstance(m, LoraLinear)]
+            if len(members) < 2:
+                continue
+            group = SharedInputGroup(members)
+            for member in members:
+                member.shared_group = group
+            count += 1
+    return count
