@@ -70,9 +70,17 @@ def make_batch(p: dict, model, device: str, dtype: torch.dtype) -> dict:
             "labels": labels.to(device), "pixel_values": pixels.to(device, dtype)}
 
 
+def split_variant(variant: str) -> tuple[str, str]:
+    """'vlm_lora_dora' -> ('vlm_lora', 'dora'); 'peft' -> ('peft', '')."""
+    for family in ("vlm_lora", "peft", "floor"):
+        if variant == family or variant.startswith(family + "_"):
+            return family, variant[len(family) + 1:]
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(ALL_VARIANTS)}")
+
+
 def setup_variant(model, variant: str):
     """Make ``model`` trainable as ``variant``; returns (model to step, undo callable)."""
-    family, _, kind = variant.partition("_")
+    family, kind = split_variant(variant)
     model.requires_grad_(False)
     undo = []
     if kind == "gc":
@@ -212,7 +220,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
     ratios = {}
     for variant, result in results.items():
-        kind = variant.partition("_")[2]
+        kind = split_variant(variant)[1]
         floor = results.get(FLOOR_OF.get(kind, "floor"))
         if floor and not variant.startswith("floor"):
             ratios[variant] = {"step_vs_floor": round(result["step_s"] / floor["step_s"], 3)}

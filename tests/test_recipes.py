@@ -8,6 +8,7 @@ import yaml
 from vlm_lora.recipe import RecipeError, apply_overrides, load_recipe, validate_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ACCELERATE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -16,8 +17,9 @@ def test_shipped_recipes_validate(path):
     assert recipe.output_dir.startswith("runs/")
 
 
-def test_quickstart_keeps_the_documented_shape():
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+def test_quickstart_keeps_the_documented_shape(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # its data and model paths exist from the repo root
+    recipe = load_recipe("recipes/quickstart.yaml", check_paths=True)
     assert recipe.model.path == "assets/tiny-llava"
     assert recipe.components["language_decoder"].mode == "lora"
     assert recipe.components["connector"].mode == "full"
@@ -39,13 +41,56 @@ def test_all_errors_reported_once_with_keys_and_options():
     message = str(info.value)
     assert message.startswith("recipe has 7 error(s)")
     for expected in ["strategy: unknown strategy 'everything'; valid: language_only",
-                     "train.batch_sise: unknown key; valid keys here: epochs, max_steps, batch_size",
+                     "train.batch_sise: unknown key; did you mean 'batch_size'? valid keys here: epochs, max_steps",
                      "train.lr_scheduler: Input should be 'cosine', 'linear' or 'constant'",
                      "train.learning_rate: Input should be greater than 0",
                      "components.language_decoder.mode: Input should be 'lora', 'full' or 'frozen'",
-                     "components.language_decoder.rnk: unknown key; valid keys here: mode, rank, alpha",
+                     "components.language_decoder.rnk: unknown key; did you mean 'rank'? valid keys here: mode, rank",
                      "model.dtype: Input should be 'float32', 'bfloat16' or 'float16'"]:
         assert expected in message, expected
+    assert message.count("batch_sise") == 1  # each problem once
+
+
+def test_unknown_names_suggest_the_nearest_valid_one():
+    bad = _minimal()
+    bad["strategy"] = "langauge_only"
+    bad["components"] = {"langauge_decoder": {"mode": "lora"}, "vision_encoder": {"mode": "frozen"}, "zzz": {}}
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(bad)
+    message = str(info.value)
+    assert message.startswith("recipe has 3 error(s)")
+    for expected in ["strategy: unknown strategy 'langauge_only'; did you mean 'language_only'? valid: language_only,",
+                     "components.langauge_decoder: unknown component; did you mean 'language_decoder'? "
+                     "valid: vision_encoder,",
+                     "components.zzz: unknown component; valid: vision_encoder,"]:
+        assert expected in message, expected
+    assert "did you mean" not in message.split("components.zzz")[1]
+
+
+def test_missing_paths_are_recipe_errors_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    recipe = {"model": {"path": "./no-model"}, "data": {"train": "train.jsonl", "eval": "missing/eval.jsonl"},
+              "train": {"batch_sise": 2}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert "error(s)" in str(info.value) and "not found" not in str(info.value)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, check_paths=True)
+    message = str(info.value)
+    assert message.startswith("recipe has 3 error(s)")
+    assert "data.eval: file not found: missing/eval.jsonl" in message
+    assert "model.path: folder not found: ./no-model" in message
+    assert "data.train" not in message
+    recipe.pop("train")
+    recipe["model"]["path"] = "org/hub-model"  # a hub id is never checked
+    recipe["data"]["eval"] = None
+    assert validate_recipe(recipe, check_paths=True).data.train == "train.jsonl"
+    recipe["data"]["train"] = "gone.jsonl"
+    with pytest.raises(RecipeError, match=r"recipe has 1 error\(s\):\n  - data.train: file not found: gone.jsonl"):
+        validate_recipe(recipe, check_paths=True)
 
 
 def test_missing_required_keys_are_named():
@@ -73,3 +118,34 @@ def test_unreadable_recipes(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_accelerate_configs_load(name):
+    path = ACCELERATE / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data["num_processes"] == 2 and data["num_machines"] == 1 and data["mixed_precision"] == "bf16"
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(path))  # fails on keys accelerate does not know
+    assert config.num_processes == 2 and config.mixed_precision == "bf16"
+    assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP"}[name]
+
+
+def test_fsdp_config_reaches_accelerates_plugin():
+    pytest.importorskip("accelerate")
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    fsdp = yaml.safe_load((ACCELERATE / "fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_use_orig_params"] is True
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE / "fsdp.yaml"), "-m", "vlm_lora"])
+    args, _, _ = _validate_launch_command(args)
+    with patch_environment(**prepare_multi_gpu_env(args)):  # what `accelerate launch` gives the processes
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"

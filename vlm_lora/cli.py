@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from vlm_lora.eval_cli import add_eval_parsers
 
@@ -23,7 +22,7 @@ def cmd_finetune(args) -> None:
     from vlm_lora.recipe import load_recipe
     from vlm_lora.train import finetune
 
-    finetune(load_recipe(args.recipe, args.set), resume=args.resume, overwrite=args.overwrite)
+    finetune(load_recipe(args.recipe, args.set, check_paths=True), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_plan(args) -> None:

@@ -92,6 +92,11 @@ class TrainConfig(_Strict):
         default="auto", description="auto: bf16 on GPUs that support it, else no")
     tensorboard: bool = Field(default=True, description="write TensorBoard events when tensorboard is installed")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
 
 class Recipe(_Strict):
     model: ModelConfig

@@ -119,9 +119,11 @@ class BatchStream:
 def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     """Run a recipe end to end; returns the ``eval.json`` content (main process)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cfg, started = recipe.train, time.time()
     out = Path(recipe.output_dir)
+    AcceleratorState._reset_state(reset_partial_state=False)  # a second finetune() may use another precision
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # e.g. torchrun on CPU without ACCELERATE_USE_CPU=1

@@ -1,0 +1,119 @@
+"""Adapters record the base they were trained on and refuse a base whose adapted modules differ."""
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import vlm_lora
+from conftest import randomize_adapters, tiny_llava_config
+from vlm_lora.adapter_io import AdapterError, config_differences
+
+Q_PROJ = "model.language_model.layers.0.self_attn.q_proj"
+
+
+def _llava(**text_changes):
+    config = tiny_llava_config()
+    for key, value in text_changes.items():
+        setattr(config.text_config, key, value)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    model = _llava()
+    plan = vlm_lora.plan(model, strategy="language_only")
+    plan.apply(model)
+    randomize_adapters(model)
+    vlm_lora.save_adapter(model, tmp_path, "tiny-base", plan.full_prefixes())
+    return tmp_path
+
+
+def test_fingerprint_is_in_the_sidecar_not_in_the_peft_config(adapter_dir):
+    meta = json.loads((adapter_dir / "vlm_lora.json").read_text())
+    fingerprint = meta["base_fingerprint"]
+    assert fingerprint["model_class"] == "LlavaForConditionalGeneration"
+    assert len(fingerprint["config_sha256"]) == 64
+    assert fingerprint["module_shapes"][Q_PROJ] == [48, 48]
+    assert fingerprint["module_shapes"]["model.language_model.layers.0.self_attn.k_proj"] == [24, 48]
+    assert meta["base_config"]["text_config"]["hidden_size"] == 48
+    for ignored in ("_name_or_path", "transformers_version", "dtype", "architectures"):
+        assert ignored not in meta["base_config"] and ignored not in meta["base_config"]["text_config"]
+    assert "use_cache" not in meta["base_config"]["text_config"]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert "base_fingerprint" not in config and "base_config" not in config
+
+
+def test_same_base_loads_without_warning(adapter_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="vlm_lora"):
+        paths = vlm_lora.load_adapter(_llava(), adapter_dir)
+    assert Q_PROJ in paths
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_other_hidden_size_names_the_module_and_both_shapes(adapter_dir):
+    model = _llava(hidden_size=64, head_dim=16)
+    with pytest.raises(AdapterError) as info:
+        vlm_lora.load_adapter(model, adapter_dir)
+    message = str(info.value)
+    assert (f"adapter does not fit {Q_PROJ!r}: it was made for a LlavaForConditionalGeneration ('tiny-base') "
+            f"whose {Q_PROJ} is [48, 48]; this model's is [64, 64]") in message
+    assert "more modules differ" in message
+    assert "text_config.hidden_size 48 vs 64" in message and "text_config.head_dim 12 vs 16" in message
+    assert not list(vlm_lora.lora.iter_lora_layers(model))  # checked before anything was injected
+
+
+def test_other_vocab_size_only_warns(adapter_dir, caplog, tiny_batch):
+    model = _llava(vocab_size=80, max_position_embeddings=128)
+    with caplog.at_level(logging.WARNING, logger="vlm_lora"):
+        paths = vlm_lora.load_adapter(model, adapter_dir)
+    assert Q_PROJ in paths
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "text_config.vocab_size 64 vs 80" in warning and "text_config.max_position_embeddings 64 vs 128" in warning
+    with torch.no_grad():
+        assert model(**tiny_batch).logits.shape[-1] == 80
+
+
+def test_fewer_layers_names_a_missing_module(adapter_dir):
+    with pytest.raises(AdapterError, match=r"layers\.1\..*which this model does not have.*more are missing"):
+        vlm_lora.load_adapter(_llava(num_hidden_layers=1), adapter_dir)
+
+
+def test_model_without_any_adapted_module_names_the_base(adapter_dir):
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(AdapterError, match=r"has none of the 14 modules.*'tiny-base'"):
+        vlm_lora.load_adapter(Other(), adapter_dir)
+    (adapter_dir / "vlm_lora.json").unlink()  # without the sidecar, the same check from the weights
+    with pytest.raises(AdapterError, match=r"has none of the 14 modules.*'tiny-base'"):
+        vlm_lora.load_adapter(Other(), adapter_dir)
+
+
+def test_peft_made_adapter_without_sidecar_loads(tmp_path, tiny_batch):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    base = _llava()
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    assert not (tmp_path / "vlm_lora.json").exists()
+    with torch.no_grad():
+        theirs = peft_model(**tiny_batch).logits
+    paths = vlm_lora.load_adapter(base, tmp_path)
+    assert len(paths) == 8  # q, v in 2 vision and 2 decoder layers
+    with torch.no_grad():
+        torch.testing.assert_close(base(**tiny_batch).logits, theirs, atol=1e-5, rtol=0)
+
+
+def test_config_differences_are_dotted_keys():
+    theirs = {"a": 1, "text_config": {"hidden_size": 48, "x": None}}
+    ours = {"a": 1, "text_config": {"hidden_size": 64}, "b": "new"}
+    assert config_differences(theirs, ours) == ["text_config.hidden_size 48 vs 64",
+                                                "text_config.x null vs (missing)", 'b (missing) vs "new"']
