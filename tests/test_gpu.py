@@ -82,3 +82,24 @@ def test_quickstart_steps_on_cuda_lower_the_loss(tmp_path):
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in l]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fused_lora_path_under_autocast_matches_the_unfused_path():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(256, 192).cuda().to(torch.bfloat16), "default", AdapterSpec(rank=8, alpha=16))
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if fused:
+                out = layer(xi)
+            else:
+                out = layer.base_layer(xi) + layer.variants["default"].forward_delta(layer, "default", xi, None)
+        out.float().square().mean().backward()
+        results.append((out.float(), xi.grad.float(), layer.lora_A["default"].weight.grad.clone(),
+                        layer.lora_B["default"].weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)

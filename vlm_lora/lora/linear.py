@@ -62,8 +62,13 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
+        active = self.unmerged_active()
+        if len(active) == 1:  # the common case: base and adapter in one node when possible
+            fused = self.variants[active[0]].linear_forward(self, active[0], x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x)
-        for name in self.unmerged_active():
+        for name in active:
             out = self.variants[name].add_to(self, name, x, out)
         return out
 

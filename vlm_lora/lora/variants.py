@@ -99,6 +99,44 @@ class _AddLowRank(torch.autograd.Function):
         return grad_out, grad_x, grad_a, grad_b, None
 
 
+class _LinearPlusLowRank(torch.autograd.Function):
+    """``y = x W^T + b + h (sB)^T`` for a frozen ``nn.Linear`` base, as one node.
+
+    The low-rank product (plus bias) is computed first and the base GEMM adds it in its
+    epilogue (``addmm``), so the [tokens, out] output is written once; backward computes
+    ``g W`` for the input and the two small products for h and sB. ``h = x A^T`` [N, r] comes
+    from ordinary autograd (or a shared-input group), so A's gradient flows as usual.
+    """
+
+    @staticmethod
+    def forward(ctx, x, hidden, weight, bias, b_scaled):
+        x2 = x.reshape(-1, x.shape[-1])
+        low_rank = torch.addmm(bias, hidden, b_scaled.T) if bias is not None else hidden @ b_scaled.T
+        out = torch.addmm(low_rank, x2, weight.T)
+        ctx.save_for_backward(hidden, weight, b_scaled)
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, b_scaled = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = (g @ weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_hidden = g @ b_scaled if ctx.needs_input_grad[1] else None
+        grad_b = g.T @ hidden if ctx.needs_input_grad[4] else None
+        return grad_x, grad_hidden, None, None, grad_b
+
+
+def _fused_base_ok(layer: "LoraLinear", x: torch.Tensor) -> bool:
+    """The base is a plain frozen float linear whose dtype matches the activations."""
+    base = layer.base_layer
+    return (type(base).forward is nn.Linear.forward and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad) and base.weight.dtype == x.dtype
+            and getattr(base.weight, "quant_state", None) is None
+            and (not torch.is_autocast_enabled(x.device.type)
+                 or torch.get_autocast_dtype(x.device.type) == x.dtype))  # autocast would cast to this dtype
+
+
 class LoraVariant:
     """Plain LoRA."""
 
@@ -119,6 +157,20 @@ class LoraVariant:
     def forward_delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """[..., out] to add to ``base_out`` for input x [..., in]."""
         return low_rank_update(layer, name, x) * layer.scaling[name]
+
+    def linear_forward(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer (base + this adapter) in one node, or None when that path does not apply."""
+        if not _fused_base_ok(layer, x) or not isinstance(layer.lora_dropout[name], nn.Identity):
+            return None
+        dtype = x.dtype
+        group = layer.shared_group
+        if group is not None and group.eligible(name):
+            hidden = group.hidden(layer, name, x, dtype)
+        else:
+            hidden = x.reshape(-1, x.shape[-1]) @ layer.lora_A[name].weight.to(dtype).T
+        b_scaled = (layer.lora_B[name].weight * layer.scaling[name]).to(dtype)
+        base = layer.base_layer
+        return _LinearPlusLowRank.apply(x, hidden, base.weight, base.bias, b_scaled)
 
     def add_to(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """``base_out`` plus this adapter's update; one fused node when there is no dropout."""
@@ -187,16 +239,25 @@ class DoraVariant(LoraVariant):
         lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
         return (cached + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
+    def linear_forward(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> None:
+        return None
+
     def forward_delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        magnitude = layer.lora_magnitude_vector[name].weight
-        norm_scale = (magnitude.float() / self._weight_norm(layer, name)).to(base_out.dtype)
-        bias = layer.base_layer.bias
-        plain = base_out - bias if bias is not None else base_out  # W x
-        lora = low_rank_update(layer, name, x).to(base_out.dtype)
-        return (norm_scale - 1) * plain + norm_scale * lora * layer.scaling[name]
+        return self.add_to(layer, name, x, base_out) - base_out
 
     def add_to(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        return base_out + self.forward_delta(layer, name, x, base_out).to(base_out.dtype)
+        """``b + (m/n) (W x) + (m/n) s B A x`` with the row scale m/n folded into B: one
+        [tokens, out] activation (``W x``) is kept for backward, and the add is a GEMM epilogue."""
+        dtype = base_out.dtype
+        magnitude = layer.lora_magnitude_vector[name].weight
+        norm_scale = (magnitude.float() / self._weight_norm(layer, name)).to(dtype)  # [out]
+        bias = layer.base_layer.bias
+        scaled = (base_out - bias) * norm_scale + bias if bias is not None else base_out * norm_scale
+        x = layer.lora_dropout[name](x)
+        hidden = x.reshape(-1, x.shape[-1]).to(dtype) @ layer.lora_A[name].weight.to(dtype).T
+        b_scaled = (layer.lora_B[name].weight * layer.scaling[name]).to(dtype) * norm_scale[:, None]
+        out = torch.addmm(scaled.reshape(-1, scaled.shape[-1]), hidden, b_scaled.T)
+        return out.view(base_out.shape)
 
     def merged_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
         """[out, in] fp32: m * (W + s B A) / ||W + s B A||_row."""
