@@ -11,13 +11,13 @@ Writes OUT/summary.json, predictions.jsonl, report.html and contact_sheet.png.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vlm_lora.errors import USER_ERRORS  # noqa: E402
+from vlm_lora.cli import setup_logging  # noqa: E402
 from vlm_lora.eval_cli import add_eval_arguments, run_eval  # noqa: E402
 
 
@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging()
     try:
         run_eval(args)
     except USER_ERRORS as error:

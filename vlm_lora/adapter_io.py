@@ -31,7 +31,7 @@ from torch import nn
 
 from vlm_lora.lora import AdapterSpec, LoraLayer, PeftEntry, inject_lora, iter_lora_layers
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
-from vlm_lora.planner import named_params_at
+from vlm_lora.planner import has_module, named_params_at
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -97,7 +97,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
                 tensors[PREFIX + name] = param
     # PEFT's modules_to_save names modules; bare parameters (BLIP-2 query_tokens) are saved as
     # tensors but PEFT will not restore them
-    modules_to_save = [p for p in modules_to_save if _is_module(model, p)]
+    modules_to_save = [p for p in modules_to_save if has_module(model, p)]
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
     r = _most_common(list(ranks.values())) if ranks else 8
@@ -127,14 +127,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
-
-
-def _is_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _filter_config(value):

@@ -12,7 +12,7 @@ from vlm_lora.eval_cli import add_eval_parsers
 log = logging.getLogger("vlm_lora")
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_lora.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         args.func(args)
     except USER_ERRORS as error:

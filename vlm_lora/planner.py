@@ -167,7 +167,7 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     errors: list[str] = []
     policies = _resolve_policies(arch, strategy, parsed, errors)
 
-    never = [p for p in arch.never_adapted if _has_module(model, p)]
+    never = [p for p in arch.never_adapted if has_module(model, p)]
     modules = dict(model.named_modules())
     comp_plans = []
     for name, policy in policies.items():
@@ -263,7 +263,7 @@ def fused_slice_shape(module: nn.Module, slice_name: str, order: tuple[str, ...]
 def named_params_at(model: nn.Module, path: str) -> list[tuple[str, nn.Parameter]]:
     """The parameters a component prefix owns: those of the module at ``path``, or the bare
     ``nn.Parameter`` at ``path`` (BLIP-2 ``query_tokens``, open_clip ``visual.proj``); [] if neither."""
-    if _has_module(model, path):
+    if has_module(model, path):
         return list(model.get_submodule(path).named_parameters(prefix=path))
     try:
         return [(path, model.get_parameter(path))]
@@ -271,7 +271,7 @@ def named_params_at(model: nn.Module, path: str) -> list[tuple[str, nn.Parameter
         return []
 
 
-def _has_module(model: nn.Module, path: str) -> bool:
+def has_module(model: nn.Module, path: str) -> bool:
     try:
         model.get_submodule(path)
         return True

@@ -59,6 +59,14 @@ class LoraLayer(nn.Module):
         self.disabled = False
 
     @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight, for model code that reads ``module.weight`` (T5, open_clip)."""
         return self.base_layer.weight

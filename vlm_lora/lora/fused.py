@@ -138,14 +138,6 @@ class FusedLinearLora(LoraLayer):
         self.positions: dict[str, list[int]] = {}
         self.add_adapter(adapter_name, spec)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")

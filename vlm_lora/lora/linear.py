@@ -34,14 +34,6 @@ class LoraLinear(LoraLayer):
         self.shared_group = None  # SharedInputGroup when siblings (q/k/v, gate/up) share this input
         self.add_adapter(adapter_name, spec)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")

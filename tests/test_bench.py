@@ -1,0 +1,28 @@
+"""The LoRA step benchmark runs and prints its documented format (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_smoke_prints_one_json_line_per_variant_and_ratios(tmp_path):
+    variants = ["floor", "peft", "vlm_lora", "vlm_lora_dora", "floor_gc", "vlm_lora_gc"]
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "lora_step.py"), "--preset", "tiny", "--steps", "1",
+                             "--warmup", "0", "--variants", ",".join(variants)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows[:-1]] == variants
+    for row in rows[:-1]:
+        assert {"step_s", "tokens_per_s", "peak_mib", "trainable", "preset", "batch", "seq"} <= set(row)
+        assert row["step_s"] > 0 and row["trainable"] > 0
+    by_name = {r["variant"]: r for r in rows[:-1]}
+    assert by_name["peft"]["trainable"] == by_name["vlm_lora"]["trainable"]  # same targets and ranks
+    assert set(rows[-1]["ratios"]) == {"peft", "vlm_lora", "vlm_lora_dora", "vlm_lora_gc"}
+    (tmp_path / "r.jsonl").write_text(result.stdout)
+    plot = subprocess.run([sys.executable, str(REPO / "bench" / "plot_results.py"), str(tmp_path / "r.jsonl"),
+                           str(tmp_path / "chart.png")], capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr[-2000:]
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
