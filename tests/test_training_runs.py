@@ -148,3 +148,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(factory):
     assert any(".lora_A." in n for n in grads[1])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_quickstart_runs_on_a_4bit_base(tmp_path):
+    """`--set model.quantization.bits=4`: NF4 language decoder on CPU (bitsandbytes), LoRA on top, and
+    the adapter merges into the dequantized weights it was trained against."""
+    pytest.importorskip("bitsandbytes")
+    recipe = _recipe(tmp_path, "qlora", dropout=0.0, max_steps=3, save_steps=None)
+    result = _cli("finetune", str(recipe), "--set", "model.quantization.bits=4",
+                  "--set", "model.quantization.compute_dtype=float32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "QLoRA: 28 linears of language_decoder in 4-bit nf4" in result.stderr
+    meta = json.loads((tmp_path / "qlora" / "adapter" / "vlm_lora.json").read_text())
+    assert meta["quantization"]["bits"] == 4
+    merged = _cli("merge", "--base", str(ASSET_MODEL), "--adapter", str(tmp_path / "qlora" / "adapter"),
+                  "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert json.loads(merged.stdout.strip().splitlines()[-1])["max_logit_diff"] < 1e-3
+    bad = _cli("finetune", str(_recipe(tmp_path, "pissa", max_steps=1)), "--set", "model.quantization.bits=4",
+               "--set", "components.language_decoder.init=pissa")
+    assert bad.returncode == 2 and "pissa needs a full-precision base" in bad.stderr

@@ -29,7 +29,7 @@ from vlm_lora.adapter_io import save_adapter
 from vlm_lora.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, set_rng_state
 from vlm_lora.evaluate import write_predictions
 from vlm_lora.lora import iter_lora_layers
-from vlm_lora.planner import Plan, plan as make_plan
+from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.plotting import plot_loss
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
@@ -138,6 +138,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
 
     model, processor = load_for_recipe(recipe, accelerator.device)
     plan = make_plan(model, recipe.strategy, recipe.components)
+    _check_quantization(recipe, plan)
     task, train_set, eval_set = build_task_and_data(recipe, model, processor)
     if main:
         (out / "plan.txt").write_text(str(plan) + "\n")
@@ -277,6 +278,17 @@ def _resume_point(out: Path, resume: bool, overwrite: bool) -> Path | None:
         raise RunExistsError(f"{out} already holds a run ({', '.join(finished)}); pass --overwrite to replace it, "
                              f"--resume to continue it, or set output_dir")
     return None
+
+
+def _check_quantization(recipe: Recipe, plan: Plan) -> None:
+    """PiSSA/OLoRA rewrite the base weight, which a 4-bit base cannot hold: refuse before any work."""
+    quant = recipe.model.quantization
+    for comp in plan.components:
+        if (quant.bits == 4 and comp.component in quant.components and comp.policy.mode == "lora"
+                and comp.policy.init in ("pissa", "olora")):
+            raise PlanError(f"components.{comp.component}.init: {comp.policy.init} needs a full-precision base, but "
+                            f"model.quantization puts {comp.component} in 4-bit; use init kaiming or gaussian, or "
+                            f"leave {comp.component} out of model.quantization.components")
 
 
 def _quantize_if_asked(recipe: Recipe, model, plan: Plan) -> None:
