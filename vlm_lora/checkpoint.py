@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlm_lora.lora import iter_lora_layers
+
 STATE_NAME = "trainer_state.pt"
 
 
@@ -63,3 +65,35 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def load_trainer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)
+
+
+def restore_weights(model, adapter_dir: Path) -> None:
+    """Copy a saved adapter's tensors (and full modules) into the LoRA layers already in ``model``."""
+    from safetensors.torch import load_file
+
+    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME
+
+    layers = dict(iter_lora_layers(model))
+    by_length = sorted(layers, key=len, reverse=True)
+    grouped: dict[str, dict] = {}
+    for key, value in load_file(str(adapter_dir / WEIGHTS_NAME)).items():
+        name = key[len(PREFIX):]
+        suffix = next((s for s in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector") if name.endswith(s)),
+                      None)
+        if suffix is None:
+            load_trainable(model, {name: value})
+            continue
+        target = name[: -len(suffix)]
+        path = next(p for p in by_length if target == p or target.startswith(p + "."))
+        grouped.setdefault(path, {}).setdefault(target[len(path) + 1:], {})[suffix] = value
+    for path, subs in grouped.items():
+        layers[path].load_peft("default", {sub: (p[".lora_A.weight"], p[".lora_B.weight"], p.get(".lora_magnitude_vector"))
+                                           for sub, p in subs.items()})
+
+
+def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the model's parameters of the same names."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

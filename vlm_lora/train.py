@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -26,17 +25,18 @@ import yaml
 from tqdm.auto import tqdm
 
 from vlm_lora.adapter_io import save_adapter
-from vlm_lora.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, set_rng_state
+from vlm_lora.checkpoint import (list_checkpoints, load_trainable, load_trainer_state, restore_weights, save_checkpoint,
+                                 set_rng_state)
 from vlm_lora.evaluate import write_predictions
-from vlm_lora.lora import iter_lora_layers
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
+from vlm_lora.optim import BatchStream, lr_lambda, make_optimizer, param_groups
 from vlm_lora.plotting import plot_loss
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
+from vlm_lora.run_log import MetricsWriter, fmt, summary
 from vlm_lora.run_setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe
 
 log = logging.getLogger("vlm_lora")
-NO_DECAY = ("bias", "norm", "lora_magnitude")
 
 __all__ = ["RunExistsError", "TrainingError", "finetune", "param_groups"]
 
@@ -45,75 +45,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float,
-                 loraplus_lr_ratio: float | None = None) -> list[dict]:
-    """Optimizer groups per (component, decay, LoRA+ B) triple.
-
-    The component's lr comes from its policy, else ``base_lr``; norms, biases and DoRA magnitudes
-    get no weight decay; with LoRA+ every ``lora_B`` gets ``ratio`` times its component's lr.
-    """
-    lrs = {c.component: c.policy.lr or base_lr for c in plan.components}
-    groups: dict[tuple[str, bool, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        component = plan.component_of_param(name) or "other"
-        decay = param.ndim >= 2 and not any(k in name.lower() for k in NO_DECAY)
-        is_b = loraplus_lr_ratio is not None and ".lora_B." in name
-        lr = lrs.get(component, base_lr) * (loraplus_lr_ratio if is_b else 1.0)
-        group = groups.setdefault((component, decay, is_b), {
-            "params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0,
-            "name": component + ("/lora_B" if is_b else "") + ("" if decay else "/no_decay")})
-        group["params"].append(param)
-    return list(groups.values())
-
-
-def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    """AdamW from torch, or bitsandbytes' paged AdamW (32-bit or 8-bit states)."""
-    if name == "adamw":  # the fused CUDA kernel updates all (many, small) LoRA tensors at once
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None)
-    import bitsandbytes.optim as bnb_optim
-
-    return {"paged_adamw": bnb_optim.PagedAdamW, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit}[name](groups, lr=lr)
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if kind == "linear":
-            return 1.0 - progress
-        return 1.0
-    return factor
-
-
-def micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Index lists of one epoch's micro-batches: a seeded permutation, cut every ``batch_size``."""
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
-
-
-class BatchStream:
-    """The run's micro-batches in order, across epochs; ``take(k)`` returns the next k."""
-
-    def __init__(self, n_items: int, batch_size: int, seed: int, start: int = 0):
-        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
-        self.per_epoch = math.ceil(n_items / batch_size)
-        self.position = start  # micro-batches consumed so far
-
-    def take(self, count: int) -> list[list[int]]:
-        out = []
-        for k in range(self.position, self.position + count):
-            epoch, index = divmod(k, self.per_epoch)
-            out.append(micro_batches(self.n_items, self.batch_size, self.seed, epoch)[index])
-        self.position += count
-        return out
 
 
 def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
@@ -148,7 +79,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     if main and eval_set is not None and cfg.eval_base and checkpoint is None:
         results["base"], rows = task.evaluate(model, eval_set, desc="scoring base")
         write_predictions(rows, out / "predictions_base.jsonl")
-        log.info("base model on %s: %s", recipe.data.eval, _fmt(results["base"]))
+        log.info("base model on %s: %s", recipe.data.eval, fmt(results["base"]))
     elif checkpoint is not None and (out / "eval_base.json").is_file():
         results["base"] = json.loads((out / "eval_base.json").read_text())
     if main and "base" in results:
@@ -175,7 +106,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
     stream.position = step * per_step
     unwrapped = accelerator.unwrap_model(model)
-    writer = _MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
+    writer = MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
 
     def write_adapter(folder: Path) -> None:
         save_adapter(unwrapped, folder, recipe.model.path, plan.full_prefixes(), never_saved=plan.frozen_paths,
@@ -235,7 +166,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         if best["step"] is None:  # no eval during training: the last adapter is the one we keep
             write_adapter(out / "adapter")
         elif best["state"] is not None:
-            _load_trainable(unwrapped, best["state"])
+            load_trainable(unwrapped, best["state"])
         else:  # the best was found before a resume and is only on disk
             restore_weights(unwrapped, out / "adapter")
         plot_loss(out / "metrics.jsonl", out / "loss.png")
@@ -247,7 +178,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             write_predictions(rows, out / "predictions_adapted.jsonl")
             (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         writer.close()
-        _summary(out, results, train_time, time.time() - started, step, metric, best)
+        summary(out, results, train_time, time.time() - started, step, metric, best)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -323,13 +254,6 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
 def _periodic_eval(task, model, eval_set, cfg, step: int, writer, out: Path) -> dict:
     subset = eval_set if not cfg.eval_samples else eval_set.subset(cfg.eval_samples)
     eval_loss = _eval_loss(task, model, subset, cfg.eval_batch_size)
@@ -382,30 +306,6 @@ def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: s
     return state["step"], {"value": saved.get("value"), "step": saved.get("step"), "state": None}
 
 
-def restore_weights(model, adapter_dir: Path) -> None:
-    """Copy a saved adapter's tensors (and full modules) into the LoRA layers already in ``model``."""
-    from safetensors.torch import load_file
-
-    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME
-
-    layers = dict(iter_lora_layers(model))
-    by_length = sorted(layers, key=len, reverse=True)
-    grouped: dict[str, dict] = {}
-    for key, value in load_file(str(adapter_dir / WEIGHTS_NAME)).items():
-        name = key[len(PREFIX):]
-        suffix = next((s for s in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector") if name.endswith(s)),
-                      None)
-        if suffix is None:
-            _load_trainable(model, {name: value})
-            continue
-        target = name[: -len(suffix)]
-        path = next(p for p in by_length if target == p or target.startswith(p + "."))
-        grouped.setdefault(path, {}).setdefault(target[len(path) + 1:], {})[suffix] = value
-    for path, subs in grouped.items():
-        layers[path].load_peft("default", {sub: (p[".lora_A.weight"], p[".lora_B.weight"], p.get(".lora_magnitude_vector"))
-                                           for sub, p in subs.items()})
-
-
 def _all_finite(params: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
 
@@ -423,47 +323,3 @@ def _adapter_meta(recipe: Recipe) -> dict:
     return {"quantization": quant.model_dump() if quant.bits == 4 else None}
 
 
-class _MetricsWriter:
-    """``metrics.jsonl`` rows, mirrored to TensorBoard when it is installed."""
-
-    def __init__(self, out: Path, tensorboard: bool, append: bool):
-        self.file = (out / "metrics.jsonl").open("a" if append else "w")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-
-
-def _summary(out: Path, results: dict, train_time: float, total_time: float, steps: int, metric: str,
-             best: dict) -> None:
-    lines = [f"done: {steps} steps in {train_time:.0f}s (total {total_time:.0f}s)",
-             f"adapter (PEFT format): {out / 'adapter'}" + (f"  [best {metric} {best['value']:.4f} at step {best['step']}]"
-                                                          if best["step"] is not None else ""),
-             f"last adapter: {out / 'adapter_last'}", f"loss curve: {out / 'loss.png'}"]
-    for name in ("base", "adapted"):
-        if name in results:
-            lines.append(f"{name:>8}: {_fmt(results[name])}")
-    if results:
-        lines.append(f"eval: {out / 'eval.json'}")
-    log.info("\n" + "\n".join(lines))

@@ -1,0 +1,80 @@
+"""Optimizer, learning-rate schedule and the run's data order."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vlm_lora.planner import Plan
+
+NO_DECAY = ("bias", "norm", "lora_magnitude")
+
+
+def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float,
+                 loraplus_lr_ratio: float | None = None) -> list[dict]:
+    """Optimizer groups per (component, decay, LoRA+ B) triple.
+
+    The component's lr comes from its policy, else ``base_lr``; norms, biases and DoRA magnitudes
+    get no weight decay; with LoRA+ every ``lora_B`` gets ``ratio`` times its component's lr.
+    """
+    lrs = {c.component: c.policy.lr or base_lr for c in plan.components}
+    groups: dict[tuple[str, bool, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        component = plan.component_of_param(name) or "other"
+        decay = param.ndim >= 2 and not any(k in name.lower() for k in NO_DECAY)
+        is_b = loraplus_lr_ratio is not None and ".lora_B." in name
+        lr = lrs.get(component, base_lr) * (loraplus_lr_ratio if is_b else 1.0)
+        group = groups.setdefault((component, decay, is_b), {
+            "params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0,
+            "name": component + ("/lora_B" if is_b else "") + ("" if decay else "/no_decay")})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' paged AdamW (32-bit or 8-bit states)."""
+    if name == "adamw":  # the fused CUDA kernel updates all (many, small) LoRA tensors at once
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None)
+    import bitsandbytes.optim as bnb_optim
+
+    return {"paged_adamw": bnb_optim.PagedAdamW, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit}[name](groups, lr=lr)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+    return factor
+
+
+def micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Index lists of one epoch's micro-batches: a seeded permutation, cut every ``batch_size``."""
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+class BatchStream:
+    """The run's micro-batches in order, across epochs; ``take(k)`` returns the next k."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, start: int = 0):
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.per_epoch = math.ceil(n_items / batch_size)
+        self.position = start  # micro-batches consumed so far
+
+    def take(self, count: int) -> list[list[int]]:
+        out = []
+        for k in range(self.position, self.position + count):
+            epoch, index = divmod(k, self.per_epoch)
+            out.append(micro_batches(self.n_items, self.batch_size, self.seed, epoch)[index])
+        self.position += count
+        return out

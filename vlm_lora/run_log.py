@@ -1,0 +1,55 @@
+"""What a run tells a person: metrics.jsonl (mirrored to TensorBoard) and the closing summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("vlm_lora")
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` rows, mirrored to TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, tensorboard: bool, append: bool):
+        self.file = (out / "metrics.jsonl").open("a" if append else "w")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def summary(out: Path, results: dict, train_time: float, total_time: float, steps: int, metric: str,
+             best: dict) -> None:
+    lines = [f"done: {steps} steps in {train_time:.0f}s (total {total_time:.0f}s)",
+             f"adapter (PEFT format): {out / 'adapter'}" + (f"  [best {metric} {best['value']:.4f} at step {best['step']}]"
+                                                          if best["step"] is not None else ""),
+             f"last adapter: {out / 'adapter_last'}", f"loss curve: {out / 'loss.png'}"]
+    for name in ("base", "adapted"):
+        if name in results:
+            lines.append(f"{name:>8}: {fmt(results[name])}")
+    if results:
+        lines.append(f"eval: {out / 'eval.json'}")
+    log.info("\n" + "\n".join(lines))
