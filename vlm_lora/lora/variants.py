@@ -127,14 +127,19 @@ class _LinearPlusLowRank(torch.autograd.Function):
         return grad_x, grad_hidden, None, None, grad_b
 
 
-def _fused_base_ok(layer: "LoraLinear", x: torch.Tensor) -> bool:
-    """The base is a plain frozen float linear whose dtype matches the activations."""
+def _fused_compute_dtype(layer: "LoraLinear", x: torch.Tensor) -> torch.dtype | None:
+    """The dtype of the one-node path, or None when it does not apply: the base must be a plain
+    frozen float linear computing in the activations' dtype, or in the autocast dtype (autocast
+    would cast x to it for the base matmul anyway, e.g. after an fp32 LayerNorm)."""
     base = layer.base_layer
-    return (type(base).forward is nn.Linear.forward and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad) and base.weight.dtype == x.dtype
-            and getattr(base.weight, "quant_state", None) is None
-            and (not torch.is_autocast_enabled(x.device.type)
-                 or torch.get_autocast_dtype(x.device.type) == x.dtype))  # autocast would cast to this dtype
+    if (type(base).forward is not nn.Linear.forward or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)
+            or getattr(base.weight, "quant_state", None) is not None):
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype if base.weight.dtype == dtype else None
+    return x.dtype if base.weight.dtype == x.dtype else None
 
 
 class LoraVariant:
@@ -160,12 +165,13 @@ class LoraVariant:
 
     def linear_forward(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer (base + this adapter) in one node, or None when that path does not apply."""
-        if not _fused_base_ok(layer, x) or not isinstance(layer.lora_dropout[name], nn.Identity):
+        dtype = _fused_compute_dtype(layer, x)
+        if dtype is None or not isinstance(layer.lora_dropout[name], nn.Identity):
             return None
-        dtype = x.dtype
+        source, x = x, x.to(dtype)  # no-op unless autocast would have cast it for the base matmul
         group = layer.shared_group
         if group is not None and group.eligible(name):
-            hidden = group.hidden(layer, name, x, dtype)
+            hidden = group.hidden(layer, name, source, dtype)  # keyed on the siblings' shared input
         else:
             hidden = x.reshape(-1, x.shape[-1]) @ layer.lora_A[name].weight.to(dtype).T
         b_scaled = (layer.lora_B[name].weight * layer.scaling[name]).to(dtype)
