@@ -179,13 +179,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu, or llava-7b on cuda")
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 5 on cpu)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 12 on cpu)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--profile-dir", default=None, help="also write a torch.profiler table per variant here")
     args = parser.parse_args()
     preset = args.preset or ("llava-7b" if args.device == "cuda" else "cpu")
     p = PRESETS[preset]
-    steps = args.steps if args.steps is not None else (10 if args.device == "cuda" else 5)
+    steps = args.steps if args.steps is not None else (10 if args.device == "cuda" else 12)
     warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 2)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     autocast = torch.bfloat16 if args.device == "cuda" else None
