@@ -72,5 +72,34 @@ def test_finetune_writes_adapter_metrics_curve_and_eval(tmp_path):
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6]
     assert [m["step"] for m in metrics if "eval_loss" in m] == [3, 6]
+    evals = {m["step"]: m["eval_cider"] for m in metrics if "eval_cider" in m}
+    best = max(evals, key=lambda s: (evals[s], -s))
+    assert result["adapted"]["best_step"] == best  # adapter/ holds the best step's weights ...
+    assert result["adapted"]["cider"] == pytest.approx(evals[best], abs=1e-9)  # ... and they were restored
     preds = [json.loads(l) for l in (run / "predictions_adapted.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and all({"image", "prediction", "references"} <= set(p) for p in preds)
+
+
+def test_warmup_then_cosine_and_linear_schedules():
+    from vlm_lora.optim import lr_lambda
+
+    cosine = lr_lambda("cosine", warmup=4, total=14)
+    assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cosine(9) == pytest.approx(0.5)  # half-way through the decay
+    assert cosine(14) == pytest.approx(0.0, abs=1e-12)
+    linear = lr_lambda("linear", warmup=0, total=10)
+    assert [round(linear(s), 3) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert lr_lambda("constant", warmup=2, total=10)(7) == 1.0
+
+
+def test_checkpoints_keep_only_the_newest(tmp_path):
+    from vlm_lora.checkpoint import list_checkpoints, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, lambda folder: folder.mkdir(parents=True), optimizer, scheduler,
+                        {"step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-8"]
+    assert not list(tmp_path.glob(".tmp-*"))  # written atomically: no leftovers
