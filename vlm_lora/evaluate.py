@@ -46,7 +46,8 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
         decoding["min_new_tokens"] = min_new_tokens
     captions: list[str] = []
     try:
-        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
+        # disable=None: no bar when stderr is not a terminal, so logs stay free of redraw sequences
+        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False, disable=None):
             images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
             batch = {k: v.to(device) for k, v in batch.items()}
