@@ -4,9 +4,8 @@
 (malformed rows, missing or unreadable images) are found when it is built: all reported in one
 ``DataError``, or skipped and counted (``dataset.skipped``) with ``on_bad_sample="skip"``.
 
-``ChatCollator`` renders each conversation with the chat template and labels only the assistant answers
-(each with the end-of-turn token that closes it); ``check_lengths`` finds samples that cannot fit
-``max_length`` before training starts.
+The collator that turns them into batches lives in ``vlm_lora.collate``; its names stay importable
+from here.
 """
 
 from __future__ import annotations
@@ -15,15 +14,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from vlm_lora.data_formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems, read_samples
 
 __all__ = ["IGNORE_INDEX", "DEFAULT_PROMPT", "DataError", "Problem", "Sample", "CaptionExample",
-           "ConversationDataset", "CaptionDataset", "load_dataset", "load_image", "build_prompt",
-           "ChatCollator", "CaptionCollator", "make_collator"]
+           "ConversationDataset", "CaptionDataset", "load_dataset", "load_image"]
 
 log = logging.getLogger("vlm_lora")
 IGNORE_INDEX = -100
@@ -133,305 +130,14 @@ def _skip_line(path, problems: list[Problem], what: str = "bad sample(s)", shown
 
 # ---------------------------------------------------------------- prompts
 
-def _inserts_image_tokens(processor) -> bool:
-    """Whether the processor puts the image tokens in itself (BLIP-2) rather than expanding a placeholder."""
-    token = getattr(processor, "image_token", None)
-    token_id = getattr(processor, "image_token_id", None)
-    if token_id is None and token is not None:
-        token_id = processor.tokenizer.convert_tokens_to_ids(str(token))
-    if token_id is None:
-        return False
-    try:
-        ids = processor(images=[Image.new("RGB", (32, 32))], text=["a"], return_tensors="pt")["input_ids"]
-    except ValueError:  # e.g. LLaVA: "number of image tokens ... does not match"
-        return False
-    return bool((ids == token_id).any())
+
+_COLLATE_NAMES = ("build_prompt", "ChatCollator", "CaptionCollator", "make_collator")
 
 
-def _user(text: str, with_image: bool) -> dict:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
-    return {"role": "user", "content": content}
+def __getattr__(name: str):
+    """``from vlm_lora.data import ChatCollator`` keeps working (imported lazily: collate imports this module)."""
+    if name in _COLLATE_NAMES:
+        from vlm_lora import collate
 
-
-def build_prompt(processor, prompt: str, chat_template: str | None = None) -> str:
-    """The generation prompt (user turn with one image, then the assistant cue).
-
-    Chat template (``chat_template`` overrides the processor's); without one, the plain prompt for
-    processors that insert image tokens themselves (BLIP-2), else ``FALLBACK_TEMPLATE``.
-    """
-    template = chat_template or getattr(processor, "chat_template", None)
-    if template:
-        return processor.apply_chat_template([_user(prompt, True)], chat_template=template, add_generation_prompt=True)
-    if _inserts_image_tokens(processor):
-        return prompt
-    return FALLBACK_TEMPLATE.format(prompt=prompt)
-
-
-# ---------------------------------------------------------------- collators
-
-class ChatCollator:
-    """Training batches of ``(image, sample)`` items: the rendered conversation with labels on the answers.
-
-    The conversation is rendered with the chat template (``chat_template`` overrides the processor's)
-    up to each user turn (with the assistant cue) and up to the end of each assistant turn; the token
-    counts of these prefixes give each answer's exact token range. Labels are the answer tokens and the
-    end-of-turn token closing each answer; image, system and user tokens and padding are ``IGNORE_INDEX``.
-    Without a chat template (BLIP-2): the user text is the plain prompt, the answer follows after a space
-    and ends with EOS.
-
-    ``max_length``: a longer sample is cut inside its last answer that still fits (turns after it are
-    dropped); image tokens and prompts are never cut. A sample whose image + prompt + first answer token
-    do not fit is a ``DataError`` naming it, or with ``on_bad_sample="skip"`` dropped and counted in
-    ``skipped`` (``check_lengths(dataset)`` does this for a whole data set before training).
-
-    Returns right-padded ``input_ids``, ``attention_mask``, ``labels`` [B, T], ``pixel_values``
-    (as the processor returns them, e.g. [B, 3, H, W]) and any other tensors the processor returns.
-    """
-
-    def __init__(self, processor, max_length: int | None = None, chat_template: str | None = None,
-                 on_bad_sample: str = "error", prompt: str = DEFAULT_PROMPT):
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise DataError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        if self.tokenizer.pad_token_id is None:
-            raise DataError("the tokenizer has no pad token; set one in the model folder")
-        self.max_length = max_length
-        self.on_bad_sample = on_bad_sample
-        self.user_prompt = prompt
-        self.template = chat_template or getattr(processor, "chat_template", None)
-        self.plain = not self.template and _inserts_image_tokens(processor)
-        if not self.template and not self.plain:
-            self.template = FALLBACK_CHAT_TEMPLATE
-        self.skipped: list[Problem] = []  # dropped at collate time (image unreadable, too long)
-        self.truncated: list = []  # ids of samples cut at max_length, each time one is
-        self._shift: dict = {}  # (image size, add_special_tokens) -> tokens the processor adds
-        self._warned = False
-
-    # -- rendering
-
-    def conversation(self, example) -> tuple[str | None, list[tuple[str, str]]]:
-        """(system, turns) of a ``Sample``; a ``CaptionExample`` is one turn (prompt, first caption)."""
-        turns = getattr(example, "turns", None)
-        if turns:
-            return getattr(example, "system", None), list(turns)
-        if getattr(example, "captions", None):
-            return None, [(self.user_prompt, example.captions[0])]
-        raise DataError(f"{_where(example)}: no assistant answer to train on")
-
-    def render(self, example) -> list[str]:
-        """Prefixes of the rendered conversation: up to user turn 1 + assistant cue, up to the end of answer 1, ...
-
-        Each is a prefix of the next; the last is the whole conversation.
-        """
-        system, turns = self.conversation(example)
-        texts, messages, text = [], [], ""
-        if system:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-        eos = self.tokenizer.eos_token or ""
-        for i, (user, answer) in enumerate(turns):
-            if self.plain:
-                text += user if i == 0 else " " + user
-                texts.append(text)
-                text += " " + answer + eos
-                texts.append(text)
-                continue
-            messages.append(_user(user, i == 0))
-            texts.append(self._apply(messages, True))
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-            texts.append(self._apply(messages, False))
-        for before, after in zip(texts, texts[1:]):
-            if not after.startswith(before):
-                raise DataError(f"{_where(example)}: the chat template renders earlier turns differently once "
-                                "later ones follow, so the answers cannot be located; set data.chat_template")
-        return texts
-
-    def _apply(self, messages: list[dict], generation: bool) -> str:
-        return self.processor.apply_chat_template(list(messages), chat_template=self.template,
-                                                  add_generation_prompt=generation, tokenize=False)
-
-    def _layout(self, example) -> tuple[list[str], bool, list[int], list[int]]:
-        """(rendered prefixes, add_special_tokens, token ids of the whole text without image expansion,
-        token count of each prefix)."""
-        texts = self.render(example)
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and texts[0].startswith(bos))  # the template already holds BOS
-        prefixes = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        full = prefixes[-1]
-        bounds = []
-        for ids in prefixes:  # a prefix's tokens start the full tokens; should a merge cross, take the common part
-            n = 0
-            while n < len(ids) and ids[n] == full[n]:
-                n += 1
-            if n < len(ids) and not self._warned:
-                self._warned = True
-                log.warning("%s: a token spans a turn boundary of the chat template; the turn starts at it",
-                            _where(example))
-            bounds.append(n)
-        return texts, add_special, full, bounds
-
-    # -- lengths
-
-    def _fit(self, example, spans: list[tuple[int, int]], total: int) -> tuple[int, list[tuple[int, int]]]:
-        """(kept length, answer spans kept) under ``max_length``; raises ``_Skip`` if not even one answer token fits."""
-        if self.max_length is None or total <= self.max_length:
-            return total, spans
-        fitting = [i for i, (start, _) in enumerate(spans) if start + 1 <= self.max_length]
-        if not fitting:
-            raise _Skip(_problem(example, f"image + prompt + first answer token need {spans[0][0] + 1} tokens "
-                                          f"> max_length {self.max_length}"))
-        last = fitting[-1]
-        cut = min(spans[last][1], self.max_length)
-        return cut, spans[:last] + [(spans[last][0], cut)]
-
-    def _image_shift(self, text: str, add_special: bool, size: tuple[int, int]) -> int:
-        """Tokens the processor adds to ``text`` (image expansion, BOS) for an image of ``size``; cached by size."""
-        key = (tuple(size), add_special)
-        if key not in self._shift:
-            ids = self.processor(images=[Image.new("RGB", tuple(size))], text=[text], return_tensors="pt",
-                                 add_special_tokens=add_special)["input_ids"]
-            self._shift[key] = ids.shape[1] - len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._shift[key]
-
-    def check_lengths(self, dataset) -> list[Problem]:
-        """Before training: the samples that cannot fit ``max_length`` (image + prompt + one answer token).
-
-        ``on_bad_sample="error"``: one ``DataError`` listing them all; ``"skip"``: they are removed from
-        ``dataset`` (``dataset.drop``, so they land in ``dataset.skipped``), added to ``self.skipped`` and
-        logged in one line. Also logs how many samples will be cut. Returns the problems.
-        """
-        if self.max_length is None:
-            return []
-        bad, problems, cut = [], [], 0
-        for example in dataset.examples:
-            size = getattr(example, "image_size", None) or _image_size(example)
-            texts, add_special, full, bounds = self._layout(example)
-            shift = self._image_shift(texts[0], add_special, size)
-            spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
-            try:
-                kept, _ = self._fit(example, spans, shift + len(full))
-                cut += kept < shift + len(full)
-            except _Skip as error:
-                bad.append(example)
-                problems.append(error.problem)
-        if problems and self.on_bad_sample == "error":
-            raise DataError(format_problems(dataset.path, problems, f"sample(s) too long for max_length "
-                                            f"{self.max_length} (raise train.max_length or set on_bad_sample: skip)"))
-        if problems:
-            dataset.drop(bad, problems)
-            self.skipped += problems
-            log.warning("%s", _skip_line(dataset.path, problems, "too long sample(s)"))
-            if not dataset.examples:
-                raise DataError(f"{dataset.path}: no sample fits max_length {self.max_length}")
-        if cut:
-            log.info("%s: %d sample(s) longer than max_length %d are cut in their last answer",
-                     dataset.path, cut, self.max_length)
-        return problems
-
-    # -- encoding
-
-    def encode(self, image: Image.Image, example) -> dict[str, torch.Tensor]:
-        """One sample: ``input_ids``, ``attention_mask``, ``labels`` [T] (and any other per-token tensor [T]);
-        the processor's other tensors (``pixel_values`` [1, 3, H, W], ...) as it returns them."""
-        texts, add_special, full, bounds = self._layout(example)
-        encoded = self.processor(images=[image], text=[texts[-1]], return_tensors="pt", add_special_tokens=add_special)
-        ids = encoded["input_ids"][0]
-        total = ids.shape[0]
-        shift = total - len(full)  # tokens the processor added in front of the answers: image expansion, BOS
-        if shift < 0 or ids[shift + bounds[0]:].tolist() != full[bounds[0]:]:
-            raise DataError(f"{_where(example)}: the processor changed text tokens after the image placeholder; "
-                            "cannot align the labels")
-        spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
-        kept, spans = self._fit(example, spans, total)
-        if kept < total:
-            self.truncated.append(_problem(example, "").id)
-        labels = torch.full((kept,), IGNORE_INDEX, dtype=torch.long)
-        for start, end in spans:
-            labels[start:end] = ids[start:end]
-        out = {"input_ids": ids[:kept], "labels": labels}
-        for key, value in encoded.items():
-            if key != "input_ids" and isinstance(value, torch.Tensor):
-                per_token = value.dim() == 2 and tuple(value.shape) == (1, total)
-                out[key] = value[0, :kept] if per_token else value
-        return out
-
-    def __call__(self, items: list[tuple[Image.Image | None, Sample | CaptionExample]]) -> dict[str, torch.Tensor]:
-        encoded, dropped = [], []
-        for image, example in items:
-            if image is None:  # the data set skipped it (unreadable image) and logged why
-                dropped.append(_problem(example, "image could not be loaded"))
-                continue
-            try:
-                encoded.append(self.encode(image, example))
-            except _Skip as error:
-                if self.on_bad_sample == "error":
-                    raise DataError(f"{error.problem} (call collator.check_lengths(dataset) to find all such "
-                                    "samples before training)") from None
-                dropped.append(error.problem)
-        if dropped:
-            self.skipped += dropped
-            log.warning("skipped %d sample(s) of a batch (%d so far): %s", len(dropped), len(self.skipped),
-                        "; ".join(map(str, dropped)))
-        if not encoded:
-            raise DataError("every sample of a batch was skipped (" + "; ".join(map(str, dropped)) +
-                            "); call collator.check_lengths(dataset) before training")
-        return self._pad(encoded)
-
-    def _pad(self, encoded: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad the per-token [T] tensors to [B, T_max]; concatenate the others along dim 0."""
-        width = max(e["input_ids"].shape[0] for e in encoded)
-        fill = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
-        batch = {}
-        for key in encoded[0]:
-            values = [e[key] for e in encoded]
-            if values[0].dim() == 1:
-                batch[key] = torch.stack([torch.nn.functional.pad(v, (0, width - v.shape[0]), value=fill.get(key, 0))
-                                          for v in values])
-            else:
-                batch[key] = torch.cat(values)
-        return batch
-
-
-class CaptionCollator(ChatCollator):
-    """``ChatCollator`` for caption data: every example is one turn ``(prompt, first caption)``.
-
-    ``prompt`` is the rendered generation prompt (what generation sees).
-    """
-
-    def __init__(self, processor, prompt: str, max_length: int | None = None, chat_template: str | None = None,
-                 on_bad_sample: str = "error"):
-        super().__init__(processor, max_length, chat_template, on_bad_sample, prompt=prompt)
-        self.prompt = build_prompt(processor, prompt, chat_template)
-
-    def conversation(self, example) -> tuple[str | None, list[tuple[str, str]]]:
-        if not getattr(example, "captions", None):
-            raise DataError(f"{_where(example)}: no caption to train on")
-        return None, [(self.user_prompt, example.captions[0])]
-
-
-def _problem(example, reason: str) -> Problem:
-    return Problem(getattr(example, "id", example.row), _where(example), reason)
-
-
-def make_collator(processor, recipe) -> ChatCollator:
-    """The training collator of a recipe: ``data.chat_template``/``on_bad_sample``/``prompt``, ``train.max_length``."""
-    return ChatCollator(processor, max_length=recipe.train.max_length, chat_template=recipe.data.chat_template,
-                        on_bad_sample=recipe.data.on_bad_sample, prompt=recipe.data.prompt)
-
-
-class _Skip(Exception):
-    def __init__(self, problem: Problem):
-        super().__init__(str(problem))
-        self.problem = problem
-
-
-def _image_size(example) -> tuple[int, int]:
-    try:
-        with Image.open(example.image_path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"{_where(example)}: cannot read image {example.image_path}: {error}") from None
-
-
-def _where(example) -> str:
-    return getattr(example, "where", "") or f"row {example.row}"
+        return getattr(collate, name)
+    raise AttributeError(f"module 'vlm_lora.data' has no attribute {name!r}")

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from vlm_lora.data import CaptionDataset, DataError, build_prompt
+from vlm_lora.collate import build_prompt
+from vlm_lora.data import CaptionDataset, DataError
 
 log = logging.getLogger("vlm_lora")
 

@@ -19,7 +19,7 @@ def _probe_logits(model, processor) -> torch.Tensor:
     """Logits [1, T, V] on a fixed grey image and prompt, to check the merge reproduces the adapter."""
     from PIL import Image
 
-    from vlm_lora.data import build_prompt
+    from vlm_lora.collate import build_prompt
 
     size = processor.image_processor.crop_size if hasattr(processor.image_processor, "crop_size") else None
     side = (size or {}).get("height", 224) if isinstance(size, dict) else 224

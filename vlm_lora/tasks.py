@@ -20,7 +20,7 @@ class CaptionTask:
     default_metric = "cider"
 
     def __init__(self, processor, recipe):
-        from vlm_lora.data import make_collator
+        from vlm_lora.collate import make_collator
 
         self.processor = processor
         self.recipe = recipe
