@@ -187,3 +187,31 @@ def test_injection_picks_the_fused_layer_and_plain_linears_stay_loralinear():
     assert "qkv.lora_A.default.weight" in names and "qkv.lora_B.default.weight" in names
     with pytest.raises(ValueError, match="equal slices"):
         FusedLinearLora(nn.Linear(8, 10), "default", SPEC)
+
+
+@pytest.mark.parametrize("factory,strategy", [("timm_vit", "vision_only"), ("open_clip", "vision_only")])
+def test_sliced_adapters_round_trip_through_files_and_checkpoint_restore(factory, strategy, tmp_path):
+    """Per-slice layers (fused qkv, MHA) saved by save_adapter come back identical through
+    load_adapter (fresh model) and restore_weights (resume into an already planned model)."""
+    import vlm_lora
+    from conftest import randomize_adapters
+    from vlm_lora.checkpoint import restore_weights
+    from vlm_lora.tiny_models import FACTORIES
+
+    overrides = {"vision_encoder": {"rank": 4, "targets": ["q", "v"] + (["o"] if factory == "open_clip" else [])}}
+    model = FACTORIES[factory]()
+    plan = vlm_lora.plan(model, strategy, **overrides)
+    plan.apply(model)
+    randomize_adapters(model, seed=11)
+    vlm_lora.save_adapter(model, tmp_path, factory, plan.full_prefixes())
+    images = torch.randn(2, 3, 16, 16)
+    encode = (lambda m: m(images)) if factory == "timm_vit" else (lambda m: m.encode_image(images))
+    with torch.no_grad():
+        expected = encode(model)
+        loaded = FACTORIES[factory]()
+        vlm_lora.load_adapter(loaded, tmp_path)
+        torch.testing.assert_close(encode(loaded), expected, atol=1e-5, rtol=1e-5)
+        resumed = FACTORIES[factory]()
+        vlm_lora.plan(resumed, strategy, **overrides).apply(resumed)
+        restore_weights(resumed, tmp_path)
+        torch.testing.assert_close(encode(resumed), expected, atol=1e-5, rtol=1e-5)

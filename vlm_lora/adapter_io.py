@@ -283,6 +283,20 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
+def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """PEFT target path -> (lora_A [r, in], lora_B [out, r], DoRA magnitude [out] or None)."""
+    return {k[len(PREFIX):-len(".lora_A.weight")]: (v, state[k.replace(".lora_A.", ".lora_B.")],
+                                                    state.get(k.replace(".lora_A.weight", ".lora_magnitude_vector")))
+            for k, v in state.items() if k.endswith(".lora_A.weight")}
+
+
+def take_layer_entries(pairs: dict[str, tuple], path: str) -> dict[str, tuple]:
+    """Remove the pairs of the layer at ``path`` (itself and its sub-paths, e.g. an MHA's
+    ``base_layer.out_proj``) from ``pairs``; returns them keyed by suffix ('' for the layer)."""
+    mine = [t for t in pairs if t == path or t.startswith(path + ".")]
+    return {t[len(path) + 1:]: pairs.pop(t) for t in mine}
+
+
 def read_meta(adapter_dir: str | Path) -> dict:
     """vlm-lora's extras beside the PEFT files (slice layouts, quantization); {} for PEFT-made adapters."""
     return _read_meta(Path(adapter_dir))
@@ -311,9 +325,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     sliced = meta.get("sliced_layers", {})
     modules = dict(model.named_modules())
 
-    # PEFT target path -> (lora_A, lora_B)
-    pairs = {k[len(PREFIX):-len(".lora_A.weight")]: (v, state[k.replace(".lora_A.", ".lora_B.")])
-             for k, v in state.items() if k.endswith(".lora_A.weight")}
+    pairs = lora_pairs(state)
     targets = list(sliced) + [t for t in pairs if not any(t == p or t.startswith(p + ".") for p in sliced)]
     if targets and not any(t in modules for t in targets):
         raise AdapterError(f"this {type(model).__name__} has none of the {len(targets)} modules the adapter targets "
@@ -326,10 +338,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                                f"the adapter was made for {origin!r}")
         specs[path] = AdapterSpec(rank=info["rank"], alpha=info["alpha"], slices=tuple(info["slices"]),
                                   slice_order=tuple(info["slice_order"]))
-        entries[path] = {}
-        for target in [t for t in pairs if t == path or t.startswith(path + ".")]:
-            entries[path][target[len(path) + 1:]] = pairs.pop(target)
-    for path, (lora_a, lora_b) in pairs.items():
+        entries[path] = take_layer_entries(pairs, path)
+    for path, (lora_a, lora_b, magnitude) in pairs.items():
         module = modules.get(path)
         if isinstance(module, LoraLayer):
             module = module.base_layer
@@ -347,7 +357,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         alpha = _pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
         specs[path] = AdapterSpec(rank=rank, alpha=alpha, rslora=bool(config.get("use_rslora")),
                                   variant="dora" if config.get("use_dora") else "lora")
-        entries[path] = {"": (lora_a, lora_b, state.get(f"{PREFIX}{path}.lora_magnitude_vector"))}
+        entries[path] = {"": (lora_a, lora_b, magnitude)}
     try:
         inject_lora(model, specs, adapter_name)
     except TypeError as error:

@@ -71,24 +71,16 @@ def restore_weights(model, adapter_dir: Path) -> None:
     """Copy a saved adapter's tensors (and full modules) into the LoRA layers already in ``model``."""
     from safetensors.torch import load_file
 
-    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME
+    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME, lora_pairs, take_layer_entries
 
-    layers = dict(iter_lora_layers(model))
-    by_length = sorted(layers, key=len, reverse=True)
-    grouped: dict[str, dict] = {}
-    for key, value in load_file(str(adapter_dir / WEIGHTS_NAME)).items():
-        name = key[len(PREFIX):]
-        suffix = next((s for s in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector") if name.endswith(s)),
-                      None)
-        if suffix is None:
-            load_trainable(model, {name: value})
-            continue
-        target = name[: -len(suffix)]
-        path = next(p for p in by_length if target == p or target.startswith(p + "."))
-        grouped.setdefault(path, {}).setdefault(target[len(path) + 1:], {})[suffix] = value
-    for path, subs in grouped.items():
-        layers[path].load_peft("default", {sub: (p[".lora_A.weight"], p[".lora_B.weight"], p.get(".lora_magnitude_vector"))
-                                           for sub, p in subs.items()})
+    state = load_file(str(adapter_dir / WEIGHTS_NAME))
+    pairs = lora_pairs(state)
+    for path, layer in sorted(iter_lora_layers(model), key=lambda item: -len(item[0])):
+        entries = take_layer_entries(pairs, path)
+        if entries:
+            layer.load_peft("default", entries)
+    lora_keys = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
+    load_trainable(model, {k[len(PREFIX):]: v for k, v in state.items() if not any(t in k for t in lora_keys)})
 
 
 def load_trainable(model, state: dict[str, torch.Tensor]) -> None:

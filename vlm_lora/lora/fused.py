@@ -195,6 +195,9 @@ class FusedLinearLora(LoraLayer):
         return [PeftEntry("", lora_a, lora_b, n * spec.rank, self.scaling[name] * n * spec.rank)]  # alpha/rank = s
 
     def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if any(len(pair) > 2 and pair[2] is not None for pair in entries.values()):
+            raise ValueError("a DoRA magnitude vector cannot be loaded into per-slice LoRA")
+        entries = {suffix: tuple(pair[:2]) for suffix, pair in entries.items()}  # (lora_A, lora_B)
         if set(entries) != {""}:
             raise ValueError(f"a fused linear takes one PEFT pair with suffix '', got suffixes {sorted(entries)}")
         peft_a, peft_b = entries[""]

@@ -259,6 +259,9 @@ class LoraMultiheadAttention(LoraLayer):
     def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Inverse of :meth:`peft_export`; also takes ``"out_proj"`` for the out pair. A pair for a part this
         adapter does not have must have a zero product (PEFT's untouched B); ValueError otherwise."""
+        if any(len(pair) > 2 and pair[2] is not None for pair in entries.values()):
+            raise ValueError("a DoRA magnitude vector cannot be loaded into per-slice LoRA")
+        entries = {suffix: tuple(pair[:2]) for suffix, pair in entries.items()}  # (lora_A, lora_B)
         unknown = set(entries) - {"", OUT_SUFFIX, "out_proj"}
         if unknown or {OUT_SUFFIX, "out_proj"} <= set(entries):
             raise ValueError(f"unexpected PEFT suffixes {sorted(entries)} for a MultiheadAttention; "
