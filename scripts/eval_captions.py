@@ -16,8 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlm_lora.errors import USER_ERRORS  # noqa: E402
-from vlm_lora.cli import setup_logging  # noqa: E402
+from vlm_lora.cli import run_reporting_errors  # noqa: E402
 from vlm_lora.eval_cli import add_eval_arguments, run_eval  # noqa: E402
 
 
@@ -25,13 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        run_eval(args)
-    except USER_ERRORS as error:
-        print(f"eval_captions: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors("eval_captions", run_eval, args)
 
 
 if __name__ == "__main__":

@@ -87,17 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_reporting_errors(prog: str, func, args) -> int:
+    """Run ``func(args)``; bad input (recipe, data, adapter, ...) becomes one line on stderr and exit 2."""
     from vlm_lora.errors import USER_ERRORS
 
-    args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        args.func(args)
+        func(args)
     except USER_ERRORS as error:
-        print(f"vlm-lora {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(f"vlm-lora {args.command}", args.func, args)
 
 
 if __name__ == "__main__":
