@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vlm_lora.cli import run_reporting_errors  # noqa: E402
-from vlm_lora.eval_cli import add_eval_arguments, run_eval  # noqa: E402
+from vlm_lora.eval.cli import add_eval_arguments, run_eval  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

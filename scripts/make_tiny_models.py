@@ -33,7 +33,7 @@ def save_tiny_vit(path: Path) -> Path:
 
 
 def main() -> None:
-    from vlm_lora.tiny_models import save_tiny_blip2
+    from vlm_lora.architectures.tiny_models import save_tiny_blip2
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "assets")

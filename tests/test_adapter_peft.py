@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import vlm_lora
 from conftest import randomize_adapters
-from vlm_lora.adapter_io import AdapterError
+from vlm_lora.adapters.peft_format import AdapterError
 
 peft = pytest.importorskip("peft")
 

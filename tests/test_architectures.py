@@ -14,8 +14,8 @@ import vlm_lora.architectures.timm_vit  # noqa: F401
 from vlm_lora import planner
 from vlm_lora.planner import PlanError
 from vlm_lora.policy import STRATEGIES
-from vlm_lora.registry import REGISTRY, detect_architecture
-from vlm_lora.tiny_models import FACTORIES, NUM_QUERY_TOKENS
+from vlm_lora.architectures.registry import REGISTRY, detect_architecture
+from vlm_lora.architectures.tiny_models import FACTORIES, NUM_QUERY_TOKENS
 
 NAMES = list(FACTORIES)
 RANK = 4
@@ -290,7 +290,7 @@ def test_detection(name):
 def test_instructblip_uses_the_blip2_map():
     """InstructBLIP: same paths, plus Q-Former text embeddings and a text FFN (intermediate / output) per
     layer, which belong to ``qformer`` in full mode and are not LoRA targets."""
-    from vlm_lora.tiny_models import tiny_instructblip
+    from vlm_lora.architectures.tiny_models import tiny_instructblip
 
     model = tiny_instructblip()
     arch = detect_architecture(model)
@@ -426,7 +426,7 @@ def test_saved_tiny_blip2_round_trip(tmp_path):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_lora.tiny_models import save_tiny_blip2
+    from vlm_lora.architectures.tiny_models import save_tiny_blip2
 
     save_tiny_blip2(tmp_path)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import ASSET_MODEL
 from vlm_lora.data import (IGNORE_INDEX, CaptionCollator, CaptionDataset, ChatCollator, DataError, build_prompt,
                            load_dataset)
-from vlm_lora.data_formats import infer_format
+from vlm_lora.data.formats import infer_format
 
 N_IMAGE = (48 // 8) ** 2  # tiny-llava: image tokens per 48x48 image
 OVERRIDE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {% for c in m['content'] %}"
@@ -262,7 +262,7 @@ def test_multi_turn_cut_keeps_whole_turns_before(processor, tmp_path):
 def test_blip2_processor_labels_caption_and_eos(tmp_path):
     from transformers import AutoProcessor
 
-    from vlm_lora.tiny_models import NUM_QUERY_TOKENS, save_tiny_blip2
+    from vlm_lora.architectures.tiny_models import NUM_QUERY_TOKENS, save_tiny_blip2
 
     processor = AutoProcessor.from_pretrained(save_tiny_blip2(tmp_path / "blip2"))
     png(tmp_path / "a.png", size=(20, 30)), png(tmp_path / "b.png", "blue")

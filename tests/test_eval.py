@@ -12,9 +12,9 @@ from PIL import Image
 
 from conftest import ASSET_DATA, ASSET_MODEL, randomize_adapters
 from vlm_lora.cli import main
-from vlm_lora.coco import CocoCaptionDataset, is_coco_file, load_caption_data
+from vlm_lora.eval.coco import CocoCaptionDataset, is_coco_file, load_caption_data
 from vlm_lora.data import CaptionDataset, DataError
-from vlm_lora.evaluate import generate_captions, render_prompt
+from vlm_lora.eval.captioning import generate_captions, render_prompt
 from vlm_lora.metrics import score_captions
 from vlm_lora.modeling import load_model_and_processor
 
@@ -106,7 +106,7 @@ def _reference_greedy(model, processor, image, max_new_tokens: int) -> str:
 
 
 def test_one_beam_is_exactly_greedy_and_beams_run(data_dir, adapters):
-    from vlm_lora.adapter_io import load_adapter
+    from vlm_lora.adapters.peft_format import load_adapter
 
     model, processor = load_model_and_processor(str(ASSET_MODEL))
     load_adapter(model, adapters / "a")

@@ -195,8 +195,8 @@ def test_sliced_adapters_round_trip_through_files_and_checkpoint_restore(factory
     load_adapter (fresh model) and restore_weights (resume into an already planned model)."""
     import vlm_lora
     from conftest import randomize_adapters
-    from vlm_lora.checkpoint import restore_weights
-    from vlm_lora.tiny_models import FACTORIES
+    from vlm_lora.train.checkpoint import restore_weights
+    from vlm_lora.architectures.tiny_models import FACTORIES
 
     overrides = {"vision_encoder": {"rank": 4, "targets": ["q", "v"] + (["o"] if factory == "open_clip" else [])}}
     model = FACTORIES[factory]()

@@ -8,7 +8,7 @@ import torch
 
 import vlm_lora
 from conftest import ASSET_MODEL, randomize_adapters
-from vlm_lora.merge import merge_adapter
+from vlm_lora.adapters.merge import merge_adapter
 from vlm_lora.modeling import load_model_and_processor
 
 

@@ -11,7 +11,8 @@ from vlm_lora.data import CaptionCollator, CaptionDataset
 from vlm_lora.modeling import load_model_and_processor
 from vlm_lora.planner import plan
 from vlm_lora.recipe import load_recipe
-from vlm_lora.train import finetune, param_groups
+from vlm_lora.train import finetune
+from vlm_lora.train.optim import param_groups
 
 
 def test_a_few_lora_steps_lower_the_loss_on_a_fixed_batch():
@@ -81,7 +82,7 @@ def test_finetune_writes_adapter_metrics_curve_and_eval(tmp_path):
 
 
 def test_warmup_then_cosine_and_linear_schedules():
-    from vlm_lora.optim import lr_lambda
+    from vlm_lora.train.optim import lr_lambda
 
     cosine = lr_lambda("cosine", warmup=4, total=14)
     assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -93,7 +94,7 @@ def test_warmup_then_cosine_and_linear_schedules():
 
 
 def test_checkpoints_keep_only_the_newest(tmp_path):
-    from vlm_lora.checkpoint import list_checkpoints, save_checkpoint
+    from vlm_lora.train.checkpoint import list_checkpoints, save_checkpoint
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())

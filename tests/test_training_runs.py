@@ -121,8 +121,8 @@ def test_finished_run_is_not_overwritten(tmp_path):
 @pytest.mark.parametrize("factory", ["llava", "blip2_opt"])
 def test_gradient_checkpointing_gives_the_same_gradients(factory):
     import vlm_lora
-    from vlm_lora.tiny_models import FACTORIES
-    from vlm_lora.train import _enable_gradient_checkpointing
+    from vlm_lora.architectures.tiny_models import FACTORIES
+    from vlm_lora.train.loop import _enable_gradient_checkpointing
 
     grads = []
     for checkpointing in (False, True):

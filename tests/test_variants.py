@@ -107,7 +107,7 @@ def test_pissa_olora_init_match_peft_and_save_for_original_base(init, tmp_path):
 
 
 def test_lora_fa_freezes_a_and_loraplus_scales_b(tiny_llava):
-    from vlm_lora.train import param_groups
+    from vlm_lora.train.optim import param_groups
 
     plan = vlm_lora.plan(tiny_llava, "language_only", language_decoder={"variant": "lora_fa"})
     plan.apply(tiny_llava)
@@ -154,7 +154,7 @@ def test_mixed_rslora_exports_as_equivalent_alpha(tiny_llava, tiny_batch, tmp_pa
 def test_fused_modules_reject_dora_at_plan_time():
     pytest.importorskip("vlm_lora.lora.fused")
     from vlm_lora.planner import PlanError
-    from vlm_lora.tiny_models import tiny_timm_vit
+    from vlm_lora.architectures.tiny_models import tiny_timm_vit
 
     with pytest.raises(PlanError, match="variant 'dora'.*not available on fused modules"):
         vlm_lora.plan(tiny_timm_vit(), "vision_only", vision_encoder={"variant": "dora"})
@@ -183,7 +183,7 @@ def test_qlora_forward_equals_peft_bnb_on_the_same_4bit_layer():
 
 def test_4bit_adapter_merge_reports_small_logit_difference(tmp_path):
     from conftest import ASSET_MODEL
-    from vlm_lora.merge import merge_adapter
+    from vlm_lora.adapters.merge import merge_adapter
     from vlm_lora.modeling import load_model_and_processor
     from vlm_lora.quantize import quantize_linears
 

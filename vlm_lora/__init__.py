@@ -6,7 +6,7 @@
 >>> p.apply(model)    # inject adapters, set requires_grad
 """
 
-from vlm_lora.adapter_io import load_adapter, save_adapter
+from vlm_lora.adapters.peft_format import load_adapter, save_adapter
 from vlm_lora.lora import AdapterSpec, LoraLinear, inject_lora, unload_lora
 from vlm_lora.planner import Plan, PlanError, plan
 from vlm_lora.policy import ComponentPolicy, strategies

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from vlm_lora.eval_cli import add_eval_parsers
+from vlm_lora.eval.cli import add_eval_parsers
 
 log = logging.getLogger("vlm_lora")
 
@@ -36,7 +36,7 @@ def cmd_plan(args) -> None:
 
 
 def _load_for_plan(recipe):
-    from vlm_lora.run_setup import load_for_recipe
+    from vlm_lora.train.setup import load_for_recipe
 
     return load_for_recipe(recipe, "cpu")[0]
 
@@ -52,7 +52,7 @@ def _model_on_meta(recipe):
 
 
 def cmd_merge(args) -> None:
-    from vlm_lora.merge import merge_adapter
+    from vlm_lora.adapters.merge import merge_adapter
 
     report = merge_adapter(args.base, args.adapter, args.out, args.dtype)
     print(json.dumps(report))

@@ -14,7 +14,7 @@ from torch import nn
 from vlm_lora.lora import AdapterSpec, inject_lora, iter_lora_layers
 from vlm_lora.lora.shared import link_shared_inputs
 from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
-from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
+from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
 
 class PlanError(ValueError):

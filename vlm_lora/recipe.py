@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from vlm_lora.policy import STRATEGIES, ComponentPolicy
-from vlm_lora.registry import COMPONENTS, NEVER_ADAPTED
+from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED
 
 
 class RecipeError(ValueError):

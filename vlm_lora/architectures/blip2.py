@@ -24,7 +24,7 @@ so ``detect_architecture`` returns ``blip2_opt`` for either until detection can 
 ``language_model`` class; ``blip2_t5`` is registered for explicit use.
 """
 
-from vlm_lora.registry import Architecture, ComponentMap, register
+from vlm_lora.architectures.registry import Architecture, ComponentMap, register
 
 _MAX_QFORMER_LAYERS = 32  # BLIP-2 / InstructBLIP Q-Formers have 12
 

@@ -1,6 +1,6 @@
 """LLaVA (1.5 and NeXT) in transformers 5: CLIP vision tower, MLP projector, Llama-family decoder."""
 
-from vlm_lora.registry import Architecture, ComponentMap, register
+from vlm_lora.architectures.registry import Architecture, ComponentMap, register
 
 _CLIP_VISION_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                         "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}

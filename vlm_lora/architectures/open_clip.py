@@ -12,7 +12,7 @@ component and stay frozen. Blocks built with ``scaled_cosine_attn`` / ``scale_he
 ``Attention`` instead of ``nn.MultiheadAttention`` and are not supported.
 """
 
-from vlm_lora.registry import Architecture, ComponentMap, register
+from vlm_lora.architectures.registry import Architecture, ComponentMap, register
 
 _BLOCK = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
 _MHA = {"attn": ("q", "k", "v", "o")}

@@ -8,7 +8,7 @@ features -> outputs) and, like a connector, is trained in full by every strategy
 same name would match too (its paths differ: plans then fail with "no nn.Linear matched").
 """
 
-from vlm_lora.registry import Architecture, ComponentMap, register
+from vlm_lora.architectures.registry import Architecture, ComponentMap, register
 
 register(Architecture(
     name="timm_vit",

@@ -1,4 +1,11 @@
-"""LoRA layers and the helpers that put them into (and take them out of) a model."""
+"""LoRA layers and the helpers that put them into (and take them out of) a model.
+
+Owns the adapter math: ``LoraLinear``, ``FusedLinearLora`` (per-slice q/k/v in a fused
+projection), ``LoraMultiheadAttention``, the variants (LoRA, DoRA, LoRA-FA) and inits, and the
+shared-input groups. The lowest layer: imports only torch (within the package, ``base`` <-
+``init``/``variants`` <- ``linear`` <- ``fused``/``mha``/``inject``/``shared``); every other
+subpackage may import it.
+"""
 
 from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
 from vlm_lora.lora.inject import inject_lora, iter_lora_layers, register_layer_type, unload_lora

@@ -15,21 +15,21 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from vlm_lora.lora.linear import LoraLinear
+if TYPE_CHECKING:  # type hints only: linear imports this module, never the reverse
+    from vlm_lora.lora.base import LoraLayer
 
 
-def init_kaiming(layer: "LoraLinear", name: str) -> None:
+def init_kaiming(layer: "LoraLayer", name: str) -> None:
     nn.init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
     nn.init.zeros_(layer.lora_B[name].weight)
 
 
-def init_gaussian(layer: "LoraLinear", name: str) -> None:
+def init_gaussian(layer: "LoraLayer", name: str) -> None:
     nn.init.normal_(layer.lora_A[name].weight, std=1 / layer.specs[name].rank)
     nn.init.zeros_(layer.lora_B[name].weight)
 
 
-def _move_principal_part(layer: "LoraLinear", name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+def _move_principal_part(layer: "LoraLayer", name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
     weight = layer.base_layer.weight
     if getattr(weight, "quant_state", None) is not None:
         raise ValueError("PiSSA/OLoRA initialisation needs a full-precision base layer, not a 4-bit one")
@@ -41,7 +41,7 @@ def _move_principal_part(layer: "LoraLinear", name: str, lora_a: torch.Tensor, l
 
 
 @torch.no_grad()
-def init_pissa(layer: "LoraLinear", name: str) -> None:
+def init_pissa(layer: "LoraLayer", name: str) -> None:
     rank, scaling = layer.specs[name].rank, layer.scaling[name]
     u, s, vh = torch.linalg.svd(layer.base_layer.weight.float(), full_matrices=False)
     root = torch.sqrt(s[:rank] / scaling)
@@ -49,12 +49,12 @@ def init_pissa(layer: "LoraLinear", name: str) -> None:
 
 
 @torch.no_grad()
-def init_olora(layer: "LoraLinear", name: str) -> None:
+def init_olora(layer: "LoraLayer", name: str) -> None:
     rank = layer.specs[name].rank
     q, r = torch.linalg.qr(layer.base_layer.weight.float())
     _move_principal_part(layer, name, r[:rank].contiguous(), q[:, :rank].contiguous())
 
 
-INITS: dict[str, Callable[["LoraLinear", str], None]] = {
+INITS: dict[str, Callable[["LoraLayer", str], None]] = {
     "kaiming": init_kaiming, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora,
 }

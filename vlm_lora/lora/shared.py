@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlm_lora.lora.linear import LoraLinear
+
 
 class SharedInputGroup:
     """Links LoRA layers that are always called with the same input tensor."""
@@ -49,8 +51,6 @@ class SharedInputGroup:
 
 def link_shared_inputs(model: nn.Module, groups: list[tuple[str, ...]]) -> int:
     """Group LoRA layers ``<parent>.<leaf>`` for each leaf tuple in ``groups``; returns how many groups."""
-    from vlm_lora.lora.linear import LoraLinear
-
     modules = dict(model.named_modules())
     count = 0
     for leaves in groups:

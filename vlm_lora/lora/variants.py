@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from vlm_lora.lora.linear import LoraLinear
+if TYPE_CHECKING:  # type hints only: linear imports this module, never the reverse
+    from vlm_lora.lora.base import LoraLayer
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -40,7 +40,7 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     return weight.float()
 
 
-def low_rank_update(layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
+def low_rank_update(layer: "LoraLayer", name: str, x: torch.Tensor) -> torch.Tensor:
     """``B A dropout(x)`` [..., out] computed in x's dtype.
 
     The adapter weights are fp32 masters; casting them (r x in, out x r) instead of the
@@ -127,7 +127,7 @@ class _LinearPlusLowRank(torch.autograd.Function):
         return grad_x, grad_hidden, None, None, grad_b
 
 
-def _fused_compute_dtype(layer: "LoraLinear", x: torch.Tensor) -> torch.dtype | None:
+def _fused_compute_dtype(layer: "LoraLayer", x: torch.Tensor) -> torch.dtype | None:
     """The dtype of the one-node path, or None when it does not apply: the base must be a plain
     frozen float linear computing in the activations' dtype, or in the autocast dtype (autocast
     would cast x to it for the base matmul anyway, e.g. after an fp32 LayerNorm)."""
@@ -156,14 +156,14 @@ class LoraVariant:
         nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(lora_B.weight)
 
-    def create(self, layer: "LoraLinear", name: str) -> None:
+    def create(self, layer: "LoraLayer", name: str) -> None:
         """Extra per-adapter state, made after A and B are initialised."""
 
-    def forward_delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def forward_delta(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """[..., out] to add to ``base_out`` for input x [..., in]."""
         return low_rank_update(layer, name, x) * layer.scaling[name]
 
-    def linear_forward(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor | None:
+    def linear_forward(self, layer: "LoraLayer", name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer (base + this adapter) in one node, or None when that path does not apply."""
         dtype = _fused_compute_dtype(layer, x)
         if dtype is None or not isinstance(layer.lora_dropout[name], nn.Identity):
@@ -178,7 +178,7 @@ class LoraVariant:
         base = layer.base_layer
         return _LinearPlusLowRank.apply(x, hidden, base.weight, base.bias, b_scaled)
 
-    def add_to(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def add_to(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """``base_out`` plus this adapter's update; one fused node when there is no dropout."""
         group = layer.shared_group
         if group is not None and group.eligible(name):
@@ -192,11 +192,11 @@ class LoraVariant:
                                      layer.scaling[name])
         return base_out + self.forward_delta(layer, name, x, base_out).to(base_out.dtype)
 
-    def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
+    def delta_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
         """[out, in] fp32 update ``s B A``."""
         return (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
 
-    def merge(self, layer: "LoraLinear", name: str, sign: float) -> None:
+    def merge(self, layer: "LoraLayer", name: str, sign: float) -> None:
         weight = layer.base_layer.weight
         weight.copy_((weight.float() + sign * self.delta_weight(layer, name)).to(weight.dtype))
 
@@ -213,7 +213,7 @@ class DoraVariant(LoraVariant):
 
     name = "dora"
 
-    def create(self, layer: "LoraLinear", name: str) -> None:
+    def create(self, layer: "LoraLayer", name: str) -> None:
         with torch.no_grad():
             norm = self._weight_norm(layer, name)
         magnitude = nn.Parameter(norm.to(layer.lora_A[name].weight.dtype))
@@ -221,7 +221,7 @@ class DoraVariant(LoraVariant):
         module.weight = magnitude  # PEFT's layout: lora_magnitude_vector.<name>.weight
         layer.lora_magnitude_vector[name] = module
 
-    def _weight_norm(self, layer: "LoraLinear", name: str) -> torch.Tensor:
+    def _weight_norm(self, layer: "LoraLayer", name: str) -> torch.Tensor:
         """[out] row norms of W + s B A in fp32, without forming the [out, in] matrix.
 
         ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T, where
@@ -245,13 +245,13 @@ class DoraVariant(LoraVariant):
         lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
         return (cached + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
-    def linear_forward(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> None:
+    def linear_forward(self, layer: "LoraLayer", name: str, x: torch.Tensor) -> None:
         return None
 
-    def forward_delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def forward_delta(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return self.add_to(layer, name, x, base_out) - base_out
 
-    def add_to(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def add_to(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """``b + (m/n) (W x) + (m/n) s B A x`` with the row scale m/n folded into B: one
         [tokens, out] activation (``W x``) is kept for backward, and the add is a GEMM epilogue."""
         dtype = base_out.dtype
@@ -265,13 +265,13 @@ class DoraVariant(LoraVariant):
         out = torch.addmm(scaled.reshape(-1, scaled.shape[-1]), hidden, b_scaled.T)
         return out.view(base_out.shape)
 
-    def merged_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
+    def merged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
         """[out, in] fp32: m * (W + s B A) / ||W + s B A||_row."""
         combined = base_weight(layer.base_layer) + self.delta_weight(layer, name)
         magnitude = layer.lora_magnitude_vector[name].weight.float()
         return combined * (magnitude / combined.norm(p=2, dim=1)).unsqueeze(1)
 
-    def merge(self, layer: "LoraLinear", name: str, sign: float) -> None:
+    def merge(self, layer: "LoraLayer", name: str, sign: float) -> None:
         weight = layer.base_layer.weight
         layer.dora_base_norm_sq.clear()  # the base weight changes
         if sign > 0:

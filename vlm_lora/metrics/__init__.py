@@ -5,7 +5,8 @@
     # {'bleu1': ..., 'bleu2': ..., 'bleu3': ..., 'bleu4': ..., 'rougeL': ..., 'cider': ..., 'n': 1}
 
 Scorers take tokenized strings and return ``(corpus_score, per_sample_scores)``
-like pycocoevalcap's ``compute_score``; ``score_captions`` tokenizes first.
+like pycocoevalcap's ``compute_score``; ``score_captions`` tokenizes first. Imports only the
+standard library; no other part of vlm_lora.
 """
 
 from vlm_lora.metrics.bleu import bleu

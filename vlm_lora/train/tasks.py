@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm_lora.data import IGNORE_INDEX
+from vlm_lora.data.datasets import IGNORE_INDEX
 
 
 class CaptionTask:
@@ -20,7 +20,7 @@ class CaptionTask:
     default_metric = "cider"
 
     def __init__(self, processor, recipe):
-        from vlm_lora.collate import make_collator
+        from vlm_lora.data.collate import make_collator
 
         self.processor = processor
         self.recipe = recipe
@@ -35,7 +35,7 @@ class CaptionTask:
         return model(**batch).loss, self.count_units(batch)
 
     def evaluate(self, model, dataset, desc: str = "eval") -> tuple[dict, list[dict]]:
-        from vlm_lora.evaluate import evaluate_captions
+        from vlm_lora.eval.captioning import evaluate_captions
 
         cfg = self.recipe.train
         return evaluate_captions(model, self.processor, dataset, self.recipe.data.prompt, cfg.eval_batch_size,

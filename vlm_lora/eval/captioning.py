@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from vlm_lora.collate import build_prompt
-from vlm_lora.data import CaptionDataset, DataError
+from vlm_lora.data.collate import build_prompt
+from vlm_lora.data.datasets import CaptionDataset, DataError
 
 log = logging.getLogger("vlm_lora")
 
@@ -98,7 +98,7 @@ def activate_adapter(model, name: str | None) -> None:
 def _snapshot_overwritten(model, adapter_dirs: list[Path]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """(parameter, CPU copy) for every base parameter that some adapter's fully-trained modules
     (``modules_to_save``) overwrite when loaded, so that it can be restored between adapters."""
-    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME
+    from vlm_lora.adapters.peft_format import PREFIX, WEIGHTS_NAME
 
     params = dict(model.named_parameters())
     chosen: dict[str, torch.nn.Parameter] = {}
@@ -119,7 +119,7 @@ def _snapshot_overwritten(model, adapter_dirs: list[Path]) -> list[tuple[torch.n
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
     """Fail early (``AdapterError``) on a folder that is not a loadable adapter."""
-    from vlm_lora.adapter_io import WEIGHTS_NAME, AdapterError, read_adapter_config
+    from vlm_lora.adapters.peft_format import WEIGHTS_NAME, AdapterError, read_adapter_config
 
     adapter_dir = Path(adapter_dir)
     read_adapter_config(adapter_dir)
@@ -139,7 +139,7 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     Returns ``(summary, rows)``: summary ``{label: metrics + "speed"}``, rows one per image
     ``{image, references, predictions: {label: caption}, cider: {label: per-sample CIDEr-D}}``.
     """
-    from vlm_lora.adapter_io import AdapterError, load_adapter
+    from vlm_lora.adapters.peft_format import AdapterError, load_adapter
     from vlm_lora.metrics import score_captions
 
     labels = [base_label] + [label for label, _ in adapters]

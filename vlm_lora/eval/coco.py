@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from vlm_lora.data import CaptionDataset, CaptionExample, DataError
+from vlm_lora.data.datasets import CaptionDataset, CaptionExample, DataError
 
 log = logging.getLogger("vlm_lora")
 

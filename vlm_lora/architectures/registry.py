@@ -1,7 +1,7 @@
 """Architecture registry: which module paths of a model are which VLM component.
 
 Knowledge about architectures is data, not code: one ``Architecture`` entry per model
-family. Each component lists the module-path prefixes it owns and, for LoRA, a map from
+family (the sibling modules of this package; importing the package registers them). Each component lists the module-path prefixes it owns and, for LoRA, a map from
 short target names (``q``, ``v``, ``gate`` ...) to the leaf-module names inside it. Adding a
 model is adding an entry (see ``register``); nothing else changes.
 """
@@ -79,15 +79,13 @@ def register(arch: Architecture) -> Architecture:
 
 def detect_architecture(model: nn.Module) -> Architecture:
     """The registry entry for ``model``, chosen by its class name (and its MRO)."""
-    import vlm_lora.architectures  # noqa: F401  (registers the built-in entries)
-
     for arch in REGISTRY.values():
         if arch.matches(model):
             return arch
     children = ", ".join(name for name, _ in model.named_children()) or "(none)"
     raise ValueError(
         f"vlm-lora has no architecture entry for {type(model).__name__}. Its top-level children are: "
-        f"{children}. Add an entry with vlm_lora.registry.register(Architecture(name=..., "
+        f"{children}. Add an entry with vlm_lora.architectures.registry.register(Architecture(name=..., "
         f"model_classes=({type(model).__name__!r},), components={{'language_decoder': ComponentMap(('<prefix>',), "
         f"{{'q': 'self_attn.q_proj', ...}}), ...}}, never_adapted=(...)))."
     )

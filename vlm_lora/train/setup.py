@@ -31,7 +31,7 @@ class Subset:
 
 
 def _load_data(recipe: Recipe, path: str):
-    from vlm_lora.data import load_dataset
+    from vlm_lora.data.datasets import load_dataset
 
     data = recipe.data
     return load_dataset(path, format=data.format, image_root=data.image_root, prompt=data.prompt,
@@ -42,7 +42,7 @@ def load_for_recipe(recipe: Recipe, device):
     """(model, processor) for the recipe; timm classifiers get a head sized to the training labels."""
     num_classes = None
     if model_source(recipe.model.path) == "timm":
-        from vlm_lora.tasks import classes_of
+        from vlm_lora.train.tasks import classes_of
 
         num_classes = len(classes_of(_load_data(recipe, recipe.data.train)))
     return load_model_and_processor(recipe.model.path, recipe.model.dtype, device, num_classes=num_classes,
@@ -51,8 +51,8 @@ def load_for_recipe(recipe: Recipe, device):
 
 def build_task_and_data(recipe: Recipe, model, processor):
     """(task, train set, eval set or None) for the recipe's model."""
-    from vlm_lora.registry import detect_architecture
-    from vlm_lora.tasks import CaptionTask, ClassificationTask, classes_of
+    from vlm_lora.architectures.registry import detect_architecture
+    from vlm_lora.train.tasks import CaptionTask, ClassificationTask, classes_of
 
     train_set = _load_data(recipe, recipe.data.train)
     eval_set = _load_data(recipe, recipe.data.eval) if recipe.data.eval else None

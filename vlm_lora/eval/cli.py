@@ -34,7 +34,7 @@ def _non_negative(text: str) -> int:
 
 def model_labels(adapters: list[str], names: list[str] | None, base_label: str = "base") -> list[str]:
     """One label per adapter: ``names`` if given, else the adapter paths as typed."""
-    from vlm_lora.adapter_io import AdapterError
+    from vlm_lora.adapters.peft_format import AdapterError
 
     labels = list(names) if names else [str(Path(a)) for a in adapters]
     if len(labels) != len(adapters):
@@ -53,9 +53,9 @@ def run_eval(args) -> dict:
     """Run ``vlm-lora eval`` from parsed arguments; returns what was written as metrics."""
     import torch
 
-    from vlm_lora.adapter_io import AdapterError, load_adapter
-    from vlm_lora.coco import load_caption_data
-    from vlm_lora.evaluate import (check_adapter_dir, compare_models, evaluate_captions, format_metrics,
+    from vlm_lora.adapters.peft_format import AdapterError, load_adapter
+    from vlm_lora.eval.coco import load_caption_data
+    from vlm_lora.eval.captioning import (check_adapter_dir, compare_models, evaluate_captions, format_metrics,
                                    meteor_spice_note, write_predictions)
     from vlm_lora.modeling import load_model_and_processor
 
@@ -87,7 +87,7 @@ def run_eval(args) -> dict:
         print(json.dumps(metrics))
         return metrics
 
-    from vlm_lora.report import write_outputs
+    from vlm_lora.eval.report import write_outputs
 
     summary, rows = compare_models(model, processor, data, list(zip(labels, args.adapter)), **decoding)
     settings = {
@@ -113,7 +113,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from vlm_lora.evaluate import meteor_spice_note, score_prediction_file
+    from vlm_lora.eval.captioning import meteor_spice_note, score_prediction_file
 
     metrics = score_prediction_file(args.predictions)
     print(meteor_spice_note(), file=sys.stderr)

@@ -1,11 +1,10 @@
-"""Training data: image + conversation data sets (``load_dataset``) and the collator that turns them into batches.
+"""Training data sets: image + conversation samples (``load_dataset``).
 
-``load_dataset`` reads any format of ``vlm_lora.data_formats`` into a ``ConversationDataset``; bad samples
+``load_dataset`` reads any format of ``vlm_lora.data.formats`` into a ``ConversationDataset``; bad samples
 (malformed rows, missing or unreadable images) are found when it is built: all reported in one
 ``DataError``, or skipped and counted (``dataset.skipped``) with ``on_bad_sample="skip"``.
 
-The collator that turns them into batches lives in ``vlm_lora.collate``; its names stay importable
-from here.
+The collator that turns them into batches lives in ``vlm_lora.data.collate``.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vlm_lora.data_formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems, read_samples
+from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems, read_samples
 
 __all__ = ["IGNORE_INDEX", "DEFAULT_PROMPT", "DataError", "Problem", "Sample", "CaptionExample",
            "ConversationDataset", "CaptionDataset", "load_dataset", "load_image"]
@@ -83,7 +82,7 @@ class ConversationDataset(Dataset):
 def load_dataset(path: str | Path, format: str = "auto", image_root: str | Path | None = None,
                  prompt: str = DEFAULT_PROMPT, on_bad_sample: str = "error",
                  label_key: str = "label") -> ConversationDataset:
-    """The data at ``path`` (any format of ``vlm_lora.data_formats``) with every image checked.
+    """The data at ``path`` (any format of ``vlm_lora.data.formats``) with every image checked.
 
     Bad samples (malformed rows, missing or unreadable images) are all listed in one ``DataError``,
     or with ``on_bad_sample="skip"`` dropped, kept in ``dataset.skipped`` and logged in one line.
@@ -126,18 +125,3 @@ def _skip_line(path, problems: list[Problem], what: str = "bad sample(s)", shown
     ids = ", ".join(f"{p.where} ({p.reason.split(':')[0]})" for p in problems[:shown])
     more = f" and {len(problems) - shown} more" if len(problems) > shown else ""
     return f"{path}: skipped {len(problems)} {what}: {ids}{more}"
-
-
-# ---------------------------------------------------------------- prompts
-
-
-_COLLATE_NAMES = ("build_prompt", "ChatCollator", "CaptionCollator", "make_collator")
-
-
-def __getattr__(name: str):
-    """``from vlm_lora.data import ChatCollator`` keeps working (imported lazily: collate imports this module)."""
-    if name in _COLLATE_NAMES:
-        from vlm_lora import collate
-
-        return getattr(collate, name)
-    raise AttributeError(f"module 'vlm_lora.data' has no attribute {name!r}")

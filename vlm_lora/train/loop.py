@@ -24,17 +24,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from vlm_lora.adapter_io import save_adapter
-from vlm_lora.checkpoint import (list_checkpoints, load_trainable, load_trainer_state, restore_weights, save_checkpoint,
+from vlm_lora.adapters.peft_format import save_adapter
+from vlm_lora.train.checkpoint import (list_checkpoints, load_trainable, load_trainer_state, restore_weights, save_checkpoint,
                                  set_rng_state)
-from vlm_lora.evaluate import write_predictions
+from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
-from vlm_lora.optim import BatchStream, lr_lambda, make_optimizer, param_groups
-from vlm_lora.plotting import plot_loss
+from vlm_lora.train.optim import BatchStream, lr_lambda, make_optimizer, param_groups
+from vlm_lora.eval.plotting import plot_loss
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
-from vlm_lora.run_log import MetricsWriter, fmt, summary
-from vlm_lora.run_setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe
+from vlm_lora.train.run_log import MetricsWriter, fmt, summary
+from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe
 
 log = logging.getLogger("vlm_lora")
 

@@ -13,9 +13,9 @@ import logging
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vlm_lora.data import (FALLBACK_CHAT_TEMPLATE, FALLBACK_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample,
+from vlm_lora.data.datasets import (FALLBACK_CHAT_TEMPLATE, FALLBACK_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample,
                            _skip_line)
-from vlm_lora.data_formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
+from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
 
 log = logging.getLogger("vlm_lora")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_lora.adapter_io import load_adapter, read_adapter_config, read_meta
+from vlm_lora.adapters.peft_format import load_adapter, read_adapter_config, read_meta
 from vlm_lora.lora import iter_lora_layers, unload_lora
 from vlm_lora.modeling import load_model_and_processor
 
@@ -19,7 +19,7 @@ def _probe_logits(model, processor) -> torch.Tensor:
     """Logits [1, T, V] on a fixed grey image and prompt, to check the merge reproduces the adapter."""
     from PIL import Image
 
-    from vlm_lora.collate import build_prompt
+    from vlm_lora.data.collate import build_prompt
 
     size = processor.image_processor.crop_size if hasattr(processor.image_processor, "crop_size") else None
     side = (size or {}).get("height", 224) if isinstance(size, dict) else 224
@@ -39,7 +39,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     quant = read_meta(adapter_dir).get("quantization")
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
         from vlm_lora.quantize import quantize_linears
-        from vlm_lora.registry import detect_architecture
+        from vlm_lora.architectures.registry import detect_architecture
 
         components = detect_architecture(model).components
         prefixes = [p for c in quant["components"] if c in components for p in components[c].prefixes]

@@ -71,7 +71,7 @@ def restore_weights(model, adapter_dir: Path) -> None:
     """Copy a saved adapter's tensors (and full modules) into the LoRA layers already in ``model``."""
     from safetensors.torch import load_file
 
-    from vlm_lora.adapter_io import PREFIX, WEIGHTS_NAME, lora_pairs, take_layer_entries
+    from vlm_lora.adapters.peft_format import PREFIX, WEIGHTS_NAME, lora_pairs, take_layer_entries
 
     state = load_file(str(adapter_dir / WEIGHTS_NAME))
     pairs = lora_pairs(state)

@@ -1,0 +1,11 @@
+"""Adapters on disk: PEFT-format save/load with base fingerprints, and merged-model export.
+
+Owns ``peft_format`` (``save_adapter``, ``load_adapter``, the base fingerprint that refuses a
+wrong base) and ``merge`` (fold adapters into the base, export a plain transformers model).
+May import lora, architectures, planner, modeling, quantize and data (prompts for the merge
+probe); never eval or train.
+"""
+
+from vlm_lora.adapters.peft_format import AdapterError, load_adapter, save_adapter
+
+__all__ = ["AdapterError", "load_adapter", "save_adapter"]
