@@ -26,11 +26,12 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_plan(args) -> None:
+    from vlm_lora.modeling import model_on_meta
     from vlm_lora.planner import plan
     from vlm_lora.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    model = _model_on_meta(recipe) if args.meta else _load_for_plan(recipe)
+    model = model_on_meta(recipe.model.path, recipe.model.trust_remote_code) if args.meta else _load_for_plan(recipe)
     result = plan(model, recipe.strategy, recipe.components)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
 
@@ -39,16 +40,6 @@ def _load_for_plan(recipe):
     from vlm_lora.train.setup import load_for_recipe
 
     return load_for_recipe(recipe, "cpu")[0]
-
-
-def _model_on_meta(recipe):
-    """The recipe's model built from its config alone on the meta device: no weights, any size, seconds."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def cmd_merge(args) -> None:

@@ -2,8 +2,9 @@
 
 from vlm_lora.adapters.peft_format import AdapterError
 from vlm_lora.data.datasets import DataError
+from vlm_lora.modeling import ModelPathError
 from vlm_lora.planner import PlanError
 from vlm_lora.recipe import RecipeError
 from vlm_lora.train.setup import RunExistsError, TrainingError
 
-USER_ERRORS = (AdapterError, DataError, PlanError, RecipeError, RunExistsError, TrainingError)
+USER_ERRORS = (AdapterError, DataError, ModelPathError, PlanError, RecipeError, RunExistsError, TrainingError)

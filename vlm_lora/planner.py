@@ -239,7 +239,8 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
             raise PlanError(f"components.{cp.component}: variant {spec.variant!r} with init {spec.init!r} is not "
                             f"available on fused modules ({path}); fused qkv / MultiheadAttention slices take "
                             f"variant lora with init kaiming or gaussian")
-        slices = tuple(s for s in order if s in leaves[leaf])
+        named = leaves[leaf]  # a name that is not a slice (``pool`` for an MHA) adapts every slice
+        slices = order if any(t not in order for t in named) else tuple(s for s in order if s in named)
         cp.lora_specs[path] = replace(spec, slices=slices, slice_order=order)
         cp.trainable_params += sum(policy.rank * sum(fused_slice_shape(module, s, order)) for s in slices)
 

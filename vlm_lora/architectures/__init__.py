@@ -7,4 +7,5 @@ May import torch and transformers only; every other subpackage may import it. Im
 package registers the built-in entries.
 """
 
-from vlm_lora.architectures import blip2, llava, open_clip, timm_vit  # noqa: F401
+from vlm_lora.architectures import (blip2, gemma3, idefics3, internvl, llava, mllama, open_clip,  # noqa: F401
+                                    paligemma, qwen2_vl, qwen3_vl, timm_vit)

@@ -71,6 +71,8 @@ def _blip2(name: str, language_decoder: ComponentMap, language_model: str) -> Ar
                     "connector": _CONNECTOR, "language_decoder": language_decoder, "lm_head": _LM_HEAD},
         never_adapted=("vision_model.embeddings.patch_embedding",),
         submodule_classes={"language_model": (language_model,)},
+        fsdp_wrap_classes=("Blip2EncoderLayer", "Blip2QFormerLayer", "InstructBlipEncoderLayer",
+                           "InstructBlipQFormerLayer", "OPTDecoderLayer", "T5Block"),
     )
 
 

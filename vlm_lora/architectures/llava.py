@@ -1,24 +1,30 @@
-"""LLaVA (1.5 and NeXT) in transformers 5: CLIP vision tower, MLP projector, Llama-family decoder."""
+"""LLaVA (1.5, NeXT) and LLaVA-OneVision in transformers 5: a CLIP (1.5, NeXT) or SigLIP (OneVision)
+vision tower, an MLP projector and a Llama / Vicuna / Mistral / Qwen2 decoder. SigLIP's leaves have
+CLIP's names; LLaVA-OneVision's tiles (anyres) change the inputs, not the modules.
 
-from vlm_lora.architectures.registry import Architecture, ComponentMap, register
+- vision encoder ``model.vision_tower.encoder.layers.{i}.self_attn.{q,k,v,out}_proj``, ``.mlp.fc1/fc2``;
+  patch embedding ``model.vision_tower.embeddings.patch_embedding`` (never adapted)
+- connector ``model.multi_modal_projector.linear_1`` / ``.linear_2``
+- language decoder ``model.language_model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``.mlp.{gate,up,down}_proj``
+"""
 
-_CLIP_VISION_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                        "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-_LLAMA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+from vlm_lora.architectures.registry import (ATTN_QKV, CLIP_VISION_TARGETS, LLAMA_TARGETS, MLP_GATE_UP, Architecture,
+                                             ComponentMap, register)
 
-_ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-_MLP_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+VISION_BLOCKS = ("CLIPEncoderLayer", "SiglipEncoderLayer")
+DECODER_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 
 register(Architecture(
     name="llava",
-    model_classes=("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"),
+    model_classes=("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                   "LlavaOnevisionForConditionalGeneration"),
     components={
-        "vision_encoder": ComponentMap(("model.vision_tower",), _CLIP_VISION_TARGETS, shared_inputs=(_ATTN_QKV,)),
+        "vision_encoder": ComponentMap(("model.vision_tower",), CLIP_VISION_TARGETS, shared_inputs=(ATTN_QKV,)),
         "connector": ComponentMap(("model.multi_modal_projector",), {"fc1": "linear_1", "fc2": "linear_2"}),
-        "language_decoder": ComponentMap(("model.language_model",), _LLAMA_TARGETS,
-                                         shared_inputs=(_ATTN_QKV, _MLP_GATE_UP)),
+        "language_decoder": ComponentMap(("model.language_model",), LLAMA_TARGETS,
+                                         shared_inputs=(ATTN_QKV, MLP_GATE_UP)),
         "lm_head": ComponentMap(("lm_head",)),
     },
     never_adapted=("model.vision_tower.embeddings.patch_embedding",),
+    fsdp_wrap_classes=VISION_BLOCKS + DECODER_LAYERS,
 ))

@@ -29,4 +29,5 @@ register(Architecture(
     },
     never_adapted=("visual.conv1",),
     task="contrastive",
+    fsdp_wrap_classes=("ResidualAttentionBlock",),
 ))

@@ -8,9 +8,20 @@ model is adding an entry (see ``register``); nothing else changes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from torch import nn
+
+log = logging.getLogger("vlm_lora")
+
+# Leaf names shared by many families (data the entries reuse).
+ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # one input: a shared-A group
+MLP_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+CLIP_VISION_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                       "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}  # CLIP, SigLIP, Idefics3
+LLAMA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # Llama, Qwen2/3, Gemma
 
 COMPONENTS = ("vision_encoder", "cross_attention", "qformer", "connector", "language_decoder", "lm_head")
 NEVER_ADAPTED = "patch_embedding"
@@ -48,6 +59,8 @@ class Architecture:
     task: str = "caption"  # the training objective: caption (image-to-text) or classify (image classifier)
     # submodule path -> class names one of which it must have (in its MRO), e.g. BLIP-2's language_model
     submodule_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # FSDP wrap units: class names of decoder layers and vision blocks (those present in a model are used)
+    fsdp_wrap_classes: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         if not any(cls.__name__ in self.model_classes for cls in type(model).__mro__):
@@ -78,10 +91,14 @@ def register(arch: Architecture) -> Architecture:
 
 
 def detect_architecture(model: nn.Module) -> Architecture:
-    """The registry entry for ``model``, chosen by its class name (and its MRO)."""
+    """The registry entry for ``model``, chosen by its class name (and its MRO); an unknown
+    ``*ForConditionalGeneration`` with the common child names gets a guessed entry and a warning."""
     for arch in REGISTRY.values():
         if arch.matches(model):
             return arch
+    guess = guess_architecture(model)
+    if guess is not None:
+        return guess
     children = ", ".join(name for name, _ in model.named_children()) or "(none)"
     raise ValueError(
         f"vlm-lora has no architecture entry for {type(model).__name__}. Its top-level children are: "
@@ -89,3 +106,57 @@ def detect_architecture(model: nn.Module) -> Architecture:
         f"model_classes=({type(model).__name__!r},), components={{'language_decoder': ComponentMap(('<prefix>',), "
         f"{{'q': 'self_attn.q_proj', ...}}), ...}}, never_adapted=(...)))."
     )
+
+
+def fsdp_wrap_classes(model: nn.Module) -> tuple[str, ...]:
+    """Class names of ``model``'s FSDP wrap units (decoder layers, vision blocks), as its registry
+    entry names them, keeping only those present in the model (FSDP refuses absent names)."""
+    present = {type(m).__name__ for m in model.modules()}
+    return tuple(name for name in detect_architecture(model).fsdp_wrap_classes if name in present)
+
+
+# The generic fallback: child names shared by most transformers VLMs (under ``model.`` in transformers 5).
+GUESS_CHILDREN = {
+    "vision_encoder": ("vision_tower", "visual", "vision_model"),
+    "connector": ("multi_modal_projector", "connector", "merger"),
+    "language_decoder": ("language_model", "text_model"),
+}
+GUESS_TARGETS = {"vision_encoder": CLIP_VISION_TARGETS, "language_decoder": LLAMA_TARGETS}
+GUESS_SHARED = {"vision_encoder": (ATTN_QKV,), "language_decoder": (ATTN_QKV, MLP_GATE_UP)}
+
+
+def guess_architecture(model: nn.Module) -> Architecture | None:
+    """An entry guessed from child names for an unknown ``*ForConditionalGeneration`` that has a vision
+    and a language child of the common names; None otherwise. Logs a warning naming the guesses."""
+    name = type(model).__name__
+    if not name.endswith("ForConditionalGeneration"):
+        return None
+    found: dict[str, str] = {}
+    for component, children in GUESS_CHILDREN.items():
+        for parent in ("model.", ""):
+            path = next((parent + c for c in children if _has_child(model, parent + c)), None)
+            if path is not None:
+                found[component] = path
+                break
+    if "vision_encoder" not in found or "language_decoder" not in found:
+        return None
+    if _has_child(model, "lm_head"):
+        found["lm_head"] = "lm_head"
+    vision = found["vision_encoder"]
+    convs = tuple(p for p, m in model.named_modules() if (p + ".").startswith(vision + ".")
+                  and isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    components = {c: ComponentMap((path,), GUESS_TARGETS.get(c, {}), shared_inputs=GUESS_SHARED.get(c, ()))
+                  for c, path in found.items()}
+    log.warning("vlm-lora has no entry for %s; guessed from its child names: %s; never adapted: %s. Check the "
+                "plan, then register a proper entry (vlm_lora.architectures.registry.register(Architecture(...)), "
+                "see vlm_lora/architectures/llava.py for an example).", name,
+                ", ".join(f"{c}={p}" for c, p in found.items()), ", ".join(convs) or "(no convolution found)")
+    return Architecture(name=f"guessed:{name}", model_classes=(name,), components=components, never_adapted=convs)
+
+
+def _has_child(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

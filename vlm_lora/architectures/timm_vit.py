@@ -23,4 +23,5 @@ register(Architecture(
     },
     never_adapted=("patch_embed.proj",),
     task="classify",
+    fsdp_wrap_classes=("Block",),
 ))
