@@ -75,7 +75,7 @@ STRATEGIES: dict[str, Strategy] = {
         modes={"vision_encoder": DEFAULT_POLICY["vision_encoder"],
                "language_decoder": DEFAULT_POLICY["language_decoder"], "connector": FULL}),
     "cross_attention": Strategy(
-        description="LoRA r=16 on the Q-Former cross-attention (BLIP-2), connector trained.",
+        description="LoRA r=16 on the cross-attention (BLIP-2 Q-Former, Mllama cross_attn layers), connector trained.",
         modes={"cross_attention": DEFAULT_POLICY["cross_attention"], "connector": FULL}),
     "mm_lora": Strategy(
         description="Separate branches: vision q, v LoRA r=64, language LoRA r=8, connector trained.",
