@@ -128,7 +128,7 @@ def internvl(vocab: int, ids: dict):
 
     vision = {**VISION, "image_size": [IMAGE_SIZE, IMAGE_SIZE], "patch_size": [PATCH, PATCH]}
     return InternVLConfig(vision_config=vision, text_config=_text("qwen2", vocab, ids), downsample_ratio=0.5,
-                          image_token_id=ids["img_context"], image_seq_length=4)
+                          image_token_id=ids["image"], image_seq_length=4)
 
 
 def llava_onevision(vocab: int, ids: dict):
@@ -137,7 +137,8 @@ def llava_onevision(vocab: int, ids: dict):
 
     return LlavaOnevisionConfig(vision_config=_siglip(vision_use_head=False), text_config=_text("qwen2", vocab, ids),
                                 image_token_index=ids["image"], video_token_index=ids["video"],
-                                vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
+                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                vision_aspect_ratio="anyres_max_9",
                                 image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]],
                                 tie_word_embeddings=False)
 
@@ -158,9 +159,10 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str, vocab_size: int = 128):
-    """The tiny config of ``family`` (a key of ``FAMILIES``) for a vocabulary of ``vocab_size`` tokens."""
-    return FAMILIES[family][1](vocab_size, token_ids(vocab_size))
+def tiny_config(family: str, vocab_size: int = 128, ids: dict[str, int] | None = None):
+    """The tiny config of ``family`` (a key of ``FAMILIES``) for a vocabulary of ``vocab_size`` tokens,
+    special tokens at ``ids`` (default: the vocabulary's last ids, ``token_ids(vocab_size)``)."""
+    return FAMILIES[family][1](vocab_size, ids or token_ids(vocab_size))
 
 
 def tiny_family_model(family: str, vocab_size: int = 128, config=None) -> nn.Module:
