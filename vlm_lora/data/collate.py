@@ -18,6 +18,9 @@ from vlm_lora.data.datasets import (FALLBACK_CHAT_TEMPLATE, FALLBACK_TEMPLATE, I
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
 
 log = logging.getLogger("vlm_lora")
+# Prefix-LM processors without a chat template that build labels themselves from ``suffix=`` (the answer):
+# image tokens + BOS + prompt + "\n" is the prefix, the answer + EOS the suffix (``token_type_ids`` 1).
+SUFFIX_PROCESSORS = ("PaliGemmaProcessor",)
 
 
 def _inserts_image_tokens(processor) -> bool:
@@ -71,8 +74,15 @@ class ChatCollator:
     do not fit is a ``DataError`` naming it, or with ``on_bad_sample="skip"`` dropped and counted in
     ``skipped`` (``check_lengths(dataset)`` does this for a whole data set before training).
 
-    Returns right-padded ``input_ids``, ``attention_mask``, ``labels`` [B, T], ``pixel_values``
-    (as the processor returns them, e.g. [B, 3, H, W]) and any other tensors the processor returns.
+    Prefix-LM processors (``SUFFIX_PROCESSORS``, PaliGemma) get the prompt as ``text`` and the answer as
+    ``suffix``; their labels are the processor's (one turn per sample).
+
+    Returns right-padded ``input_ids``, ``attention_mask``, ``labels`` [B, T] and every other tensor the
+    processor returns: per-token ones ([1, T, ...]: ``token_type_ids``, ``mm_token_type_ids``, Mllama's
+    ``cross_attention_mask`` [B, T, images, tiles]) right-padded with zeros; the others (``pixel_values``
+    [B, 3, H, W] or Qwen-VL's flattened patches [N, D], ``image_grid_thw``, ``aspect_ratio_ids``,
+    ``pixel_attention_mask`` ...) concatenated along dim 0, zero-padded first where per-sample shapes
+    differ (different tile or split counts).
     """
 
     def __init__(self, processor, max_length: int | None = None, chat_template: str | None = None,
@@ -87,6 +97,7 @@ class ChatCollator:
         self.on_bad_sample = on_bad_sample
         self.user_prompt = prompt
         self.template = chat_template or getattr(processor, "chat_template", None)
+        self.prefix_lm = not self.template and type(processor).__name__ in SUFFIX_PROCESSORS
         self.plain = not self.template and _inserts_image_tokens(processor)
         if not self.template and not self.plain:
             self.template = FALLBACK_CHAT_TEMPLATE
@@ -192,12 +203,17 @@ class ChatCollator:
         bad, problems, cut = [], [], 0
         for example in dataset.examples:
             size = getattr(example, "image_size", None) or _image_size(example)
-            texts, add_special, full, bounds = self._layout(example)
-            shift = self._image_shift(texts[0], add_special, size)
-            spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
+            if self.prefix_lm:
+                encoded = self._encode_suffix(Image.new("RGB", tuple(size)), example)
+                total, spans = encoded["input_ids"].shape[1], _label_spans(encoded["labels"][0])
+            else:
+                texts, add_special, full, bounds = self._layout(example)
+                shift = self._image_shift(texts[0], add_special, size)
+                spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
+                total = shift + len(full)
             try:
-                kept, _ = self._fit(example, spans, shift + len(full))
-                cut += kept < shift + len(full)
+                kept, _ = self._fit(example, spans, total)
+                cut += kept < total
             except _Skip as error:
                 bad.append(example)
                 problems.append(error.problem)
@@ -218,38 +234,63 @@ class ChatCollator:
     # -- encoding
 
     def encode(self, image: Image.Image, example) -> dict[str, torch.Tensor]:
-        """One sample: ``input_ids``, ``attention_mask``, ``labels`` [T] (and any other per-token tensor [T]);
-        the processor's other tensors (``pixel_values`` [1, 3, H, W], ...) as it returns them."""
-        texts, add_special, full, bounds = self._layout(example)
-        encoded = self.processor(images=[image], text=[texts[-1]], return_tensors="pt", add_special_tokens=add_special)
-        ids = encoded["input_ids"][0]
-        total = ids.shape[0]
-        shift = total - len(full)  # tokens the processor added in front of the answers: image expansion, BOS
-        if shift < 0 or ids[shift + bounds[0]:].tolist() != full[bounds[0]:]:
-            raise DataError(f"{_where(example)}: the processor changed text tokens after the image placeholder; "
-                            "cannot align the labels")
-        spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
+        """One sample: ``input_ids``, ``attention_mask``, ``labels`` [T] (and any other per-token tensor
+        [T, ...]); the processor's other tensors (``pixel_values`` [1, 3, H, W], ...) as it returns them."""
+        return self._encode(image, example)[0]
+
+    def _encode(self, image: Image.Image, example) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """(``encode``'s dict, the keys of its per-token tensors)."""
+        if self.prefix_lm:
+            encoded = self._encode_suffix(image, example)
+            ids = encoded["input_ids"][0]
+            total, spans = ids.shape[0], _label_spans(encoded["labels"][0])
+        else:
+            texts, add_special, full, bounds = self._layout(example)
+            encoded = self.processor(images=[image], text=[texts[-1]], return_tensors="pt",
+                                     add_special_tokens=add_special)
+            ids = encoded["input_ids"][0]
+            total = ids.shape[0]
+            shift = total - len(full)  # tokens the processor added in front of the answers: image expansion, BOS
+            if shift < 0 or ids[shift + bounds[0]:].tolist() != full[bounds[0]:]:
+                raise DataError(f"{_where(example)}: the processor changed text tokens after the image placeholder; "
+                                "cannot align the labels")
+            spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
         kept, spans = self._fit(example, spans, total)
         if kept < total:
             self.truncated.append(_problem(example, "").id)
         labels = torch.full((kept,), IGNORE_INDEX, dtype=torch.long)
         for start, end in spans:
             labels[start:end] = ids[start:end]
-        out = {"input_ids": ids[:kept], "labels": labels}
+        out, per_token = {"input_ids": ids[:kept], "labels": labels}, {"input_ids", "labels"}
         for key, value in encoded.items():
-            if key != "input_ids" and isinstance(value, torch.Tensor):
-                per_token = value.dim() == 2 and tuple(value.shape) == (1, total)
-                out[key] = value[0, :kept] if per_token else value
-        return out
+            if key in out or not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() >= 2 and tuple(value.shape[:2]) == (1, total):
+                out[key] = value[0, :kept]
+                per_token.add(key)
+            else:
+                out[key] = value
+        return out, per_token
+
+    def _encode_suffix(self, image: Image.Image, example) -> dict[str, torch.Tensor]:
+        """A prefix-LM processor's encoding of the one turn of ``example``: prompt as text, answer as suffix."""
+        _, turns = self.conversation(example)
+        if len(turns) != 1:
+            raise DataError(f"{_where(example)}: {type(self.processor).__name__} takes one prompt and one answer "
+                            f"per image, this sample has {len(turns)} turns")
+        (prompt, answer), = turns
+        return self.processor(images=[image], text=[prompt], suffix=[answer], return_tensors="pt")
 
     def __call__(self, items: list[tuple[Image.Image | None, Sample | CaptionExample]]) -> dict[str, torch.Tensor]:
-        encoded, dropped = [], []
+        encoded, dropped, per_token = [], [], set()
         for image, example in items:
             if image is None:  # the data set skipped it (unreadable image) and logged why
                 dropped.append(_problem(example, "image could not be loaded"))
                 continue
             try:
-                encoded.append(self.encode(image, example))
+                sample, keys = self._encode(image, example)
+                encoded.append(sample)
+                per_token |= keys
             except _Skip as error:
                 if self.on_bad_sample == "error":
                     raise DataError(f"{error.problem} (call collator.check_lengths(dataset) to find all such "
@@ -262,18 +303,19 @@ class ChatCollator:
         if not encoded:
             raise DataError("every sample of a batch was skipped (" + "; ".join(map(str, dropped)) +
                             "); call collator.check_lengths(dataset) before training")
-        return self._pad(encoded)
+        return self._pad(encoded, per_token)
 
-    def _pad(self, encoded: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad the per-token [T] tensors to [B, T_max]; concatenate the others along dim 0."""
-        width = max(e["input_ids"].shape[0] for e in encoded)
+    def _pad(self, encoded: list[dict], per_token: set[str]) -> dict[str, torch.Tensor]:
+        """Right-pad the per-token [T, ...] tensors to [B, T_max, ...]; concatenate the others along dim 0
+        (zero-padded to a common shape first when they differ and each is one sample's [1, ...])."""
         fill = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
         batch = {}
         for key in encoded[0]:
             values = [e[key] for e in encoded]
-            if values[0].dim() == 1:
-                batch[key] = torch.stack([torch.nn.functional.pad(v, (0, width - v.shape[0]), value=fill.get(key, 0))
-                                          for v in values])
+            if key in per_token:
+                batch[key] = torch.stack(_pad_to_common(values, fill.get(key, 0)))
+            elif len({v.shape[1:] for v in values}) > 1 and all(v.shape[0] == 1 for v in values):
+                batch[key] = torch.cat(_pad_to_common(values, 0))
             else:
                 batch[key] = torch.cat(values)
         return batch
@@ -294,6 +336,22 @@ class CaptionCollator(ChatCollator):
         if not getattr(example, "captions", None):
             raise DataError(f"{_where(example)}: no caption to train on")
         return None, [(self.user_prompt, example.captions[0])]
+
+
+def _pad_to_common(values: list[torch.Tensor], fill) -> list[torch.Tensor]:
+    """Each tensor padded at the end of every dim with ``fill`` to the largest size of that dim."""
+    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+    out = []
+    for v in values:
+        pad = [p for d in reversed(range(v.dim())) for p in (0, shape[d] - v.shape[d])]
+        out.append(torch.nn.functional.pad(v, pad, value=fill) if any(pad) else v)
+    return out
+
+
+def _label_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of the one run of labelled (not ``IGNORE_INDEX``) positions of a prefix-LM sample."""
+    where = (labels != IGNORE_INDEX).nonzero().flatten()
+    return [(int(where[0]), int(where[-1]) + 1)] if len(where) else []
 
 
 def _problem(example, reason: str) -> Problem:
