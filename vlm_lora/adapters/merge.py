@@ -14,19 +14,25 @@ from vlm_lora.modeling import load_model_and_processor
 log = logging.getLogger("vlm_lora")
 
 
-@torch.no_grad()
-def _probe_logits(model, processor) -> torch.Tensor:
-    """Logits [1, T, V] on a fixed grey image and prompt, to check the merge reproduces the adapter."""
+PROBE_SIZE = 256  # px; each processor resizes, tiles or splits it as it does its training images
+
+
+def probe_batch(processor) -> dict:
+    """A fixed input built by the model's own processor: a 256 px grey-level ramp image and the chat
+    prompt "Describe the image." (input_ids [1, T], pixel_values and the family's other tensors)."""
     from PIL import Image
 
     from vlm_lora.data.collate import build_prompt
 
-    size = processor.image_processor.crop_size if hasattr(processor.image_processor, "crop_size") else None
-    side = (size or {}).get("height", 224) if isinstance(size, dict) else 224
-    image = Image.new("RGB", (side, side), (128, 96, 160))
-    batch = processor(images=[image], text=[build_prompt(processor, "Describe the image.")], return_tensors="pt")
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    image = Image.linear_gradient("L").resize((PROBE_SIZE, PROBE_SIZE)).convert("RGB")
+    return dict(processor(images=[image], text=[build_prompt(processor, "Describe the image.")], return_tensors="pt"))
+
+
+@torch.no_grad()
+def _probe_logits(model, processor) -> torch.Tensor:
+    """Logits [1, T, V] on ``probe_batch``, to check the merge reproduces the adapter."""
+    batch = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+             for k, v in probe_batch(processor).items() if isinstance(v, torch.Tensor)}
     return model(**batch).logits.float()
 
 
