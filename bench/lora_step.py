@@ -1,10 +1,12 @@
 """Time one LoRA training step against the frozen model's floor and PEFT, in one process.
 
-Every variant trains the same LLaVA-shaped model (random weights) on the same batch:
+Every variant trains the same LLaVA-shaped (or, ``--preset qwen2.5-vl-7b``, Qwen2.5-VL-shaped) model
+(random weights) on the same batch:
 
   floor            base frozen, connector trained (forward + activation-grad backward)
   peft / vlm_lora  LoRA r=16 on all language-decoder linears + connector (PEFT: modules_to_save)
-  *_vision         plus vision q/v LoRA r=64 (floor_vision: backward runs through the vision tower)
+  *_vision         plus vision q/v LoRA r=64 (floor_vision: backward runs through the vision tower); on
+                   Qwen-VL's fused ``attn.qkv`` vlm-lora adapts the q and v slices, PEFT the whole qkv
   *_dora           DoRA instead of LoRA
   *_gc             gradient checkpointing on the language decoder
   *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
@@ -15,6 +17,7 @@ line of ratios to the matching floor. Examples::
     python bench/lora_step.py                                   # CPU preset, about a minute on 2 cores
     python bench/lora_step.py --device cuda --preset llava-7b   # design-notes shapes, bf16 autocast
     python bench/lora_step.py --preset tiny --steps 1 --warmup 0 # CI smoke test
+    python bench/lora_step.py --device cuda --preset qwen2.5-vl-7b --variants floor,peft,vlm_lora,floor_vision,peft_vision,vlm_lora_vision
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ PRESETS = {
     "tiny": dict(vh=32, vl=2, img=16, patch=8, th=64, tl=2, inter=128, vocab=128, batch=2, text=8),
     "cpu": dict(vh=256, vl=4, img=64, patch=8, th=512, tl=6, inter=1376, vocab=8192, batch=4, text=65),
     "llava-7b": dict(vh=1024, vl=24, img=336, patch=14, th=4096, tl=32, inter=11008, vocab=32064, batch=4, text=128),
+    # Qwen2.5-VL: patch 14, 2 x 2 merge; 728 px images -> 52 x 52 patches -> 676 image tokens per sample
+    "qwen-tiny": dict(arch="qwen2_5_vl", vh=32, vl=2, img=16, patch=4, th=48, tl=2, inter=96, vocab=160, batch=2,
+                      text=8),
+    "qwen2.5-vl-7b": dict(arch="qwen2_5_vl", img=728, patch=14, batch=4, text=128, published="Qwen/Qwen2.5-VL-7B-Instruct"),
+}
+# per model kind: connector child of ``model.model``, PEFT target regexes, the patch embedding path
+ARCH = {
+    "llava": dict(connector="multi_modal_projector", vision_qv=r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q|v)_proj",
+                  vision_rank=r"vision_tower.*", patch="model.vision_tower.embeddings.patch_embedding"),
+    "qwen2_5_vl": dict(connector="visual.merger", vision_qv=r"model\.visual\.blocks\.\d+\.attn\.qkv",
+                       vision_rank=r"visual\.blocks.*", patch="model.visual.patch_embed"),
 }
 ALL_VARIANTS = ["floor", "peft", "vlm_lora", "floor_vision", "peft_vision", "vlm_lora_vision",
                 "peft_dora", "vlm_lora_dora", "floor_gc", "peft_gc", "vlm_lora_gc", "peft_qlora", "vlm_lora_qlora"]
@@ -39,6 +53,8 @@ LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|ml
 
 
 def build_model(p: dict, device: str, dtype: torch.dtype):
+    if p.get("arch") == "qwen2_5_vl":
+        return build_qwen(p, device, dtype)
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=p["vh"], intermediate_size=4 * p["vh"], num_hidden_layers=p["vl"],
@@ -58,7 +74,53 @@ def build_model(p: dict, device: str, dtype: torch.dtype):
     return model.train()  # training mode: gradient checkpointing only acts in train mode (no dropout here)
 
 
+def build_qwen(p: dict, device: str, dtype: torch.dtype):
+    """Qwen2.5-VL from its published 7B hyperparameters (``published``) or the tiny sizes of ``p``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if "published" in p:
+        from vlm_lora.architectures.published_configs import published_config
+
+        config = published_config(p["published"])
+    else:
+        text = dict(hidden_size=p["th"], intermediate_size=p["inter"], num_hidden_layers=p["tl"], num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=p["vocab"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2]})
+        vision = dict(depth=p["vl"], hidden_size=p["vh"], intermediate_size=2 * p["vh"], num_heads=4, patch_size=p["patch"],
+                      out_hidden_size=p["th"], window_size=2 * 2 * p["patch"], fullatt_block_indexes=[p["vl"] - 1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=p["vocab"] - 1,
+                                  video_token_id=p["vocab"] - 2, vision_start_token_id=p["vocab"] - 3)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        torch.set_default_dtype(default)
+    return model.train()
+
+
+def make_qwen_batch(p: dict, model, device: str, dtype: torch.dtype) -> dict:
+    """One image per sample as flattened 2-frame patches [B * side^2, 3 * 2 * patch^2], ``image_grid_thw``,
+    then ``text`` tokens; labels on the text."""
+    config, side = model.config, p["img"] // p["patch"]
+    n_image = side * side // 4
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vision_start_token_id, (p["batch"], 1 + n_image + p["text"]), generator=g)
+    ids[:, 0] = config.vision_start_token_id
+    ids[:, 1:1 + n_image] = config.image_token_id
+    labels = ids.clone()
+    labels[:, :1 + n_image] = -100
+    pixels = torch.randn(p["batch"] * side * side, 3 * 2 * p["patch"] ** 2, generator=g)
+    grid = torch.tensor([[1, side, side]] * p["batch"])
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device),
+            "pixel_values": pixels.to(device, dtype), "image_grid_thw": grid.to(device),
+            "mm_token_type_ids": (ids == config.image_token_id).int().to(device)}
+
+
 def make_batch(p: dict, model, device: str, dtype: torch.dtype) -> dict:
+    if p.get("arch") == "qwen2_5_vl":
+        return make_qwen_batch(p, model, device, dtype)
     n_image = (p["img"] // p["patch"]) ** 2
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, p["vocab"] - 1, (p["batch"], n_image + p["text"]), generator=g)
@@ -78,7 +140,7 @@ def split_variant(variant: str) -> tuple[str, str]:
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(ALL_VARIANTS)}")
 
 
-def setup_variant(model, variant: str):
+def setup_variant(model, variant: str, arch: dict):
     """Make ``model`` trainable as ``variant``; returns (model to step, undo callable)."""
     family, kind = split_variant(variant)
     model.requires_grad_(False)
@@ -88,9 +150,9 @@ def setup_variant(model, variant: str):
         model.enable_input_require_grads()
         undo.append(model.model.language_model.gradient_checkpointing_disable)
     if family == "floor":
-        model.model.multi_modal_projector.requires_grad_(True)
+        model.model.get_submodule(arch["connector"]).requires_grad_(True)
         if kind == "vision":  # activations of the vision tower need grad, so backward walks it
-            hook = model.model.vision_tower.embeddings.patch_embedding.register_forward_hook(
+            hook = model.get_submodule(arch["patch"]).register_forward_hook(
                 lambda m, i, o: o.requires_grad_(True))
             undo.append(hook.remove)
         return model, undo
@@ -99,11 +161,11 @@ def setup_variant(model, variant: str):
 
         targets, ranks = LM_TARGETS, {}
         if kind == "vision":
-            targets = rf"({LM_TARGETS})|(model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q|v)_proj)"
-            ranks = {r"vision_tower.*": 64}
+            targets = rf"({LM_TARGETS})|({arch['vision_qv']})"
+            ranks = {arch["vision_rank"]: 64}
         config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, rank_pattern=ranks,
                             alpha_pattern={k: 2 * v for k, v in ranks.items()}, lora_dropout=0.0,
-                            modules_to_save=["multi_modal_projector"], use_dora=kind == "dora")
+                            modules_to_save=[arch["connector"].split(".")[-1]], use_dora=kind == "dora")
         peft_model = get_peft_model(model, config)
         undo.append(lambda: peft_model.unload())
         return peft_model, undo
@@ -197,6 +259,7 @@ def main() -> None:
     variants = [v for v in variants if not v.endswith("qlora")] + [v for v in variants if v.endswith("qlora")]
 
     model = build_model(p, args.device, dtype)
+    arch = ARCH[p.get("arch", "llava")]
     batch = make_batch(p, model, args.device, dtype)
     tokens = batch["input_ids"].numel()
     shape = {"preset": preset, "batch": p["batch"], "seq": batch["input_ids"].shape[1],
@@ -207,7 +270,7 @@ def main() -> None:
         if variant.endswith("qlora") and not quantized:
             quantize_language_decoder(model)
             quantized = True
-        step_model, undo = setup_variant(model, variant)
+        step_model, undo = setup_variant(model, variant, arch)
         result = time_variant(step_model, batch, args.device, autocast, steps, warmup)
         if args.profile_dir:
             profile_variant(step_model, batch, args.device, autocast, f"{args.profile_dir}/profile_{variant}.txt")

@@ -26,3 +26,16 @@ def test_bench_smoke_prints_one_json_line_per_variant_and_ratios(tmp_path):
                            str(tmp_path / "chart.png")], capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr[-2000:]
     assert (tmp_path / "chart.png").stat().st_size > 10_000
+
+
+def test_bench_qwen_preset_runs_floor_peft_and_vlm_lora_side_by_side():
+    """The Qwen2.5-VL path of the bench (flattened patches, image_grid_thw, fused-qkv vision LoRA) on tiny shapes."""
+    variants = ["floor", "peft", "vlm_lora", "floor_vision", "peft_vision", "vlm_lora_vision"]
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "lora_step.py"), "--preset", "qwen-tiny", "--steps",
+                             "1", "--warmup", "0", "--variants", ",".join(variants)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["variant"]: r for r in map(json.loads, result.stdout.splitlines()[:-1])}
+    assert list(rows) == variants and rows["floor"]["seq"] == 1 + 4 + 8  # vision start + 4 image + 8 text tokens
+    assert rows["peft"]["trainable"] == rows["vlm_lora"]["trainable"] > rows["floor"]["trainable"]
+    assert rows["vlm_lora_vision"]["trainable"] > rows["vlm_lora"]["trainable"]
