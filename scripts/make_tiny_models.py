@@ -12,7 +12,7 @@ Both are random init (seeded): the recipes show the mechanics, not pretrained qu
 ``--family NAME --out DIR`` writes instead a tiny random-init model of a modern VLM family with its
 processor (offline byte-level BPE tokenizer, the family's image processor at 16-32 px, a chat template
 in the family's style) to DIR; NAME is one of qwen2_vl qwen2_5_vl qwen3_vl gemma3 paligemma idefics3
-smolvlm mllama internvl llava_onevision::
+smolvlm mllama internvl llava_onevision (or open_clip: a tiny open_clip CLIP folder)::
 
     python scripts/make_tiny_models.py --family qwen2_5_vl --out /tmp/tiny-qwen2_5_vl
 """
@@ -40,13 +40,17 @@ def save_tiny_vit(path: Path) -> Path:
 
 
 def main() -> None:
-    from vlm_lora.architectures.tiny_models import save_tiny_blip2
+    from vlm_lora.architectures.tiny_models import save_tiny_blip2, save_tiny_open_clip
     from vlm_lora.architectures.tiny_processors import STYLE, save_tiny_family
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "assets")
-    parser.add_argument("--family", choices=sorted(STYLE), help="write only a tiny model of this family to --out")
+    parser.add_argument("--family", choices=sorted(STYLE) + ["open_clip"],
+                        help="write only a tiny model of this family to --out")
     args = parser.parse_args()
+    if args.family == "open_clip":
+        print("wrote", save_tiny_open_clip(args.out))
+        return
     if args.family:
         print("wrote", save_tiny_family(args.family, args.out))
         return

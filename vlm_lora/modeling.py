@@ -1,8 +1,10 @@
 """Load a base model and its processor: transformers folders or hub ids, timm folders.
 
 A loader is chosen by what the folder holds (data, not guesses): a transformers
-``config.json`` has ``model_type``; a timm one has ``architecture``. ``timm:<name>`` loads a
-timm model by name (hub weights when online, random init with ``timm:<name>?random``).
+``config.json`` has ``model_type``; a timm one has ``architecture``; an open_clip folder has
+``open_clip_config.json``. ``timm:<name>`` loads a timm model by name (hub weights when online,
+random init with ``timm:<name>?random``); ``open_clip:<name>`` an open_clip model by name or
+``hf-hub:`` id (``open_clip:<name>?random``: no pretrained weights).
 A transformers path is resolved first (:func:`resolve_config`), so that a path that names nothing
 fails in seconds with one line saying what to do, not after a minute of download retries.
 """
@@ -27,10 +29,20 @@ class ModelPathError(ValueError):
     """A model path that is neither a local model folder nor a hub model that can be reached."""
 
 
+class ClipProcessor:
+    """An open_clip model's "processor": ``preprocess`` (PIL image -> [3, H, W]) and ``tokenizer``
+    (list of texts -> [N, context_length] token ids)."""
+
+    def __init__(self, preprocess, tokenizer):
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+
+
 def model_source(path: str) -> str:
-    """'timm' or 'transformers' for a model path."""
+    """'timm', 'open_clip' or 'transformers' for a model path."""
     if path.startswith("timm:"):
         return "timm"
+    if path.startswith("open_clip:") or (Path(path) / "open_clip_config.json").is_file():
+        return "open_clip"
     config = Path(path) / "config.json"
     if config.is_file():
         data = json.loads(config.read_text())
@@ -121,12 +133,28 @@ def load_model_and_processor(path: str, dtype: str = "float32", device: str | to
     """
     if model_source(path) == "timm":
         return _load_timm(path, dtype, device, num_classes)
+    if model_source(path) == "open_clip":
+        return _load_open_clip(path, dtype, device)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     resolve_config(path, trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), processor
+
+
+def _load_open_clip(path: str, dtype: str, device):
+    import open_clip
+
+    if path.startswith("open_clip:"):
+        name, _, option = path[len("open_clip:"):].partition("?")
+        pretrained = None if option == "random" else (open_clip.list_pretrained_tags_by_model(name) or [None])[0]
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    else:
+        name = f"local-dir:{path}"
+        model, _, preprocess = open_clip.create_model_and_transforms(name)
+    processor = ClipProcessor(preprocess, open_clip.get_tokenizer(name))
+    return model.to(device=device, dtype=DTYPES[dtype]).eval(), processor
 
 
 def _load_timm(path: str, dtype: str, device, num_classes: int | None):

@@ -94,6 +94,31 @@ def tiny_open_clip() -> nn.Module:
     return CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
 
 
+OPEN_CLIP_CFG = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "mlp_ratio": 2,
+                                                 "patch_size": 8, "image_size": 32},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 24, "heads": 4, "layers": 2,
+                              "mlp_ratio": 2}}
+
+
+def save_tiny_open_clip(path: str | Path) -> Path:
+    """Save a tiny open_clip ``CLIP`` (32 px, vision 2 x 32, text 2 x 24 over open_clip's BPE vocabulary)
+    as ``open_clip_config.json`` + ``open_clip_model.safetensors``; ``open_clip.create_model_and_transforms(
+    "local-dir:<path>")`` loads it."""
+    import json
+
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = CLIP(**OPEN_CLIP_CFG)
+    config = {"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    (path / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    return path
+
+
 def tiny_llava() -> nn.Module:
     """The LLaVA of ``tests/conftest.py``: 2-layer CLIP tower (32), 2-layer Llama (48, GQA 4/2)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

@@ -52,7 +52,7 @@ def load_for_recipe(recipe: Recipe, device):
 def build_task_and_data(recipe: Recipe, model, processor):
     """(task, train set, eval set or None) for the recipe's model."""
     from vlm_lora.architectures.registry import detect_architecture
-    from vlm_lora.train.tasks import CaptionTask, ClassificationTask, classes_of
+    from vlm_lora.train.tasks import CaptionTask, ClassificationTask, ContrastiveTask, classes_of
 
     train_set = _load_data(recipe, recipe.data.train)
     eval_set = _load_data(recipe, recipe.data.eval) if recipe.data.eval else None
@@ -61,6 +61,8 @@ def build_task_and_data(recipe: Recipe, model, processor):
         task = ClassificationTask(processor, classes_of(train_set), recipe)
     elif kind == "caption":
         task = CaptionTask(processor, recipe)
+    elif kind == "contrastive":
+        task = ContrastiveTask(processor, classes_of(train_set), recipe)
     else:
         raise TrainingError(f"vlm-lora finetune has no {kind!r} objective yet; plan and adapt the model through the "
                             f"Python API (vlm_lora.plan(model, ...).apply(model)) and train it in your own loop")

@@ -1,4 +1,5 @@
-"""Training objectives per architecture: captioning (LLaVA, BLIP-2) and classification (timm ViT).
+"""Training objectives per architecture: captioning (LLaVA, BLIP-2, ...), classification (timm ViT) and
+image-text contrastive learning (open_clip).
 
 A task turns data-set items into batches, computes the loss of a batch with the number of
 units it averages over (answer tokens or images, so gradient accumulation can weight
@@ -81,6 +82,60 @@ class ClassificationTask:
             correct += int((predicted == batch["labels"]).sum())
             for offset, p in enumerate(predicted.tolist()):
                 example = dataset.examples[start + offset]
+                rows.append({"image": str(example.image_path), "prediction": self.classes[p], "label": example.label})
+        model.train(was_training)
+        return {"accuracy": correct / len(dataset), "n": len(dataset)}, rows
+
+
+class ContrastiveTask:
+    """Symmetric image-text InfoNCE (CLIP's loss) over the batch with the model's own ``logit_scale``;
+    eval = zero-shot classification accuracy: each image against one text per class.
+
+    The texts are each sample's first caption; a class's text is ``data.prompt`` with ``{label}`` filled
+    in when the prompt has that field, else ``"a photo of {label}."``.
+    """
+
+    name = "contrastive"
+    default_metric = "accuracy"
+    CLASS_TEMPLATE = "a photo of {label}."
+
+    def __init__(self, processor, classes: list[str], recipe):
+        self.processor, self.classes, self.recipe = processor, classes, recipe
+        self.index = {c: i for i, c in enumerate(classes)}
+        prompt = recipe.data.prompt
+        self.template = prompt if "{label}" in prompt else self.CLASS_TEMPLATE
+
+    def collate(self, items) -> dict:
+        """``pixel_values`` [B, 3, H, W], ``input_ids`` [B, context_length] (first captions)."""
+        images = torch.stack([self.processor.preprocess(image) for image, _ in items])
+        texts = self.processor.tokenizer([example.captions[0] for _, example in items])
+        return {"pixel_values": images, "input_ids": texts}
+
+    def count_units(self, batch: dict) -> int:
+        return batch["pixel_values"].shape[0]
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        image, text, scale = model(batch["pixel_values"], batch["input_ids"])[:3]  # normalized [B, D], exp(scale)
+        logits = scale * image.float() @ text.float().T  # [B images, B texts]
+        target = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return loss, logits.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, model, dataset, desc: str = "eval") -> tuple[dict, list[dict]]:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        prompts = self.processor.tokenizer([self.template.format(label=c) for c in self.classes]).to(device)
+        class_features = F.normalize(model.encode_text(prompts).float(), dim=-1)  # [C, D]
+        rows, correct = [], 0
+        size = self.recipe.train.eval_batch_size
+        for start in range(0, len(dataset), size):
+            items = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+            images = torch.stack([self.processor.preprocess(image) for image, _ in items]).to(device)
+            predicted = (F.normalize(model.encode_image(images).float(), dim=-1) @ class_features.T).argmax(-1)
+            for (_, example), p in zip(items, predicted.tolist()):
+                correct += self.classes[p] == str(example.label)
                 rows.append({"image": str(example.image_path), "prediction": self.classes[p], "label": example.label})
         model.train(was_training)
         return {"accuracy": correct / len(dataset), "n": len(dataset)}, rows
