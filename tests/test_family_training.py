@@ -82,6 +82,7 @@ def test_family_trains_captions_exports_and_resumes(family, family_dir, tmp_path
     from vlm_lora.adapters.peft_format import load_adapter
     from vlm_lora.data.collate import make_collator
     from vlm_lora.data.datasets import load_dataset
+    from vlm_lora.eval.captioning import generate_captions
     from vlm_lora.train import finetune
 
     model_dir = family_dir(family)
@@ -108,6 +109,9 @@ def test_family_trains_captions_exports_and_resumes(family, family_dir, tmp_path
 
     predictions = [json.loads(line) for line in (run / "predictions_adapted.jsonl").read_text().splitlines()]
     assert len(predictions) == 1 and all(isinstance(p["prediction"], str) for p in predictions)
+    train.examples = train.examples[:2]  # a batch of two prompts, each with its own image, beam search
+    beams = generate_captions(base, processor, train, recipe.data.prompt, batch_size=2, max_new_tokens=3, num_beams=2)
+    assert len(beams) == 2 and all(isinstance(c, str) for c in beams)
 
     # merged export == the adapter loaded by PEFT, on the probe the family's processor builds
     report = merge_adapter(str(model_dir), run / "adapter_last", tmp_path / "merged")

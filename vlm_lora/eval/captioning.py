@@ -50,7 +50,10 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
         # disable=None: no bar when stderr is not a terminal, so logs stay free of redraw sequences
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False, disable=None):
             images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
+            # one list per prompt: processors that take several images per sample (Gemma 3, SmolVLM, Mllama)
+            # would read a flat list as all images of the first prompt
+            batch = processor(images=[[image] for image in images], text=[text] * len(images), return_tensors="pt",
+                              padding=True)
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             out = model.generate(**batch, **decoding)
