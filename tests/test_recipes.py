@@ -149,3 +149,8 @@ def test_fsdp_config_reaches_accelerates_plugin():
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+
+
+def test_set_value_that_is_not_yaml_is_one_clear_error():
+    with pytest.raises(RecipeError, match=r"--set 'data.prompt=\{label\} stain': the value is not valid YAML.*quote it"):
+        apply_overrides(_minimal(), ["data.prompt={label} stain"])

@@ -138,7 +138,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({error.problem}); quote it, "
+                              f"e.g. --set '{key}=\"{raw}\"'") from None
     return data
 
 
