@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -28,6 +30,7 @@ def test_bench_smoke_prints_one_json_line_per_variant_and_ratios(tmp_path):
     assert (tmp_path / "chart.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_bench_qwen_preset_runs_floor_peft_and_vlm_lora_side_by_side():
     """The Qwen2.5-VL path of the bench (flattened patches, image_grid_thw, fused-qkv vision LoRA) on tiny shapes."""
     variants = ["floor", "peft", "vlm_lora", "floor_vision", "peft_vision", "vlm_lora_vision"]
