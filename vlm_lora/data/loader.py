@@ -145,7 +145,7 @@ class StreamBatches(IterableDataset):
     Consumer ``c = rank * workers + worker`` of ``C = world * workers`` reads shards ``order[c::C]`` of
     each epoch (``shard_order(seed, epoch)``) and batches them; epochs follow one another without a break
     (a batch may hold the end of one and the start of the next). ``skip``: the rank's batches already
-    consumed (the loader delivers worker ``b % workers``'s batches in turn); they are read, not decoded.
+    consumed (the loader delivers the workers' batches in turn); they are read, not decoded.
     ``epochs``: stop after that many (None: endless).
     """
 
@@ -159,10 +159,10 @@ class StreamBatches(IterableDataset):
         self.source, self.collate, self.batch_size, self.seed = source, collate, batch_size, seed
         self.rank, self.world, self.workers, self.skip, self.epochs = rank, world, workers, skip, epochs
 
-    def consumer_samples(self, worker: int):
-        """(epoch, Sample | Problem) in this consumer's order, endless unless ``epochs``."""
+    def consumer_samples(self, role: int):
+        """(epoch, Sample | Problem) of worker ``role`` of this rank, in order; endless unless ``epochs``."""
         n = max(1, self.workers)
-        consumer, consumers = self.rank * n + worker, self.world * n
+        consumer, consumers = self.rank * n + role, self.world * n
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
             order = shard_order(len(self.source.shards), self.seed, epoch)
@@ -173,10 +173,12 @@ class StreamBatches(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        skip = len(range(worker, self.skip, max(1, self.workers)))
+        n = max(1, self.workers)
+        # the DataLoader takes worker 0's batch first, so after ``skip`` batches worker 0 plays role skip % n
+        role = ((info.id if info is not None else 0) + self.skip) % n
+        skip = len(range(role, self.skip, n))
         batch, problems = [], []
-        for _, item in self.consumer_samples(worker):
+        for _, item in self.consumer_samples(role):
             if isinstance(item, Problem):
                 if self.source.on_bad_sample != "skip":
                     yield LoadedBatch(None, [], f"{item} (or set data.on_bad_sample: skip)", 0)
@@ -266,8 +268,10 @@ class TrainLoader:
         if self.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers and a used fast tokenizer
             options.update(prefetch_factor=self.prefetch_factor, persistent_workers=True)
+        # its own generator: the workers' base seed is not drawn from the global RNG that dropout and a resume use
+        generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(data, num_workers=self.num_workers, collate_fn=_identity, pin_memory=self.pin_memory,
-                            **options)
+                            generator=generator, **options)
         self._batches = iter(loader)
 
     def close(self) -> None:
