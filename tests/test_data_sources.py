@@ -223,18 +223,28 @@ def test_bad_parquet_rows_skipped_and_counted_through_workers(tmp_path, collator
 
 
 def test_over_long_embedded_samples_are_named_or_counted(tmp_path):
+    import datasets
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(ASSET_MODEL)
-    data = load_dataset(write_parquet(tmp_path / "d.parquet", microscopy_rows(4)))
-    strict = ChatCollator(processor, max_length=8, prompt=PROMPT)
-    with pytest.raises(DataError, match=r"d.parquet row 0: image \+ prompt"):
-        strict([data[0]])
-    lenient = ChatCollator(processor, max_length=8, prompt=PROMPT, on_bad_sample="skip")
-    loader = TrainLoader(data, lenient, batch_size=4, seed=0, num_workers=0)
+    rows = microscopy_rows(2)
+    prompts = [PROMPT + " In detail:" + " and" * 60, PROMPT]  # the first cannot fit 80 tokens with its image
+    table = datasets.Dataset.from_dict({
+        "image": [{"bytes": _bytes(r["image"]), "path": None} for r in rows],
+        "conversations": [[{"from": "human", "value": p}, {"from": "gpt", "value": r["caption"]}]
+                          for p, r in zip(prompts, rows)]})
+    table.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "d.parquet"))
+    data = load_dataset(tmp_path / "d.parquet")
+    strict = ChatCollator(processor, max_length=80, prompt=PROMPT)
+    assert strict([data[1]])["input_ids"].shape[1] <= 80
+    with pytest.raises(DataError, match=r"d.parquet row 0: image \+ prompt \+ first answer token need \d+ tokens"):
+        strict([data[0], data[1]])
+    loader = TrainLoader(data, ChatCollator(processor, max_length=80, prompt=PROMPT, on_bad_sample="skip"),
+                         batch_size=2, seed=0, num_workers=2)
     loader.start(0)
-    with pytest.raises(DataError, match="every sample of a batch was skipped"):
-        loader.next(1, "cpu")
+    (batch,), samples = loader.next(1, "cpu")
+    assert samples == 2 and batch["input_ids"].shape[0] == 1
+    assert [p.id for p in loader.skipped] == [0] and "max_length 80" in loader.skipped[0].reason
 
 
 def test_bad_tar_samples_are_named_or_skipped_and_counted(tmp_path, collator):
