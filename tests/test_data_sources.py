@@ -318,3 +318,30 @@ def test_stream_needs_max_steps_and_enough_shards(tmp_path, collator):
     assert loader.total_steps(epochs=1, per_step=1, max_steps=5) == 5
     with pytest.raises(DataError, match=r"2 tar shard\(s\) cannot feed 1 process\(es\) x 4 loader worker"):
         StreamBatches(load_dataset(pattern), collator, 2, 0, workers=4)
+
+
+def test_length_grouped_loader_follows_the_grouped_order(tmp_path):
+    from vlm_lora.data.loader import micro_batches, text_lengths
+
+    rows = microscopy_rows()
+    data = load_dataset(write_parquet(tmp_path / "d.parquet", rows))
+    loader = TrainLoader(data, SampleIds(), batch_size=3, seed=5, num_workers=2, group_by_length=True, group=2)
+    loader.start(0)
+    got = [next(loader._batches).batch for _ in range(4)]
+    order = micro_batches(len(data), 3, 5, 0, text_lengths(data), group=2)
+    assert got == [[data.examples[i].id for i in b] for b in order]
+    words = text_lengths(data)
+    assert words == [len(PROMPT.split()) + len(r["caption"].split()) for r in rows]
+
+
+def test_data_keys_are_validated():
+    from vlm_lora.recipe import RecipeError, validate_recipe
+
+    base = {"model": {"path": "m"}, "data": {"train": "x.parquet"}}
+    recipe = validate_recipe({**base, "data": {"train": "x.parquet", "num_workers": 2, "group_by_length": True,
+                                               "streaming": False, "split": "validation", "format": "parquet"}})
+    assert recipe.data.num_workers == 2 and recipe.data.streaming is False
+    with pytest.raises(RecipeError, match=r"data.num_workers: .*greater than or equal to 0"):
+        validate_recipe({**base, "data": {"train": "x", "num_workers": -1}})
+    with pytest.raises(RecipeError, match=r"data.format: .*'webdataset'"):
+        validate_recipe({**base, "data": {"train": "x", "format": "tar"}})
