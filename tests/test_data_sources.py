@@ -345,3 +345,18 @@ def test_data_keys_are_validated():
         validate_recipe({**base, "data": {"train": "x", "num_workers": -1}})
     with pytest.raises(RecipeError, match=r"data.format: .*'webdataset'"):
         validate_recipe({**base, "data": {"train": "x", "format": "tar"}})
+
+
+def test_stream_loader_resumes_or_says_it_restarts(tmp_path, caplog):
+    pattern = write_shards(tmp_path / "shards", microscopy_rows(16), per_shard=2)
+
+    def batches(position, saved=None, workers=2, n=3):
+        loader = TrainLoader(load_dataset(pattern), SampleIds(), batch_size=2, seed=1, num_workers=workers)
+        loader.start(position, saved)
+        return [next(loader._batches).batch for _ in range(n)], loader.state()
+
+    fresh, state = batches(0, n=8)
+    assert state == {"workers": 2, "world": 1}
+    assert batches(5, state)[0] == fresh[5:8]
+    assert batches(5, {"workers": 1, "world": 1})[0] == fresh[:3]
+    assert "restarting the stream at epoch 0" in caplog.text
