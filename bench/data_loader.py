@@ -3,7 +3,8 @@
 bare:  one batch collated once and kept on the device; the loop's step on it (forward, backward, clip, AdamW).
 loop:  ``vlm_lora.finetune`` itself on the same model, data, batch and precision with ``data.num_workers`` = w:
        every step decodes the images and runs the processor (in the workers when w > 0); samples/s is the
-       median of its logged windows after the first (warm-up).
+       median of its logged windows after the first (warm-up); data_wait the share of the loop's time spent
+       blocked on the loader (the loop logs it as ``data_wait`` in metrics.jsonl).
 
 Presets::
 
@@ -132,15 +133,17 @@ def bare_step(args, recipe) -> float:
     return args.batch / statistics.median(times[args.warmup:])
 
 
-def loop_samples_per_s(recipe) -> float:
+def loop_samples_per_s(recipe) -> tuple[float, float]:
+    """(samples/s, share of the time the loop waited for data): medians of the logged windows after the first."""
     from vlm_lora.train.loop import finetune
 
     finetune(recipe, overwrite=True)
     rows = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    windows = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]  # the first holds the warm-up
+    windows = [r for r in rows if "samples_per_s" in r][1:]  # the first holds the warm-up
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return statistics.median(windows)
+    return (statistics.median(r["samples_per_s"] for r in windows),
+            statistics.median(r["data_wait"] for r in windows))
 
 
 def main() -> None:
@@ -172,10 +175,10 @@ def main() -> None:
     print(json.dumps({"mode": "bare_step", **common, "samples_per_s": round(bare, 3)}), flush=True)
     needed = None
     for workers in [int(w) for w in args.workers.split(",")]:
-        loop = loop_samples_per_s(recipe_for(args, model, data, workers, work / f"loop_{workers}"))
+        loop, wait = loop_samples_per_s(recipe_for(args, model, data, workers, work / f"loop_{workers}"))
         ratio = loop / bare
         print(json.dumps({"mode": "finetune_loop", **common, "workers": workers, "samples_per_s": round(loop, 3),
-                          "ratio_to_bare": round(ratio, 3)}), flush=True)
+                          "ratio_to_bare": round(ratio, 3), "data_wait": round(wait, 3)}), flush=True)
         if needed is None and ratio >= 0.95:
             needed = workers
     print(json.dumps({"threshold": 0.95, "workers_needed": needed}))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from typing import Any, NamedTuple
 
 import torch
@@ -235,6 +236,7 @@ class TrainLoader:
                                                               group=group)
         self.per_epoch = None if self.streaming else self.stream.per_epoch
         self.position, self.skipped, self._batches = 0, [], None
+        self._waited = 0.0  # seconds the loop spent blocked on the loader since ``waited()`` was last read
 
     def total_steps(self, epochs: int, per_step: int, max_steps: int | None) -> int:
         if max_steps:
@@ -274,6 +276,11 @@ class TrainLoader:
                             generator=generator, **options)
         self._batches = iter(loader)
 
+    def waited(self) -> float:
+        """Seconds the loop waited for batches since the last call (starvation: a large share of the step time)."""
+        waited, self._waited = self._waited, 0.0
+        return waited
+
     def close(self) -> None:
         """Stop the workers."""
         self._batches = None
@@ -282,7 +289,9 @@ class TrainLoader:
         """(``count`` batches on ``device``, samples in them before any was skipped)."""
         out, samples = [], 0
         for _ in range(count):
+            start = time.perf_counter()
             loaded = next(self._batches)
+            self._waited += time.perf_counter() - start
             if loaded.error:
                 raise DataError(loaded.error)
             if loaded.problems:

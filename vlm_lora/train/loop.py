@@ -145,7 +145,8 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         if main and (step % cfg.log_steps == 0 or step == total_steps):
             n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
             row = {"step": step, "epoch": loader.epoch(), "loss": window["loss"] / n_steps,
-                   "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"])}
+                   "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"]),
+                   "data_wait": loader.waited() / (time.time() - window["start"])}
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
             window = {"loss": 0.0, "samples": 0, "start": time.time()}
