@@ -52,10 +52,18 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str = Field(description="data file: caption JSONL/CSV, LLaVA conversation JSON, or an imagefolder")
+    train: str = Field(description="data: caption JSONL/CSV, LLaVA JSON, imagefolder, parquet (file, glob, folder), "
+                                   "a saved HF dataset folder, hf:<hub id>, or WebDataset shards (train-{000..009}.tar)")
     eval: str | None = None
-    format: Literal["auto", "caption_jsonl", "caption_csv", "llava_json", "imagefolder"] = Field(
-        default="auto", description="inferred from the path when auto")
+    format: Literal["auto", "caption_jsonl", "caption_csv", "llava_json", "imagefolder", "parquet", "hf_dataset",
+                    "webdataset"] = Field(default="auto", description="inferred from the path when auto")
+    split: str = Field(default="train", description="split of an HF dataset (saved DatasetDict or hub id)")
+    streaming: Literal["auto"] | bool = Field(
+        default="auto", description="stream the data (WebDataset shards only; auto: shards stream, others mmap)")
+    num_workers: int | None = Field(default=None, ge=0, description="DataLoader workers per process; default: "
+                                                                     "CPUs per process - 1 (at most 8); 0: in-process")
+    prefetch_factor: int = Field(default=2, ge=1, description="batches each worker prepares ahead")
+    group_by_length: bool = Field(default=False, description="seeded length-grouped batches (less padding)")
     image_root: str | None = Field(default=None, description="images are relative to this folder; default: the data file's")
     prompt: str = Field(default="Describe the image.", description="user turn for caption data")
     chat_template: str | None = Field(default=None, description="Jinja template overriding the processor's")
@@ -208,7 +216,9 @@ def path_errors(data: dict) -> list[str]:
     section = data.get("data")
     for key in ("train", "eval"):
         value = section.get(key) if isinstance(section, dict) else None
-        if isinstance(value, str) and _is_local(value) and not Path(value).exists():
+        pattern = isinstance(value, str) and any(c in value for c in "*?{")  # globs and shard patterns: the reader checks
+        hub = isinstance(section, dict) and section.get("format") == "hf_dataset"
+        if isinstance(value, str) and _is_local(value) and not pattern and not hub and not Path(value).exists():
             lines.append(f"data.{key}: file not found: {value}")
     model = data.get("model")
     value = model.get("path") if isinstance(model, dict) else None

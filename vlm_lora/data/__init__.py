@@ -1,9 +1,10 @@
-"""Image-text data: file formats, data sets and the chat collator.
+"""Image-text data: file formats, sources, data sets, the chat collator and the loader.
 
-Owns everything between a data file on disk and a padded batch with labels: ``formats`` reads the
-file formats into ``Sample``s, ``datasets`` turns them into a torch ``Dataset`` with images checked,
-``collate`` renders conversations with the processor's chat template and masks all but the answers.
-May import only the standard library, torch, PIL and transformers; nothing else of vlm_lora.
+Owns everything between data on disk and a padded batch with labels: ``formats`` reads the
+file formats into ``Sample``s, ``sources`` parquet / HF datasets / WebDataset shards, ``datasets``
+turns them into a torch ``Dataset`` (or a shard stream), ``collate`` renders conversations with the
+processor's chat template and masks all but the answers, ``loader`` orders and loads the batches.
+May import only the standard library, torch, PIL, transformers, datasets and pyarrow; nothing else of vlm_lora.
 """
 
 from vlm_lora.data.collate import CaptionCollator, ChatCollator, build_prompt, make_collator

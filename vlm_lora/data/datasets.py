@@ -1,8 +1,10 @@
 """Training data sets: image + conversation samples (``load_dataset``).
 
-``load_dataset`` reads any format of ``vlm_lora.data.formats`` into a ``ConversationDataset``; bad samples
-(malformed rows, missing or unreadable images) are found when it is built: all reported in one
-``DataError``, or skipped and counted (``dataset.skipped``) with ``on_bad_sample="skip"``.
+``load_dataset`` reads any format of ``vlm_lora.data.formats`` or ``vlm_lora.data.sources`` into a
+``ConversationDataset``, or WebDataset shards into a ``ShardStream``; bad samples (malformed rows,
+missing or unreadable image files) are found when it is built: all reported in one ``DataError``,
+or skipped and counted (``dataset.skipped``) with ``on_bad_sample="skip"``. Embedded images (parquet,
+HF datasets, tar shards) are decoded only when a sample is loaded, so a corrupt one is found then.
 
 The collator that turns them into batches lives in ``vlm_lora.data.collate``.
 """
@@ -12,14 +14,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems, read_samples
+from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, _check_images, format_problems, read_samples
+from vlm_lora.data.sources import iter_shard, read_source, shard_paths, source_format
 
 __all__ = ["IGNORE_INDEX", "DEFAULT_PROMPT", "DataError", "Problem", "Sample", "CaptionExample",
-           "ConversationDataset", "CaptionDataset", "load_dataset", "load_image"]
+           "ConversationDataset", "CaptionDataset", "ShardStream", "load_dataset", "load_image"]
 
 log = logging.getLogger("vlm_lora")
 IGNORE_INDEX = -100
@@ -32,6 +36,7 @@ FALLBACK_CHAT_TEMPLATE = (
     "{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% if message['role'] == 'assistant' %}{{ eos_token }}"
     "{% else %} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 ON_BAD_SAMPLE = ("error", "skip")
+STREAMING = ("auto", True, False)  # auto: tar shards stream, everything else is map-style
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,12 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image | None, Sample | CaptionExample]:
         example = self.examples[index]
-        where = f"{self.path} {example.where}" if getattr(example, "where", "") else f"{self.path}:{example.row}"
-        try:
-            return load_image(example.image_path, where), example
-        except DataError as error:
-            if self.on_bad_sample != "skip":
-                raise
-            log.warning("skipping %s", error)
-            return None, example
+        return load_sample_image(example, self.path, self.on_bad_sample), example
+
+    @property
+    def embedded_images(self) -> bool:
+        """Whether images live inside the data (parquet, HF, tar), unchecked until loaded."""
+        return any(getattr(e, "image_source", None) is not None for e in self.examples[:1])
 
     def drop(self, examples: list, problems: list[Problem]) -> None:
         """Remove ``examples`` (the very objects) and count their ``problems`` in ``skipped``."""
@@ -79,17 +82,50 @@ class ConversationDataset(Dataset):
         self.skipped = [*self.skipped, *problems]
 
 
+class ShardStream:
+    """WebDataset tar shards read as a stream: no length, no index; ``vlm_lora.data.loader`` deals the
+    shards to ranks and workers. ``samples(shards)`` yields ``Sample``s (image bytes inside) and ``Problem``s."""
+
+    format = "webdataset"
+
+    def __init__(self, path: str, shards: list[Path], root: Path, prompt: str, label_key: str, on_bad_sample: str):
+        self.path, self.shards, self.root = path, shards, root
+        self.prompt, self.label_key, self.on_bad_sample = prompt, label_key, on_bad_sample
+
+    def samples(self, shards: list[Path]) -> Iterator[Sample | Problem]:
+        for shard in shards:
+            yield from iter_shard(shard, self.root, self.prompt, self.label_key)
+
+
 def load_dataset(path: str | Path, format: str = "auto", image_root: str | Path | None = None,
                  prompt: str = DEFAULT_PROMPT, on_bad_sample: str = "error",
-                 label_key: str = "label") -> ConversationDataset:
-    """The data at ``path`` (any format of ``vlm_lora.data.formats``) with every image checked.
+                 label_key: str = "label", split: str = "train",
+                 streaming: str | bool = "auto") -> ConversationDataset | ShardStream:
+    """The data at ``path`` (any format of ``vlm_lora.data.formats`` or ``vlm_lora.data.sources``).
 
-    Bad samples (malformed rows, missing or unreadable images) are all listed in one ``DataError``,
-    or with ``on_bad_sample="skip"`` dropped, kept in ``dataset.skipped`` and logged in one line.
+    Image files are checked now; bad samples (malformed rows, missing or unreadable image files) are
+    all listed in one ``DataError``, or with ``on_bad_sample="skip"`` dropped, kept in ``dataset.skipped``
+    and logged in one line. ``split`` picks the split of an HF dataset; ``streaming`` (``auto``: tar
+    shards only) returns a ``ShardStream``, whose bad samples are found as they are read.
     """
     if on_bad_sample not in ON_BAD_SAMPLE:
         raise DataError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
-    fmt, samples, problems = read_samples(path, format, image_root, prompt, label_key)
+    source = source_format(str(path), format)
+    if streaming is True and source != "webdataset":
+        raise DataError(f"{path}: data.streaming: true reads WebDataset tar shards only (this is "
+                        f"{source or 'a file format'}); map-style sources are memory-mapped instead")
+    if source == "webdataset" and streaming in ("auto", True):
+        shards = shard_paths(str(path))
+        return ShardStream(str(path), shards, Path(image_root) if image_root else shards[0].parent, prompt,
+                           label_key, on_bad_sample)
+    if source:
+        samples, problems = read_source(str(path), source, split, image_root, prompt, label_key)
+        files = [s for s in samples if s.image_source is None]  # rows naming image files: check them now
+        checked, bad = _check_images(files)
+        gone = {id(s) for s in files} - {id(s) for s in checked}
+        fmt, samples, problems = source, [s for s in samples if id(s) not in gone], problems + bad
+    else:
+        fmt, samples, problems = read_samples(path, format, image_root, prompt, label_key)
     if problems and on_bad_sample == "error":
         raise DataError(format_problems(path, problems))
     if problems:
@@ -112,12 +148,28 @@ class CaptionDataset(ConversationDataset):
         super().__init__(data.examples, data.path, data.format, on_bad_sample, data.skipped)
 
 
-def load_image(path: Path, where: str) -> Image.Image:
+def load_image(path, where: str) -> Image.Image:
+    """An RGB image from a file path or a binary file object."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{where}: cannot read image {path}: {error}") from None
+        shown = path if isinstance(path, (str, Path)) else "(embedded)"
+        raise DataError(f"{where}: cannot read image {shown}: {error}") from None
+
+
+def load_sample_image(example, path, on_bad_sample: str = "error") -> Image.Image | None:
+    """The sample's image (its file or embedded bytes); None, logged, if unreadable and ``on_bad_sample`` is skip."""
+    where = getattr(example, "where", "")
+    where = (where if where.startswith(str(path)) else f"{path} {where}") if where else f"{path}:{example.row}"
+    source = getattr(example, "image_source", None)
+    try:
+        return load_image(source.open() if source is not None else example.image_path, where)
+    except DataError as error:
+        if on_bad_sample != "skip":
+            raise
+        log.warning("skipping %s", error)
+        return None
 
 
 def _skip_line(path, problems: list[Problem], what: str = "bad sample(s)", shown: int = 50) -> str:

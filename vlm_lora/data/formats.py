@@ -8,6 +8,10 @@ Formats (``format=`` or inferred by ``infer_format``):
   "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; multi-turn; ``<image>`` is stripped from the text.
 * ``imagefolder``: a folder with ``metadata.jsonl`` (or ``metadata.csv``) rows ``{"file_name", "text" | "caption"}``.
 
+Parquet, saved/Hub HF datasets and WebDataset shards are read by ``vlm_lora.data.sources``; their rows go
+through ``record_sample`` here, which also reads the chat-messages rows of the HF ecosystem
+(``{"messages": [{"role", "content": [{"type": "image"}, {"type": "text", "text"}]}], "images": [...]}``).
+
 Image paths are relative to ``image_root`` or, by default, to the data file's folder (the folder itself
 for ``imagefolder``). Images are checked here: missing or unreadable ones (PIL ``verify``) become problems.
 """
@@ -62,6 +66,7 @@ class Sample:
     row: int = 0  # 1-based line (JSONL/CSV) or position in the JSON list
     where: str = ""
     image_size: tuple[int, int] | None = field(default=None, compare=False)  # (width, height), set when checked
+    image_source: Any = field(default=None, compare=False)  # embedded image (``.read() -> bytes``); None: a file
 
     @property
     def captions(self) -> list[str]:
@@ -196,6 +201,58 @@ def _read_json_list(path: Path) -> list:
 
 # ---------------------------------------------------------------- records -> Sample | Problem
 
+def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, label_key: str,
+                  image: Any = None) -> Sample | Problem:
+    """A row of any schema: chat ``messages``, LLaVA ``conversations``, else caption keys.
+
+    ``image``: the row's image when the caller resolved it (an embedded image); else the row's
+    ``image``/``images``/``file_name`` path, relative to ``root``.
+    """
+    if not isinstance(record, dict):
+        return Problem(row, where, "expected a JSON object")
+    if image is not None:
+        record = {**record, "image": "<embedded>"}
+    elif isinstance(record.get("images"), list) and "image" not in record:
+        record = {**record, "image": record["images"]}
+    if "messages" in record:
+        sample = _chat_sample(record, row, where, root, label_key)
+    elif "conversations" in record:
+        sample = _llava_sample(record, row, where, root, label_key)
+    else:
+        sample = _caption_sample(record, row, where, root, prompt, label_key)
+    if image is not None and isinstance(sample, Sample):
+        sample.image_path, sample.image_source = Path(where), image
+    return sample
+
+
+def _message_text(message: dict) -> tuple[str, int] | None:
+    """(text, number of image parts) of a chat message, or None if it is not one."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content.replace("<image>", "").strip(), content.count("<image>")
+    if not isinstance(content, list) or not all(isinstance(c, dict) for c in content):
+        return None
+    texts = [c.get("text") for c in content if c.get("type") == "text"]
+    if not all(isinstance(t, str) for t in texts):
+        return None
+    return " ".join(t.strip() for t in texts), sum(c.get("type") == "image" for c in content)
+
+
+def _chat_sample(record: dict, row: int, where: str, root: Path, label_key: str) -> Sample | Problem:
+    """A chat-messages row as LLaVA conversations: the roles map to from, the text parts to value."""
+    messages = record.get("messages")
+    parsed = [(m.get("role"), _message_text(m)) for m in messages if isinstance(m, dict)] \
+        if isinstance(messages, list) else []
+    if not parsed or len(parsed) != len(messages) or any(text is None or not isinstance(role, str)
+                                                         for role, text in parsed):
+        return Problem(row, where, "needs 'messages': a list of {role, content} with content a string or "
+                                   "a list of {type: image} / {type: text, text} parts")
+    n_images = sum(text[1] for _, text in parsed)
+    if n_images > 1:
+        return Problem(row, where, f"{n_images} images in one sample; the chat collator takes one image per sample")
+    conversation = [{"from": role, "value": text[0]} for role, text in parsed]
+    return _llava_sample({**record, "conversations": conversation}, row, where, root, label_key)
+
 def _first(record: dict, keys: tuple[str, ...]) -> Any:
     return next((record[k] for k in keys if record.get(k) not in (None, "", [])), None)
 
@@ -204,6 +261,10 @@ def _caption_sample(record: Any, row: int, where: str, root: Path, prompt: str, 
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
     image, captions = _first(record, IMAGE_KEYS), _first(record, CAPTION_KEYS)
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]
+    if isinstance(image, list):
+        return Problem(row, where, f"{len(image)} images in one sample; the chat collator takes one image per sample")
     label = record.get(label_key)
     if isinstance(captions, str):
         captions = [captions]
@@ -228,8 +289,10 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
         image = image[0]
     if image is None or image == []:
         return Problem(sid, where, "no image (text-only samples are not supported)")
+    if isinstance(image, list):
+        return Problem(sid, where, f"{len(image)} images in one sample; the chat collator takes one image per sample")
     if not isinstance(image, str):
-        return Problem(sid, where, "'image' must be one path (several images per sample are not supported)")
+        return Problem(sid, where, "'image' must be a path")
     conversation = record.get("conversations")
     if not isinstance(conversation, list) or not all(
             isinstance(m, dict) and isinstance(m.get("value"), str) and isinstance(m.get("from"), str)

@@ -7,7 +7,8 @@ only the main process writes. Everything lands in ``output_dir``: ``adapter/`` (
 ``metrics.jsonl``, ``loss.png``, ``eval.json``, predictions, ``plan.txt``, ``recipe.resolved.yaml``.
 
 Data order is a pure function of (seed, epoch): micro-batch ``k`` of the run is the same in
-every run, so a resumed run continues exactly where the killed one left off.
+every run, so a resumed run continues exactly where the killed one left off. ``data.loader``
+loads it in DataLoader workers (``data.num_workers``) with the same batches as in-process.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from vlm_lora.train.checkpoint import (list_checkpoints, load_trainable, load_tr
                                  set_rng_state)
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
-from vlm_lora.train.optim import BatchStream, lr_lambda, make_optimizer, param_groups
+from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
 from vlm_lora.eval.plotting import plot_loss
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
-from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe
+from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe, make_train_loader
 
 log = logging.getLogger("vlm_lora")
 
@@ -94,17 +95,17 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
     world = accelerator.num_processes
     per_step = world * cfg.grad_accum  # micro-batches one optimizer step consumes, over all processes
-    stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed)
-    total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // per_step)
+    loader = make_train_loader(recipe, train_set, task.collate, accelerator)
+    total_steps = loader.total_steps(cfg.epochs, per_step, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    step, best = 0, {"value": None, "step": None, "state": None}
+    step, best, saved_data = 0, {"value": None, "step": None, "state": None}, None
     metric = cfg.metric_for_best or task.default_metric
     if checkpoint is not None:
-        step, best = _restore(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, out, metric)
+        step, best, saved_data = _restore(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, out, metric)
         log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
-    stream.position = step * per_step
+    loader.start(step * per_step, saved_data)
     unwrapped = accelerator.unwrap_model(model)
     writer = MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
 
@@ -116,8 +117,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     window = {"loss": 0.0, "samples": 0, "start": time.time()}
     model.train()
     while step < total_steps:
-        chunks = stream.take(per_step)[accelerator.process_index::world]
-        batches = [_to_device(task.collate([train_set[i] for i in chunk]), accelerator.device) for chunk in chunks]
+        batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
         units = [task.count_units(b) for b in batches]
         total_units = accelerator.reduce(torch.tensor(float(sum(units)), device=accelerator.device), "sum").item()
         step_loss = 0.0
@@ -141,11 +141,12 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         step += 1
         bar.update(1)
         window["loss"] += step_loss
-        window["samples"] += sum(len(c) for c in chunks) * world
+        window["samples"] += n_samples * world
         if main and (step % cfg.log_steps == 0 or step == total_steps):
             n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
-            row = {"step": step, "epoch": round(stream.position / stream.per_epoch, 3), "loss": window["loss"] / n_steps,
-                   "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"])}
+            row = {"step": step, "epoch": loader.epoch(), "loss": window["loss"] / n_steps,
+                   "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"]),
+                   "data_wait": loader.waited() / (time.time() - window["start"])}
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
             window = {"loss": 0.0, "samples": 0, "start": time.time()}
@@ -156,10 +157,15 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             accelerator.wait_for_everyone()
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             if main:
-                position = {"step": step, "micro_batches": stream.position, "best": _best_summary(best)}
+                position = {"step": step, "micro_batches": loader.position, "best": _best_summary(best),
+                            "data": loader.state()}
                 save_checkpoint(out, step, write_adapter, optimizer, scheduler, position, cfg.save_total_limit)
             accelerator.wait_for_everyone()
     bar.close()
+    loader.close()
+    if loader.skipped:
+        log.warning("skipped %d bad sample(s) while training: %s", len(loader.skipped),
+                    "; ".join(map(str, loader.skipped[:20])) + (" ..." if len(loader.skipped) > 20 else ""))
 
     if main:
         write_adapter(out / "adapter_last")
@@ -294,8 +300,8 @@ def _best_summary(best: dict) -> dict:
     return {"value": best["value"], "step": best["step"]}
 
 
-def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: str) -> tuple[int, dict]:
-    """Load adapter weights, optimizer, scheduler and RNG state; returns (step, best)."""
+def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: str) -> tuple[int, dict, dict | None]:
+    """Load adapter weights, optimizer, scheduler and RNG state; returns (step, best, the loader's saved state)."""
     state = load_trainer_state(checkpoint)
     restore_weights(model, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
@@ -303,7 +309,8 @@ def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: s
     set_rng_state(state["rng"])
     saved = state["position"].get("best") or {}
     # the best adapter so far is on disk in out/adapter; it is reloaded at the end if nothing beats it
-    return state["step"], {"value": saved.get("value"), "step": saved.get("step"), "state": None}
+    return (state["step"], {"value": saved.get("value"), "step": saved.get("step"), "state": None},
+            state["position"].get("data"))
 
 
 def _all_finite(params: list[torch.Tensor]) -> bool:

@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and the run's data order."""
+"""Optimizer and learning-rate schedule; the run's data order lives in ``vlm_lora.data.loader`` (re-exported)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from vlm_lora.data.loader import BatchStream, micro_batches  # noqa: F401  (the data order, importable from here)
 from vlm_lora.planner import Plan
 
 NO_DECAY = ("bias", "norm", "lora_magnitude")
@@ -55,26 +56,3 @@ def lr_lambda(kind: str, warmup: int, total: int):
             return 1.0 - progress
         return 1.0
     return factor
-
-
-def micro_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Index lists of one epoch's micro-batches: a seeded permutation, cut every ``batch_size``."""
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
-
-
-class BatchStream:
-    """The run's micro-batches in order, across epochs; ``take(k)`` returns the next k."""
-
-    def __init__(self, n_items: int, batch_size: int, seed: int, start: int = 0):
-        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
-        self.per_epoch = math.ceil(n_items / batch_size)
-        self.position = start  # micro-batches consumed so far
-
-    def take(self, count: int) -> list[list[int]]:
-        out = []
-        for k in range(self.position, self.position + count):
-            epoch, index = divmod(k, self.per_epoch)
-            out.append(micro_batches(self.n_items, self.batch_size, self.seed, epoch)[index])
-        self.position += count
-        return out
