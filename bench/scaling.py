@@ -26,11 +26,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SETUPS = {  # name -> (processes, extra --set overrides)
-    "1proc": (1, []),
-    "ddp2": (2, []),
-    "fsdp2": (2, ["train.fsdp=true"]),
-    "fsdp2_qlora": (2, ["train.fsdp=true", "model.quantization.bits=4"]),
+SETUPS = {  # name -> (processes, extra --set overrides, CPU threads per process; None: the host's cores split)
+    "1proc": (1, [], None),
+    "ddp2": (2, [], None),
+    "ddp2_1thread": (2, [], 1),  # what `accelerate launch` / torchrun give each process unless OMP_NUM_THREADS is set
+    "fsdp2": (2, ["train.fsdp=true"], None),
+    "fsdp2_qlora": (2, ["train.fsdp=true", "model.quantization.bits=4"], None),
 }
 PRESETS = {
     "llava-1b": {"model": "/tmp/llava-shaped", "steps": 40, "log_steps": 10, "batch_size": 16,
@@ -58,7 +59,7 @@ def worker(argv: list[str]) -> None:
 
 
 def run_setup(name: str, preset: dict, model: str, root: Path, timeout: int) -> dict:
-    processes, extra = SETUPS[name]
+    processes, extra, threads = SETUPS[name]
     out = root / name
     overrides = [f"model.path={model}", "data.eval=null", f"train.max_steps={preset['steps']}",
                  f"train.batch_size={preset['batch_size']}", f"train.log_steps={preset['log_steps']}",
@@ -69,10 +70,14 @@ def run_setup(name: str, preset: dict, model: str, root: Path, timeout: int) -> 
         args += ["--set", item]
     launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                          "--nproc_per_node", str(processes)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # every setup gets the whole host: its cores split over its processes (torchrun would set 1 thread each)
+    if threads is None:
+        threads = 1 if preset is PRESETS["cpu"] else max(1, (os.cpu_count() or 1) // processes)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     if preset is PRESETS["cpu"]:
         env["ACCELERATE_USE_CPU"] = "1"
-    row = {"setup": name, "processes": processes, "batch_per_process": preset["batch_size"], "steps": preset["steps"]}
+    row = {"setup": name, "processes": processes, "batch_per_process": preset["batch_size"], "steps": preset["steps"],
+           "threads_per_process": threads}
     try:
         done = subprocess.run([*launcher, __file__, "--worker", *args], capture_output=True, text=True, env=env,
                               timeout=timeout, cwd=REPO)
@@ -95,7 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--model", help="model folder (default: the preset's)")
-    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, from {', '.join(SETUPS)}")
+    parser.add_argument("--setups", default="1proc,ddp2,fsdp2,fsdp2_qlora",
+                        help=f"comma-separated, from {', '.join(SETUPS)}")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per setup")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
