@@ -31,6 +31,17 @@ def test_rank_indices_cover_the_set_once_with_equal_counts():
         assert real == list(range(n))
 
 
+def test_fsdp_units_are_the_decoder_layers_and_vision_blocks(tiny_llava):
+    from vlm_lora.train.distributed import wrap_classes
+
+    assert wrap_classes(tiny_llava) == ("CLIPEncoderLayer", "LlamaDecoderLayer")
+
+
+def test_fsdp_in_one_process_is_refused(tmp_path):
+    result = _cli("finetune", str(_recipe(tmp_path, "one", max_steps=1, fsdp=True)))
+    assert result.returncode == 2 and "train.fsdp shards the model over several processes" in result.stderr
+
+
 def _eval_recipe(tmp_path: Path, name: str, mode: str, dropout: float, **train) -> Path:
     """The quickstart on 32 rows with a 5-row eval set (odd: one rank gets a padded share)."""
     rows = (ASSET_DATA / "microscopy" / "eval.jsonl").read_text().splitlines()[:5]

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from vlm_lora.train.setup import TrainingError
+
 WRAP_SUFFIXES = ("DecoderLayer", "EncoderLayer", "Block")
 
 
@@ -64,8 +66,8 @@ def shard_model(model: nn.Module, mixed_precision: str, classes: tuple[str, ...]
 
     classes = classes or wrap_classes(model)
     if not classes:
-        raise ValueError(f"FSDP: no wrap units found in {type(model).__name__}; name its block classes in the "
-                         f"accelerate config (fsdp_transformer_layer_cls_to_wrap)")
+        raise TrainingError(f"train.fsdp: no block classes to shard found in {type(model).__name__}; name them in "
+                            f"an accelerate FSDP config (fsdp_transformer_layer_cls_to_wrap)")
     _, size = world()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     mesh = init_device_mesh(device.type, (size,))
@@ -78,8 +80,9 @@ def shard_model(model: nn.Module, mixed_precision: str, classes: tuple[str, ...]
                 param.data = param.data.float()
     units = [m for m in model.modules() if type(m).__name__ in classes]
     if not units:
-        raise ValueError(f"FSDP: none of the wrap classes {', '.join(classes)} is in {type(model).__name__}")
-    for module in units:
+        raise TrainingError(f"train.fsdp: none of the block classes {', '.join(classes)} is in {type(model).__name__}; "
+                            f"fix fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    for module in reversed(units):  # innermost first: a unit never holds a nested unit's parameters
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model

@@ -62,6 +62,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), kwargs_handlers=[ddp])
     fsdp = cfg.fsdp or accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and accelerator.num_processes == 1:
+        raise TrainingError("train.fsdp shards the model over several processes, but this run has one; launch with "
+                            "`accelerate launch --num_processes N -m vlm_lora finetune ...` (or torchrun), "
+                            "or leave train.fsdp false")
     if fsdp and accelerator.mixed_precision == "fp16":
         raise TrainingError("train.fsdp: fp16 needs a gradient scaler that FSDP runs do not have; "
                             "set train.mixed_precision to bf16 or no")
