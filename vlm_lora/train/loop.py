@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -143,17 +144,17 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         batches = [_to_device(task.collate([train_set[i] for i in chunk]), accelerator.device) for chunk in chunks]
         units = [task.count_units(b) for b in batches]
         total_units = accelerator.reduce(torch.tensor(float(sum(units)), device=accelerator.device), "sum").item()
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for i, (batch, n) in enumerate(zip(batches, units)):
             sync = i == len(batches) - 1
             with distributed.gradient_sync(model, accelerator, sync):
                 loss, _ = task.loss(model, batch)
-                if not torch.isfinite(loss):
-                    _stop_on_nan(out, step, f"loss {loss.item()}")
                 # sum over micro-batches of (mean loss x units) / all units; DDP averages over processes
                 accelerator.backward(loss * (n * world / max(total_units, 1.0)))
-            step_loss += loss.item() * n
-        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item() / max(total_units, 1.0)
+            step_loss += loss.detach().double() * n  # no host sync per micro-batch
+        step_loss = accelerator.reduce(step_loss, "sum").item() / max(total_units, 1.0)
+        if not math.isfinite(step_loss):  # the same value on every rank: all stop, before the optimizer step
+            _stop_on_nan(out, step, f"loss {step_loss}")
         if cfg.max_grad_norm and fsdp:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)  # DTensor-aware: one global norm
         elif cfg.max_grad_norm:
