@@ -153,14 +153,14 @@ def full_trainable(model: nn.Module, writeback: bool = False):
             swapped.append((module, leaf, param))
     try:
         yield model
+        if writeback:  # collective again: only when the block ended normally
+            with torch.no_grad():
+                for module, leaf, sharded in swapped:
+                    full = module._parameters[leaf].detach().to(sharded.dtype)
+                    sharded.to_local().copy_(distribute_tensor(full, sharded.device_mesh, sharded.placements).to_local())
     finally:
-        with torch.no_grad():
-            for module, leaf, sharded in swapped:
-                full = module._parameters[leaf]
-                if writeback:
-                    part = distribute_tensor(full.detach().to(sharded.dtype), sharded.device_mesh, sharded.placements)
-                    sharded.to_local().copy_(part.to_local())
-                module._parameters[leaf] = sharded
+        for module, leaf, sharded in swapped:
+            module._parameters[leaf] = sharded
 
 
 def optimizer_state(model: nn.Module, optimizer) -> dict:
