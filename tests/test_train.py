@@ -100,7 +100,7 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     for step in (2, 4, 6, 8):
-        save_checkpoint(tmp_path, step, lambda folder: folder.mkdir(parents=True), optimizer, scheduler,
-                        {"step": step}, keep=2)
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "position": {"step": step}}
+        save_checkpoint(tmp_path, step, lambda folder: folder.mkdir(parents=True), state, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-8"]
     assert not list(tmp_path.glob(".tmp-*"))  # written atomically: no leftovers

@@ -17,9 +17,15 @@ def is_4bit(module: nn.Module) -> bool:
 
 
 def quantize_linears(model: nn.Module, prefixes: list[str], quant_type: str = "nf4", double_quant: bool = True,
-                     compute_dtype: str = "bfloat16") -> list[str]:
-    """Replace every ``nn.Linear`` under ``prefixes`` by a ``bnb.nn.Linear4bit``; returns their paths."""
+                     compute_dtype: str = "bfloat16", quant_storage: str | None = None) -> list[str]:
+    """Replace every ``nn.Linear`` under ``prefixes`` by a ``bnb.nn.Linear4bit``; returns their paths.
+
+    ``quant_storage``: dtype the packed 4-bit values are stored in (default uint8). FSDP shards only
+    floating tensors of the model's dtype, so sharded runs pack into the compute dtype.
+    """
     import bitsandbytes as bnb
+
+    storage = DTYPES[quant_storage] if quant_storage else torch.uint8
 
     replaced = []
     for path, module in list(model.named_modules()):
@@ -28,10 +34,11 @@ def quantize_linears(model: nn.Module, prefixes: list[str], quant_type: str = "n
         device = module.weight.device
         quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                       compute_dtype=DTYPES[compute_dtype], compress_statistics=double_quant,
-                                      quant_type=quant_type, device="meta")
-        # Params4bit quantizes when moved to a device, so the weight never leaves it as a float copy
-        quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
-                                             compress_statistics=double_quant, quant_type=quant_type)
+                                      quant_type=quant_type, quant_storage=storage, device="meta")
+        # Params4bit quantizes when moved to a device, so the weight never leaves it as a float copy;
+        # module= keeps the quant state on the layer too, where bnb finds it when FSDP gathers the weight
+        quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=double_quant,
+                                             quant_type=quant_type, quant_storage=storage, module=quantized)
         if module.bias is not None:
             quantized.bias = nn.Parameter(module.bias.data, requires_grad=False)
         quantized = quantized.to(device)

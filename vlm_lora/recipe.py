@@ -96,6 +96,8 @@ class TrainConfig(_Strict):
     metric_for_best: str | None = Field(default=None, description="keeps adapter/ as the best; default: cider or accuracy")
     save_total_limit: int | None = Field(default=2, ge=1, description="checkpoints kept in output_dir")
     gradient_checkpointing: bool = False
+    fsdp: bool = Field(default=False, description="shard parameters, gradients and optimizer state over the "
+                       "processes (FSDP2, one unit per decoder layer / vision block); for bases that do not fit one GPU")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on GPUs that support it, else no")
     tensorboard: bool = Field(default=True, description="write TensorBoard events when tensorboard is installed")

@@ -45,6 +45,8 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if min_new_tokens:
         decoding["min_new_tokens"] = min_new_tokens
+    if is_fsdp_sharded(model):  # every forward gathers weights: ranks that finish keep stepping with the others
+        decoding["synced_gpus"] = True
     captions: list[str] = []
     try:
         # disable=None: no bar when stderr is not a terminal, so logs stay free of redraw sequences
@@ -63,6 +65,13 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
         tokenizer.padding_side = side
         model.train(was_training)
     return captions
+
+
+def is_fsdp_sharded(model) -> bool:
+    """True for a model sharded with FSDP2 ``fully_shard`` (its forward is a collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def evaluate_captions(model, processor, dataset: CaptionDataset, prompt: str, batch_size: int = 32,

@@ -1,8 +1,9 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
 ``checkpoint-<step>/`` holds the adapter in PEFT format (usable on its own), the trainable
-full modules (inside the adapter), and ``trainer_state.pt`` with optimizer, scheduler, RNG
-states and the data position. It is written to a temporary folder and renamed, so a run
+full modules (inside the adapter), and ``trainer_state.pt`` with optimizer, scheduler, the RNG
+states of every rank and the data position. Under FSDP the caller gathers the adapter and the
+optimizer state on all ranks first (``train.distributed``); only rank 0 calls ``save_checkpoint``. It is written to a temporary folder and renamed, so a run
 killed mid-write leaves the previous checkpoint intact.
 """
 
@@ -37,9 +38,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, step: int, write_adapter, optimizer, scheduler, position: dict,
-                    keep: int | None) -> Path:
-    """Write ``checkpoint-<step>`` atomically; ``write_adapter(folder)`` saves the adapter files.
+def rank_rng_state(state: dict, rank: int) -> dict:
+    """The RNG states of ``rank`` from a checkpoint (older checkpoints hold one state for all)."""
+    rng = state["rng"]
+    if isinstance(rng, dict):
+        return rng
+    if rank >= len(rng):
+        raise ValueError(f"the checkpoint holds RNG states of {len(rng)} processes, this run has more; "
+                         f"resume with the number of processes it was written with")
+    return rng[rank]
+
+
+def save_checkpoint(out_dir: Path, step: int, write_adapter, state: dict, keep: int | None) -> Path:
+    """Write ``checkpoint-<step>`` atomically; ``write_adapter(folder)`` saves the adapter files and
+    ``state`` (optimizer, scheduler, ``rng``: one entry per rank, position) goes to ``trainer_state.pt``.
 
     Keeps the newest ``keep`` checkpoints (all when None).
     """
@@ -47,8 +59,7 @@ def save_checkpoint(out_dir: Path, step: int, write_adapter, optimizer, schedule
     temp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(temp, ignore_errors=True)
     write_adapter(temp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "position": position}, temp / STATE_NAME)
+    torch.save({"step": step, **state}, temp / STATE_NAME)
     shutil.rmtree(final, ignore_errors=True)
     temp.rename(final)
     if keep:

@@ -1,9 +1,10 @@
 """The fine-tuning loop behind ``vlm-lora finetune``.
 
 load base -> plan -> (score base) -> apply adapters -> train -> keep the best adapter -> score it.
-One process or many through accelerate (``accelerate launch -m vlm_lora finetune RECIPE``);
-only the main process writes. Everything lands in ``output_dir``: ``adapter/`` (best by
-``train.metric_for_best``, PEFT format), ``adapter_last/``, ``checkpoint-<step>/``,
+One process or many through accelerate or torchrun (``accelerate launch -m vlm_lora finetune RECIPE``),
+DDP or FSDP2 (``train.fsdp``, see ``train.distributed``); every rank takes part in eval and in
+gathering adapters and checkpoints, only the main process writes. Everything lands in
+``output_dir``: ``adapter/`` (best by ``train.metric_for_best``, PEFT format), ``adapter_last/``, ``checkpoint-<step>/``,
 ``metrics.jsonl``, ``loss.png``, ``eval.json``, predictions, ``plan.txt``, ``recipe.resolved.yaml``.
 
 Data order is a pure function of (seed, epoch): micro-batch ``k`` of the run is the same in
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -26,8 +28,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from vlm_lora.adapters.peft_format import save_adapter
-from vlm_lora.train.checkpoint import (list_checkpoints, load_trainable, load_trainer_state, restore_weights, save_checkpoint,
-                                 set_rng_state)
+from vlm_lora.train.checkpoint import (list_checkpoints, load_trainer_state, rank_rng_state, restore_weights, rng_state,
+                                       save_checkpoint, set_rng_state)
+from vlm_lora.train import distributed
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
@@ -50,13 +53,24 @@ def seed_everything(seed: int) -> None:
 
 def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     """Run a recipe end to end; returns the ``eval.json`` content (main process)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
     cfg, started = recipe.train, time.time()
     out = Path(recipe.output_dir)
     AcceleratorState._reset_state(reset_partial_state=False)  # a second finetune() may use another precision
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    # LoRA gradients are few and small: no unused-parameter search, no buffer broadcast per forward
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), kwargs_handlers=[ddp])
+    fsdp = cfg.fsdp or accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and accelerator.num_processes == 1:
+        raise TrainingError("train.fsdp shards the model over several processes, but this run has one; launch with "
+                            "`accelerate launch --num_processes N -m vlm_lora finetune ...` (or torchrun), "
+                            "or leave train.fsdp false")
+    if fsdp and accelerator.mixed_precision == "fp16":
+        raise TrainingError("train.fsdp: fp16 needs a gradient scaler that FSDP runs do not have; "
+                            "set train.mixed_precision to bf16 or no")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # e.g. torchrun on CPU without ACCELERATE_USE_CPU=1
         raise TrainingError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; "
@@ -77,41 +91,52 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         log.info("\n%s", plan)
 
     results: dict = {}
-    if main and eval_set is not None and cfg.eval_base and checkpoint is None:
-        results["base"], rows = task.evaluate(model, eval_set, desc="scoring base")
-        write_predictions(rows, out / "predictions_base.jsonl")
-        log.info("base model on %s: %s", recipe.data.eval, fmt(results["base"]))
+    if eval_set is not None and cfg.eval_base and checkpoint is None:  # split across ranks
+        results["base"], rows = distributed.evaluate_split(task, model, eval_set, desc="scoring base")
+        if main:
+            write_predictions(rows, out / "predictions_base.jsonl")
+            log.info("base model on %s: %s", recipe.data.eval, fmt(results["base"]))
     elif checkpoint is not None and (out / "eval_base.json").is_file():
         results["base"] = json.loads((out / "eval_base.json").read_text())
     if main and "base" in results:
         (out / "eval_base.json").write_text(json.dumps(results["base"], indent=2) + "\n")
 
-    _quantize_if_asked(recipe, model, plan)
+    _quantize_if_asked(recipe, model, plan, fsdp)
     plan.apply(model)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    if fsdp:  # after the adapters are in, before the optimizer sees the (replaced) parameters
+        model = distributed.shard_model(model, accelerator.mixed_precision, _plugin_wrap_classes(accelerator))
     groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
-    trainable = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
     world = accelerator.num_processes
     per_step = world * cfg.grad_accum  # micro-batches one optimizer step consumes, over all processes
     loader = make_train_loader(recipe, train_set, task.collate, accelerator)
     total_steps = loader.total_steps(cfg.epochs, per_step, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:  # sharded models are not handed to accelerate, which would wrap them in DDP
+        model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = model if fsdp else accelerator.unwrap_model(model)
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]  # the parameters prepare left in place
 
     step, best, saved_data = 0, {"value": None, "step": None, "state": None}, None
     metric = cfg.metric_for_best or task.default_metric
     if checkpoint is not None:
-        step, best, saved_data = _restore(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, out, metric)
+        step, best, saved_data = _restore(checkpoint, unwrapped, optimizer, scheduler, out, metric,
+                                          accelerator.process_index)
         log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
     loader.start(step * per_step, saved_data)
-    unwrapped = accelerator.unwrap_model(model)
     writer = MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
 
-    def write_adapter(folder: Path) -> None:
+    def save_gathered(folder: Path) -> None:  # main process, inside distributed.full_trainable
         save_adapter(unwrapped, folder, recipe.model.path, plan.full_prefixes(), never_saved=plan.frozen_paths,
                      extra_meta=_adapter_meta(recipe))
+
+    def write_adapter(folder: Path) -> None:  # every rank: gathers under FSDP, the main process writes
+        with distributed.full_trainable(unwrapped):
+            if main:
+                save_gathered(folder)
+        accelerator.wait_for_everyone()
 
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not main)
     window = {"loss": 0.0, "samples": 0, "start": time.time()}
@@ -120,23 +145,25 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
         units = [task.count_units(b) for b in batches]
         total_units = accelerator.reduce(torch.tensor(float(sum(units)), device=accelerator.device), "sum").item()
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for i, (batch, n) in enumerate(zip(batches, units)):
             sync = i == len(batches) - 1
-            with accelerator.no_sync(model) if not sync else _null():
+            with distributed.gradient_sync(model, accelerator, sync):
                 loss, _ = task.loss(model, batch)
-                if not torch.isfinite(loss):
-                    _stop_on_nan(out, step, f"loss {loss.item()}")
                 # sum over micro-batches of (mean loss x units) / all units; DDP averages over processes
                 accelerator.backward(loss * (n * world / max(total_units, 1.0)))
-            step_loss += loss.item() * n
-        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item() / max(total_units, 1.0)
-        if cfg.max_grad_norm:
+            step_loss += loss.detach().double() * n  # no host sync per micro-batch
+        step_loss = accelerator.reduce(step_loss, "sum").item() / max(total_units, 1.0)
+        if not math.isfinite(step_loss):  # the same value on every rank: all stop, before the optimizer step
+            _stop_on_nan(out, step, f"loss {step_loss}")
+        if cfg.max_grad_norm and fsdp:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)  # DTensor-aware: one global norm
+        elif cfg.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if not _all_finite(trainable):
+        if not distributed.all_finite(trainable):
             _stop_on_nan(out, step, "non-finite weights after the optimizer step")
         step += 1
         bar.update(1)
@@ -151,15 +178,16 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
             window = {"loss": 0.0, "samples": 0, "start": time.time()}
         if eval_set is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == total_steps):
-            if main:
-                scores = _periodic_eval(task, unwrapped, eval_set, cfg, step, writer, out)
-                _track_best(best, scores, metric, step, unwrapped, out / "adapter", write_adapter)
-            accelerator.wait_for_everyone()
+            scores = _periodic_eval(task, unwrapped, eval_set, cfg, step, writer, out)  # every rank
+            _track_best(best, scores, metric, step, unwrapped, out / "adapter", write_adapter)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            if main:
-                position = {"step": step, "micro_batches": loader.position, "best": _best_summary(best),
-                            "data": loader.state()}
-                save_checkpoint(out, step, write_adapter, optimizer, scheduler, position, cfg.save_total_limit)
+            position = {"step": step, "micro_batches": loader.position, "best": _best_summary(best),
+                        "data": loader.state()}
+            state = {"optimizer": distributed.optimizer_state(unwrapped, optimizer), "scheduler": scheduler.state_dict(),
+                     "rng": distributed.gather_objects(rng_state()), "position": position}
+            with distributed.full_trainable(unwrapped):
+                if main:
+                    save_checkpoint(out, step, save_gathered, state, cfg.save_total_limit)
             accelerator.wait_for_everyone()
     bar.close()
     loader.close()
@@ -167,20 +195,22 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         log.warning("skipped %d bad sample(s) while training: %s", len(loader.skipped),
                     "; ".join(map(str, loader.skipped[:20])) + (" ..." if len(loader.skipped) > 20 else ""))
 
-    if main:
-        write_adapter(out / "adapter_last")
-        if best["step"] is None:  # no eval during training: the last adapter is the one we keep
-            write_adapter(out / "adapter")
-        elif best["state"] is not None:
-            load_trainable(unwrapped, best["state"])
-        else:  # the best was found before a resume and is only on disk
+    write_adapter(out / "adapter_last")
+    if best["step"] is None:  # no eval during training: the last adapter is the one we keep
+        write_adapter(out / "adapter")
+    elif best["state"] is not None:
+        distributed.restore_trainable(unwrapped, best["state"])
+    else:  # the best was found before a resume and is only on disk
+        with distributed.full_trainable(unwrapped, writeback=True):
             restore_weights(unwrapped, out / "adapter")
+    train_time = time.time() - started
+    if eval_set is not None:
+        results["adapted"], rows = distributed.evaluate_split(task, unwrapped, eval_set, desc="scoring adapted")
+        if best["step"] is not None:
+            results["adapted"]["best_step"] = best["step"]
+    if main:
         plot_loss(out / "metrics.jsonl", out / "loss.png")
-        train_time = time.time() - started
         if eval_set is not None:
-            results["adapted"], rows = task.evaluate(unwrapped, eval_set, desc="scoring adapted")
-            if best["step"] is not None:
-                results["adapted"]["best_step"] = best["step"]
             write_predictions(rows, out / "predictions_adapted.jsonl")
             (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         writer.close()
@@ -188,14 +218,6 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return False
 
 
 def _mixed_precision(setting: str) -> str:
@@ -228,12 +250,13 @@ def _check_quantization(recipe: Recipe, plan: Plan) -> None:
                             f"leave {comp.component} out of model.quantization.components")
 
 
-def _quantize_if_asked(recipe: Recipe, model, plan: Plan) -> None:
+def _quantize_if_asked(recipe: Recipe, model, plan: Plan, sharded: bool) -> None:
     quant = recipe.model.quantization
     if quant.bits != 4:
         return
     prefixes = plan.prefixes_of([c for c in quant.components if plan.mode_of(c) != "full"])
-    n = len(quantize_linears(model, prefixes, quant.type, quant.double_quant, quant.compute_dtype))
+    storage = quant.compute_dtype if sharded else None  # FSDP shards 4-bit weights packed in the compute dtype
+    n = len(quantize_linears(model, prefixes, quant.type, quant.double_quant, quant.compute_dtype, storage))
     log.info("QLoRA: %d linears of %s in 4-bit %s (compute %s)", n, ", ".join(quant.components), quant.type,
              quant.compute_dtype)
 
@@ -256,33 +279,24 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _plugin_wrap_classes(accelerator) -> tuple[str, ...]:
+    """Block classes named in an accelerate FSDP config (``fsdp_transformer_layer_cls_to_wrap``), if any."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None) or ()
+    return tuple(names.split(",") if isinstance(names, str) else names)
 
 
 def _periodic_eval(task, model, eval_set, cfg, step: int, writer, out: Path) -> dict:
+    """Eval loss and scores, split across ranks; every rank gets the same numbers, the main one logs."""
     subset = eval_set if not cfg.eval_samples else eval_set.subset(cfg.eval_samples)
-    eval_loss = _eval_loss(task, model, subset, cfg.eval_batch_size)
-    scores, _ = task.evaluate(model, subset, desc=f"eval @ {step}")
-    writer.write({"step": step, "eval_loss": eval_loss, **{f"eval_{k}": v for k, v in scores.items()}})
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
-    return {"eval_loss": eval_loss, **scores}
-
-
-@torch.no_grad()
-def _eval_loss(task, model, dataset, batch_size: int) -> float:
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = _to_device(task.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
-                           device)
-        loss, n = task.loss(model, batch)
-        total += loss.item() * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    eval_loss = distributed.eval_loss_split(task, model, subset, cfg.eval_batch_size,
+                                            lambda items: _to_device(task.collate(items), device))
+    scores, _ = distributed.evaluate_split(task, model, subset, desc=f"eval @ {step}")
+    if writer is not None:
+        writer.write({"step": step, "eval_loss": eval_loss, **{f"eval_{k}": v for k, v in scores.items()}})
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    return {"eval_loss": eval_loss, **scores}
 
 
 def _track_best(best: dict, scores: dict, metric: str, step: int, model, adapter_dir: Path, write_adapter) -> None:
@@ -291,8 +305,8 @@ def _track_best(best: dict, scores: dict, metric: str, step: int, model, adapter
     value = scores[metric]
     lower_is_better = metric.endswith("loss")
     if best["value"] is None or (value < best["value"] if lower_is_better else value > best["value"]):
-        best.update(value=value, step=step, state=_trainable_state(model))
-        write_adapter(adapter_dir)
+        best.update(value=value, step=step, state=distributed.snapshot_trainable(model))
+        write_adapter(adapter_dir)  # collective: every rank tracks the same best
         log.info("step %d: new best %s %.4f -> %s", step, metric, value, adapter_dir)
 
 
@@ -300,21 +314,20 @@ def _best_summary(best: dict) -> dict:
     return {"value": best["value"], "step": best["step"]}
 
 
-def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: str) -> tuple[int, dict, dict | None]:
-    """Load adapter weights, optimizer, scheduler and RNG state; returns (step, best, the loader's saved state)."""
+def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: str,
+             rank: int) -> tuple[int, dict, dict | None]:
+    """Load adapter weights, optimizer, scheduler and this rank's RNG state (every rank); returns (step, best,
+    the loader's saved state)."""
     state = load_trainer_state(checkpoint)
-    restore_weights(model, checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
+    with distributed.full_trainable(model, writeback=True):
+        restore_weights(model, checkpoint)
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(rank_rng_state(state, rank))
     saved = state["position"].get("best") or {}
     # the best adapter so far is on disk in out/adapter; it is reloaded at the end if nothing beats it
     return (state["step"], {"value": saved.get("value"), "step": saved.get("step"), "state": None},
             state["position"].get("data"))
-
-
-def _all_finite(params: list[torch.Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
 
 
 def _stop_on_nan(out: Path, step: int, what: str) -> None:

@@ -42,6 +42,12 @@ class CaptionTask:
         return evaluate_captions(model, self.processor, dataset, self.recipe.data.prompt, cfg.eval_batch_size,
                                  cfg.max_new_tokens, desc)
 
+    def score(self, rows: list[dict]) -> dict:
+        """Metrics of rows as ``evaluate`` returns them (e.g. gathered from several ranks)."""
+        from vlm_lora.metrics import score_captions
+
+        return score_captions([r["prediction"] for r in rows], [r["references"] for r in rows])
+
 
 class ClassificationTask:
     """Cross-entropy over the classes found in the training labels; eval = accuracy."""
@@ -85,6 +91,11 @@ class ClassificationTask:
                 rows.append({"image": str(example.image_path), "prediction": self.classes[p], "label": example.label})
         model.train(was_training)
         return {"accuracy": correct / len(dataset), "n": len(dataset)}, rows
+
+    def score(self, rows: list[dict]) -> dict:
+        """Metrics of rows as ``evaluate`` returns them (e.g. gathered from several ranks)."""
+        correct = sum(r["prediction"] == str(r["label"]) for r in rows)
+        return {"accuracy": correct / len(rows), "n": len(rows)}
 
 
 class ContrastiveTask:
