@@ -37,15 +37,15 @@ def is_sharded(model: nn.Module) -> bool:
 # ---------------------------------------------------------------- FSDP2 setup
 
 def wrap_classes(model: nn.Module) -> tuple[str, ...]:
-    """Class names of the FSDP units: the registry's ``fsdp_wrap_classes`` when the entry has it, else
-    the classes named ``*DecoderLayer`` / ``*EncoderLayer`` / ``*Block`` under the components' prefixes."""
-    from vlm_lora.architectures.registry import detect_architecture
+    """Class names of the FSDP units: the registry entry's ``fsdp_wrap_classes`` present in the model, else
+    (an entry that declares none, such as the generic fallback) the classes named ``*DecoderLayer`` /
+    ``*EncoderLayer`` / ``*Block`` under the components' prefixes."""
+    from vlm_lora.architectures.registry import detect_architecture, fsdp_wrap_classes
 
-    arch = detect_architecture(model)
-    declared = tuple(getattr(arch, "fsdp_wrap_classes", ()) or ())
+    declared = fsdp_wrap_classes(model)
     if declared:
         return declared
-    prefixes = [p for comp in arch.components.values() for p in comp.prefixes]
+    prefixes = [p for comp in detect_architecture(model).components.values() for p in comp.prefixes]
     found = {type(module).__name__ for path, module in model.named_modules()
              if any(path.startswith(p + ".") for p in prefixes) and type(module).__name__.endswith(WRAP_SUFFIXES)}
     return tuple(sorted(found))
