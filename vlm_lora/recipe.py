@@ -62,6 +62,8 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = Field(
         default="error", description="missing/corrupt image or too long: stop with its id, or skip and count")
     label_key: str = Field(default="label", description="row key holding the class label (classification)")
+    packing: bool = Field(default=False, description="padding-free: each micro-batch is one row of its samples, "
+                                                     "positions restart per sample, attention stays within samples")
 
 
 class TrainConfig(_Strict):
@@ -87,7 +89,12 @@ class TrainConfig(_Strict):
     eval_samples: int | None = Field(default=None, ge=1, description="score only the first N eval rows at eval_steps")
     metric_for_best: str | None = Field(default=None, description="keeps adapter/ as the best; default: cider or accuracy")
     save_total_limit: int | None = Field(default=2, ge=1, description="checkpoints kept in output_dir")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal["none", "full", "selective", "offload"] = Field(
+        default="none", description="recompute activations in backward: full (every decoder layer), selective "
+                                    "(every other layer), offload (full, saved inputs kept in CPU memory); true = full")
+    compile: bool = Field(default=False, description="torch.compile each decoder layer (regional compilation)")
+    kernels: Literal["none", "liger"] = Field(default="none", description="liger: Liger's fused RMSNorm/RoPE/SwiGLU "
+                                                                          "(pip install 'vlm-lora[kernels]')")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on GPUs that support it, else no")
     tensorboard: bool = Field(default=True, description="write TensorBoard events when tensorboard is installed")
@@ -96,6 +103,13 @@ class TrainConfig(_Strict):
     @classmethod
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @field_validator("gradient_checkpointing", "kernels", mode="before")
+    @classmethod
+    def _bool_modes(cls, value, info):
+        if value is True:  # gradient_checkpointing: true (older recipes) means full
+            return "full" if info.field_name == "gradient_checkpointing" else value
+        return "none" if value is False or value is None else value
 
 
 class Recipe(_Strict):
