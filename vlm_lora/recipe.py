@@ -93,8 +93,9 @@ class TrainConfig(_Strict):
         default="none", description="recompute activations in backward: full (every decoder layer), selective "
                                     "(every other layer), offload (full, saved inputs kept in CPU memory); true = full")
     compile: bool = Field(default=False, description="torch.compile each decoder layer (regional compilation)")
-    kernels: Literal["none", "liger"] = Field(default="none", description="liger: Liger's fused RMSNorm/RoPE/SwiGLU "
-                                                                          "(pip install 'vlm-lora[kernels]')")
+    kernels: Literal["none", "liger", "liger_flce"] = Field(
+        default="none", description="liger: Liger's fused RMSNorm/RoPE/SwiGLU on CUDA (pip install 'vlm-lora[kernels]'); "
+                                    "liger_flce: also fused linear cross-entropy (lm_head frozen)")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on GPUs that support it, else no")
     tensorboard: bool = Field(default=True, description="write TensorBoard events when tensorboard is installed")
