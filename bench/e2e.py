@@ -5,8 +5,9 @@ tiny-llava processor resized to the preset's image size) for the same steps and 
 the same JPEG images and captions of 5-60 words, with LoRA r=16 on every language-decoder
 linear and the projector trained:
 
-  vlm_lora         ``vlm-lora finetune`` on a generated recipe (its real loop, ``--set`` keys via ``--vlm-set``)
-  vlm_lora_padded  the same with ``data.packing: false`` (padded batches)
+  vlm_lora         ``vlm-lora finetune`` on a generated recipe (its real loop; recipe keys via ``--vlm-set``)
+  vlm_lora_packed  the same with ``data.packing: true`` (padding-free rows); ``vlm_lora_compile``:
+                   ``train.compile: true``; ``vlm_lora_liger``: ``train.kernels: liger`` (CUDA)
   hf_peft          ``transformers.Trainer`` + ``peft.get_peft_model`` with its best stock settings:
                    bf16 on CUDA, ``adamw_torch_fused``, length-grouped sampling, a padding collator
 
@@ -42,7 +43,11 @@ PRESETS = {
     "cpu": dict(vh=128, vl=2, img=48, patch=8, th=256, tl=4, inter=688, vocab=4096, batch=8, steps=24),
     "llava-7b": dict(vh=1024, vl=24, img=336, patch=14, th=4096, tl=32, inter=11008, vocab=32064, batch=8, steps=40),
 }
-SYSTEMS = ["hf_peft", "vlm_lora", "vlm_lora_padded"]
+VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recipe
+    "vlm_lora": [], "vlm_lora_packed": ["data.packing=true"], "vlm_lora_compile": ["train.compile=true"],
+    "vlm_lora_liger": ["train.kernels=liger"],
+}
+SYSTEMS = ["hf_peft", *VLM_LORA_SYSTEMS]
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 WORDS = ("cell nucleus stain membrane lesion lower upper left right center dense sparse round oval cluster "
          "pink blue purple dark light small large edge field tissue sample visible several few many shows "
@@ -52,8 +57,9 @@ PROMPT = "Describe the image."
 
 # ---------------------------------------------------------------- inputs shared by both systems
 
-def build_model_folder(p: dict, folder: Path) -> None:
-    """A random-weight LLaVA of preset ``p`` with the tiny-llava processor resized to ``p['img']``."""
+def build_model_folder(p: dict, folder: Path, device: str) -> None:
+    """A random-weight LLaVA of preset ``p`` with the tiny-llava processor resized to ``p['img']``
+    (built on ``device``; saved in bf16 from CUDA, else fp32)."""
     from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(REPO / "assets" / "tiny-llava")
@@ -71,7 +77,16 @@ def build_model_folder(p: dict, folder: Path) -> None:
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=(p["img"] // p["patch"]) ** 2, pad_token_id=base.pad_token_id)
     torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        model = LlavaForConditionalGeneration(config)
+        torch.set_default_dtype(default)
+    model.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs are child processes: leave them the memory
     processor.save_pretrained(folder)
 
 
@@ -118,7 +133,7 @@ def real_tokens(model_dir: Path, data: Path) -> int:
 
 # ---------------------------------------------------------------- the two systems (one per process)
 
-def run_vlm_lora(model_dir: Path, data: Path, out: Path, args, packing: bool) -> list[float]:
+def run_vlm_lora(model_dir: Path, data: Path, out: Path, args, overrides: list[str]) -> list[float]:
     """``vlm-lora finetune`` on a generated recipe; returns the wall time of every optimizer step."""
     from vlm_lora.recipe import apply_overrides, validate_recipe
     from vlm_lora.train.loop import finetune
@@ -130,13 +145,13 @@ def run_vlm_lora(model_dir: Path, data: Path, out: Path, args, packing: bool) ->
         "components": {"language_decoder": {"mode": "lora", "rank": 16, "alpha": 32, "dropout": 0.0,
                                             "targets": ["q", "k", "v", "o", "gate", "up", "down"]},
                        "connector": {"mode": "full"}, "vision_encoder": {"mode": "frozen"}},
-        "data": {"train": str(data), "prompt": PROMPT, "packing": packing},
+        "data": {"train": str(data), "prompt": PROMPT},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": 2e-4, "warmup_steps": 0,
                   "log_steps": 1, "save_steps": None, "eval_base": False, "tensorboard": False,
                   "mixed_precision": "bf16" if cuda else "no"},
         "output_dir": str(out),
     }
-    finetune(validate_recipe(apply_overrides(recipe, args.vlm_set)), overwrite=True)
+    finetune(validate_recipe(apply_overrides(recipe, overrides + args.vlm_set)), overwrite=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # log_steps 1: each row's samples_per_s covers exactly one step (data, forward, backward, optimizer)
     return [args.batch / r["samples_per_s"] for r in rows if "samples_per_s" in r]
@@ -163,6 +178,7 @@ class PaddingCollator:
 
     def __init__(self, processor):
         self.processor = processor
+        processor.tokenizer.padding_side = "right"  # training pads right (LLaVA's train.py does the same)
 
     def __call__(self, items: list[dict]) -> dict:
         from PIL import Image
@@ -231,7 +247,7 @@ def child(args) -> None:
     if args.system == "hf_peft":
         times = run_hf_peft(work / "model", work / "data" / "train.jsonl", out, args)
     else:
-        times = run_vlm_lora(work / "model", work / "data" / "train.jsonl", out, args, args.system == "vlm_lora")
+        times = run_vlm_lora(work / "model", work / "data" / "train.jsonl", out, args, VLM_LORA_SYSTEMS[args.system])
     if args.device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -280,7 +296,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="vlm_lora_e2e_"))
     n_samples = args.steps * args.batch  # one epoch: every sample is seen exactly once by both systems
     if not (work / "model" / "config.json").is_file():
-        build_model_folder(p, work / "model")
+        build_model_folder(p, work / "model", args.device)
     data = make_data(work / "data", n_samples, p["img"])
     tokens = real_tokens(work / "model", data)
     args.device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}"
