@@ -35,7 +35,7 @@ from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
 from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe
-from vlm_lora.train.speed import apply_speed_options
+from vlm_lora.train.speed import apply_speed_options, packing_row_tokens
 from vlm_lora.data.packing import PackingCollator
 
 log = logging.getLogger("vlm_lora")
@@ -91,7 +91,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     plan.apply(model)
     apply_speed_options(model, cfg, recipe.data.packing)
     if recipe.data.packing:
-        task.collate = PackingCollator(task.collate)
+        task.collate = PackingCollator(task.collate, packing_row_tokens(model))
     groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
     trainable = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)

@@ -63,6 +63,13 @@ def check_packable(model) -> None:
                                f"(supported: {', '.join(PACKABLE_MODEL_TYPES)}); set data.packing: false")
 
 
+def packing_row_tokens(model) -> int | None:
+    """Row length for ``PackingCollator``: FlashAttention finds sample boundaries from position ids only
+    in a single row (one row per micro-batch); mask-based attention gets rows of the longest sample."""
+    attention = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
+    return 2 ** 31 if "flash" in attention else None
+
+
 # ---------------------------------------------------------------- activation checkpointing
 
 def enable_gradient_checkpointing(model, mode: str = "full") -> None:
