@@ -62,7 +62,7 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = Field(
         default="error", description="missing/corrupt image or too long: stop with its id, or skip and count")
     label_key: str = Field(default="label", description="row key holding the class label (classification)")
-    packing: bool = Field(default=False, description="padding-free: each micro-batch is one row of its samples, "
+    packing: bool = Field(default=False, description="pack each micro-batch's samples whole into rows without padding; "
                                                      "positions restart per sample, attention stays within samples")
 
 
