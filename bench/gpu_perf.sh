@@ -15,7 +15,7 @@ else
   export PYTHONPATH=$PWD
 fi
 if [ "$DEVICE" = cuda ]; then
-  E2E="--device cuda --preset llava-7b"; STEP="--device cuda --preset llava-7b"; T_E2E=350; T_STEP=60
+  E2E="--device cuda --preset llava-7b"; STEP="--device cuda --preset llava-7b"; T_E2E=320; T_STEP=90
   LIGER=$(python3 -c "import liger_kernel" 2>/dev/null && echo ,vlm_lora_liger)
   SYSTEMS=${SYSTEMS:-hf_peft,vlm_lora$LIGER,vlm_lora_packed,vlm_lora_compile}  # most wanted first: a timeout cuts the tail
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
