@@ -8,7 +8,8 @@ Every variant trains the same LLaVA-shaped (or, ``--preset qwen2.5-vl-7b``, Qwen
   *_vision         plus vision q/v LoRA r=64 (floor_vision: backward runs through the vision tower); on
                    Qwen-VL's fused ``attn.qkv`` vlm-lora adapts the q and v slices, PEFT the whole qkv
   *_dora           DoRA instead of LoRA
-  *_gc             gradient checkpointing on the language decoder
+  *_gc             gradient checkpointing on the language decoder (train.gradient_checkpointing: full);
+                   *_gcsel every second layer (selective), *_gcoff full with saved inputs in pinned CPU memory (offload)
   *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
 
 Prints one JSON line per variant (step_s = median of timed steps after warm-up) and a final
@@ -48,7 +49,10 @@ ARCH = {
 }
 ALL_VARIANTS = ["floor", "peft", "vlm_lora", "floor_vision", "peft_vision", "vlm_lora_vision",
                 "peft_dora", "vlm_lora_dora", "floor_gc", "peft_gc", "vlm_lora_gc", "peft_qlora", "vlm_lora_qlora"]
-FLOOR_OF = {"vision": "floor_vision", "gc": "floor_gc"}
+CHECKPOINT_VARIANTS = ["floor_gc", "peft_gc", "vlm_lora_gc", "floor_gcsel", "vlm_lora_gcsel", "floor_gcoff",
+                       "vlm_lora_gcoff"]
+CHECKPOINTING = {"gc": "full", "gcsel": "selective", "gcoff": "offload"}  # variant kind -> train.gradient_checkpointing
+FLOOR_OF = {"vision": "floor_vision", **{kind: f"floor_{kind}" for kind in CHECKPOINTING}}
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -145,8 +149,10 @@ def setup_variant(model, variant: str, arch: dict):
     family, kind = split_variant(variant)
     model.requires_grad_(False)
     undo = []
-    if kind == "gc":
-        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if kind in CHECKPOINTING:
+        from vlm_lora.train.speed import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model.model.language_model, CHECKPOINTING[kind])
         model.enable_input_require_grads()
         undo.append(model.model.language_model.gradient_checkpointing_disable)
     if family == "floor":
@@ -240,7 +246,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu, or llava-7b on cuda")
-    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                        help="comma list, or 'checkpointing' for floor,vlm_lora and every checkpointing mode")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 12 on cpu)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--profile-dir", default=None, help="also write a torch.profiler table per variant here")
@@ -252,6 +259,8 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     autocast = torch.bfloat16 if args.device == "cuda" else None
     variants = [v for v in args.variants.split(",") if v]
+    if variants == ["checkpointing"]:
+        variants = ["floor", "vlm_lora", *CHECKPOINT_VARIANTS]
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -122,7 +122,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients(factory):
     import vlm_lora
     from vlm_lora.architectures.tiny_models import FACTORIES
-    from vlm_lora.train.loop import _enable_gradient_checkpointing
+    from vlm_lora.train.speed import enable_gradient_checkpointing as _enable_gradient_checkpointing
 
     grads = []
     for checkpointing in (False, True):

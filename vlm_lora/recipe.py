@@ -70,6 +70,8 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = Field(
         default="error", description="missing/corrupt image or too long: stop with its id, or skip and count")
     label_key: str = Field(default="label", description="row key holding the class label (classification)")
+    packing: bool = Field(default=False, description="pack each micro-batch's samples whole into rows without padding; "
+                                                     "positions restart per sample, attention stays within samples")
 
 
 class TrainConfig(_Strict):
@@ -95,7 +97,13 @@ class TrainConfig(_Strict):
     eval_samples: int | None = Field(default=None, ge=1, description="score only the first N eval rows at eval_steps")
     metric_for_best: str | None = Field(default=None, description="keeps adapter/ as the best; default: cider or accuracy")
     save_total_limit: int | None = Field(default=2, ge=1, description="checkpoints kept in output_dir")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal["none", "full", "selective", "offload"] = Field(
+        default="none", description="recompute activations in backward: full (every decoder layer), selective "
+                                    "(every other layer), offload (full, saved inputs kept in CPU memory); true = full")
+    compile: bool = Field(default=False, description="torch.compile each decoder layer (regional compilation)")
+    kernels: Literal["none", "liger", "liger_flce"] = Field(
+        default="none", description="liger: Liger's fused RMSNorm/RoPE/SwiGLU on CUDA (pip install 'vlm-lora[kernels]'); "
+                                    "liger_flce: also fused linear cross-entropy (lm_head frozen)")
     fsdp: bool = Field(default=False, description="shard parameters, gradients and optimizer state over the "
                        "processes (FSDP2, one unit per decoder layer / vision block); for bases that do not fit one GPU")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
@@ -106,6 +114,13 @@ class TrainConfig(_Strict):
     @classmethod
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @field_validator("gradient_checkpointing", "kernels", mode="before")
+    @classmethod
+    def _bool_modes(cls, value, info):
+        if value is True:  # gradient_checkpointing: true (older recipes) means full
+            return "full" if info.field_name == "gradient_checkpointing" else value
+        return "none" if value is False or value is None else value
 
 
 class Recipe(_Strict):

@@ -39,6 +39,8 @@ from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
 from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe, make_train_loader
+from vlm_lora.train.speed import apply_speed_options, packing_row_tokens
+from vlm_lora.data.packing import PackingCollator
 
 log = logging.getLogger("vlm_lora")
 
@@ -103,9 +105,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
 
     _quantize_if_asked(recipe, model, plan, fsdp)
     plan.apply(model)
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    if fsdp:  # after the adapters are in, before the optimizer sees the (replaced) parameters
+    apply_speed_options(model, cfg, recipe.data.packing)
+    if recipe.data.packing:
+        task.collate = PackingCollator(task.collate, packing_row_tokens(model))
+    if fsdp:  # after the adapters (and checkpointing, compile) are in, before the optimizer sees the parameters
         model = distributed.shard_model(model, accelerator.mixed_precision, _plugin_wrap_classes(accelerator))
     groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
@@ -259,20 +262,6 @@ def _quantize_if_asked(recipe: Recipe, model, plan: Plan, sharded: bool) -> None
     n = len(quantize_linears(model, prefixes, quant.type, quant.double_quant, quant.compute_dtype, storage))
     log.info("QLoRA: %d linears of %s in 4-bit %s (compute %s)", n, ", ".join(quant.components), quant.type,
              quant.compute_dtype)
-
-
-def _enable_gradient_checkpointing(model) -> None:
-    """Recompute activations in backward; inputs need grad so checkpointed blocks reach the adapters."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    elif hasattr(model, "gradient_checkpointing_enable"):  # older transformers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    elif hasattr(model, "set_grad_checkpointing"):  # timm
-        model.set_grad_checkpointing(True)
-    else:
-        raise TrainingError(f"{type(model).__name__} has no gradient checkpointing switch")
 
 
 def _to_device(batch: dict, device) -> dict:

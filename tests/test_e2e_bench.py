@@ -1,0 +1,47 @@
+"""bench/e2e.py: both systems train on the same tokens; the summary counts what it says."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import torch
+
+from conftest import ASSET_MODEL, REPO
+
+spec = importlib.util.spec_from_file_location("e2e", REPO / "bench" / "e2e.py")
+e2e = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(e2e)
+
+
+def test_hf_baseline_collator_labels_the_same_tokens_as_vlm_lora(tmp_path):
+    """The HF + PEFT side trains on exactly the answer tokens vlm-lora's ChatCollator labels."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlm_lora.data.collate import ChatCollator
+    from vlm_lora.data.datasets import CaptionExample
+
+    data = e2e.make_data(tmp_path, 3, 48)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert all(5 <= len(r["caption"].split()) <= 60 for r in rows)
+    processor = AutoProcessor.from_pretrained(ASSET_MODEL)
+    items = e2e.CaptionRows(data, processor.tokenizer)
+    hf = e2e.PaddingCollator(processor)([items[i] for i in range(3)])
+    ours = ChatCollator(processor, prompt=e2e.PROMPT)(
+        [(Image.open(tmp_path / r["image"]).convert("RGB"), CaptionExample(r["image"], [r["caption"]], row=i))
+         for i, r in enumerate(rows)])
+    width = ours["input_ids"].shape[1]
+    assert hf["input_ids"].shape[1] == width
+    torch.testing.assert_close(hf["input_ids"] * hf["attention_mask"], ours["input_ids"] * ours["attention_mask"])
+    torch.testing.assert_close(hf["labels"], ours["labels"])
+    assert sum(hf["attention_mask"].sum(1).tolist()) == e2e.real_tokens(ASSET_MODEL, data)
+
+
+def test_summary_separates_first_steps_from_steady_state():
+    args = argparse.Namespace(skip=2, batch=4, preset="tiny", device_name="cpu")
+    row = e2e.summarize("vlm_lora", [5.0, 3.0, 1.0, 1.0, 2.0], 100.0, tokens=2000, n_samples=20, args=args)
+    assert row["total_s"] == 12.0 and row["tokens_per_s"] == round(2000 / 12, 1)
+    assert row["first_steps_s"] == [5.0, 3.0] and row["steady_step_s"] == round(4 / 3, 4)
+    assert row["steady_samples_per_s"] == round(4 / (4 / 3), 3) and row["steady_tokens_per_s"] == 300.0
