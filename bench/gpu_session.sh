@@ -28,7 +28,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 if [ "$NGPU" -ge 2 ]; then
   echo "== scaling (1.3B LLaVA-shaped, batch 16 per GPU)"
   python3 bench/make_llava_shaped.py /tmp/llava-shaped 2>&1 | tail -1
-  timeout 320 python3 bench/scaling.py --preset llava-1b --model /tmp/llava-shaped --timeout 100 \
+  timeout 280 python3 bench/scaling.py --preset llava-1b --model /tmp/llava-shaped --timeout 90 \
     --setups 1proc,ddp2,ddp2_1thread,fsdp2,fsdp2_qlora | tee "$OUT/scaling.jsonl"
 
   echo "== FSDP / FSDP+QLoRA with eval, checkpoints and resume"
@@ -37,9 +37,9 @@ if [ "$NGPU" -ge 2 ]; then
   for variant in fsdp qlora; do
     extra=""; [ "$variant" = qlora ] && extra="--set model.quantization.bits=4"
     dir=/tmp/run_$variant
-    timeout 90 $run $common $extra --set output_dir=$dir 2>&1 | grep -E "done|error|Error" | tail -3
+    timeout 75 $run $common $extra --set output_dir=$dir 2>&1 | grep -E "done|error|Error" | tail -3
     cp -r $dir/adapter_last /tmp/${variant}_uninterrupted 2>/dev/null
-    [ "$variant" = fsdp ] && timeout 80 $run $common $extra --set output_dir=$dir --resume 2>&1 | grep -E "resuming|done|error|Error" | tail -3
+    [ "$variant" = fsdp ] && timeout 60 $run $common $extra --set output_dir=$dir --resume 2>&1 | grep -E "resuming|done|error|Error" | tail -3
     python3 - "$variant" "$dir" <<'EOF' | tee -a "$OUT/fsdp_checks.jsonl"
 import json, sys
 from safetensors.torch import load_file
@@ -55,7 +55,7 @@ except Exception as error:  # report and go on: the other rows still print
 EOF
   done
   echo "== accelerate FSDP config"
-  timeout 80 python3 -m accelerate.commands.launch --config_file recipes/accelerate/fsdp.yaml -m vlm_lora finetune recipes/quickstart.yaml \
+  timeout 60 python3 -m accelerate.commands.launch --config_file recipes/accelerate/fsdp.yaml -m vlm_lora finetune recipes/quickstart.yaml \
     $common --set train.max_steps=10 --set output_dir=/tmp/run_yaml 2>&1 | grep -E "done|error|Error" | tail -3 | tee "$OUT/fsdp_yaml.txt"
 fi
 echo "== done"
