@@ -73,7 +73,8 @@ def run_setup(name: str, preset: dict, model: str, root: Path, timeout: int) -> 
     # every setup gets the whole host: its cores split over its processes (torchrun would set 1 thread each)
     if threads is None:
         threads = 1 if preset is PRESETS["cpu"] else max(1, (os.cpu_count() or 1) // processes)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried wheels importable
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads)}
     if preset is PRESETS["cpu"]:
         env["ACCELERATE_USE_CPU"] = "1"
     row = {"setup": name, "processes": processes, "batch_per_process": preset["batch_size"], "steps": preset["steps"],
