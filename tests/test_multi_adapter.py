@@ -170,3 +170,42 @@ def test_tiny_llava_named_adapters_with_full_connectors_mix_per_sample(tiny_llav
     for row, name in enumerate(names):
         torch.testing.assert_close(logits[row], singles[name][0][row], atol=1e-4, rtol=0)
         assert torch.equal(generated[row], singles[name][1][row])
+
+
+@pytest.mark.slow
+def test_mixed_batch_eval_gives_the_sequential_captions(tmp_path):
+    """``vlm-lora eval --mixed-batch`` (beam search, one adapter with a fully-trained connector) writes the
+    captions and metrics of scoring base, a and b one at a time."""
+    import json
+
+    from conftest import ASSET_DATA, ASSET_MODEL
+    from vlm_lora.cli import main
+    from vlm_lora.eval.captioning import compare_models
+    from vlm_lora.eval.coco import load_caption_data
+    from vlm_lora.modeling import load_model_and_processor
+
+    model, processor = load_model_and_processor(str(ASSET_MODEL))
+    for name, seed, overrides in (("a", 1, {}), ("b", 2, {"connector": {"mode": "frozen"},
+                                                          "language_decoder": {"rank": 4, "targets": ["q", "v"]}})):
+        trained = copy.deepcopy(model)
+        plan = vlm_lora.plan(trained, "language_only", **overrides)
+        plan.apply(trained)
+        randomize_adapters(trained, seed)
+        vlm_lora.save_adapter(trained, tmp_path / name, str(ASSET_MODEL), plan.full_prefixes())
+    data_file = ASSET_DATA / "microscopy" / "eval.jsonl"
+    decoding = dict(prompt="Describe the image.", batch_size=3, max_new_tokens=6, num_beams=2)
+    summary, rows = compare_models(model, processor, load_caption_data(data_file, limit=5),
+                                   [("a", tmp_path / "a"), ("b", tmp_path / "b")], **decoding)
+    assert main(["eval", "--model", str(ASSET_MODEL), "--adapter", str(tmp_path / "a"), "--adapter",
+                 str(tmp_path / "b"), "--names", "a", "b", "--data", str(data_file), "--limit", "5",
+                 "--out", str(tmp_path / "mixed"), "--batch-size", "3", "--max-new-tokens", "6", "--num-beams", "2",
+                 "--mixed-batch", "--contact-sheet", "0"]) == 0
+    mixed = [json.loads(line) for line in (tmp_path / "mixed" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["predictions"] for r in mixed] == [r["predictions"] for r in rows]
+    assert len({r["predictions"]["a"] + r["predictions"]["b"] for r in rows}) > 1
+    assert any(r["predictions"]["a"] != r["predictions"]["b"] for r in rows)
+    mixed_summary = json.loads((tmp_path / "mixed" / "summary.json").read_text())
+    for label in ("base", "a", "b"):
+        assert {k: v for k, v in mixed_summary[label].items() if k != "speed"} == \
+               {k: v for k, v in summary[label].items() if k != "speed"}
+    assert mixed_summary["a"]["speed"]["mixed_batch"] is True
