@@ -141,7 +141,6 @@ def frozen_connector_adapters(base, tmp_path_factory):
     return tmp_path
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method, peft_kwargs", [("cat", {}), ("svd", {"svd_rank": 3})])
 def test_cat_and_svd_equal_peft_add_weighted_adapter(base, frozen_connector_adapters, tmp_path, method, peft_kwargs):
     peft = pytest.importorskip("peft")
@@ -181,7 +180,6 @@ def test_linear_equals_the_sum_of_deltas(base, frozen_connector_adapters, tmp_pa
                                atol=1e-4, rtol=0)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("components", [
     {"language_decoder": {"rank": 4, "rslora": True}},  # with the fully-trained connector
     {"language_decoder": {"rank": 4, "variant": "dora"}, "connector": {"mode": "frozen"}},

@@ -214,7 +214,8 @@ def generate_captions_mixed(model, processor, dataset: CaptionDataset, names: li
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc="captioning (mixed)", leave=False, disable=None):
             images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-            inputs = processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
+            inputs = processor(images=[[image] for image in images], text=[text] * len(images), return_tensors="pt",
+                               padding=True)  # one list per prompt, as generate_captions
             inputs = {k: torch.cat([v] * len(names)).to(first.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(first.dtype)
             with adapter_per_sample(model, [name for name in names for _ in images]):

@@ -74,8 +74,9 @@ class SampleRouting:
                            f"to adapter_per_sample for multi-image or packed vision inputs")
 
     def rows(self, shape: torch.Size, device: torch.device, side: str | None = None) -> dict[str, torch.Tensor]:
-        """``{adapter: positions}`` in the flattened leading dims of an input of leading ``shape``
-        (``x.shape[:-1]``); the base rows (None) are in no entry. Cached per shape."""
+        """``{adapter: (positions, slice or None)}`` in the flattened leading dims of an input of leading
+        ``shape`` (``x.shape[:-1]``); the slice when the positions are one contiguous block. The base
+        rows (None) are in no entry. Cached per shape."""
         key = (tuple(shape), str(device), side)
         routes = self._cache.get(key)
         if routes is None:
@@ -84,9 +85,14 @@ class SampleRouting:
             token_sample = sample.repeat_interleave(per_row)  # [prod(shape)]
             adapter_of_sample = torch.tensor([self.adapters.index(n) if n is not None else -1 for n in self.names])
             token_adapter = adapter_of_sample[token_sample]
-            routes = {name: torch.nonzero(token_adapter == i).flatten().to(device)
-                      for i, name in enumerate(self.adapters)}
-            self._cache[key] = routes = {n: r for n, r in routes.items() if r.numel()}
+            routes = {}
+            for i, name in enumerate(self.adapters):
+                positions = torch.nonzero(token_adapter == i).flatten()
+                if positions.numel():
+                    first, last = int(positions[0]), int(positions[-1])
+                    contiguous = slice(first, last + 1) if last - first + 1 == positions.numel() else None
+                    routes[name] = (positions.to(device), contiguous)
+            self._cache[key] = routes
         return routes
 
 
@@ -98,8 +104,14 @@ def routed_update(x: torch.Tensor, out: torch.Tensor, routes: dict[str, torch.Te
     """
     flat_x = x.reshape(-1, x.shape[-1])
     flat_out = out.reshape(flat_x.shape[0], *out.shape[x.dim() - 1:])
-    for name, positions in routes.items():
-        if has_adapter(name):
+    in_place = not torch.is_grad_enabled()  # contiguous rows (one adapter per block of samples): views, no copies
+    for name, (positions, contiguous) in routes.items():
+        if not has_adapter(name):
+            continue
+        if in_place and contiguous is not None:
+            rows = flat_out[contiguous]
+            rows += update(name, flat_x[contiguous], rows).to(flat_out.dtype)
+        else:
             delta = update(name, flat_x[positions], flat_out[positions])
             flat_out = flat_out.index_add(0, positions, delta.to(flat_out.dtype))
     return flat_out.view(out.shape)
