@@ -6,11 +6,13 @@
 >>> p.apply(model)    # inject adapters, set requires_grad
 """
 
+from vlm_lora.adapters.multi import adapter_per_sample, delete_adapter, disable_adapters, set_adapter
 from vlm_lora.adapters.peft_format import load_adapter, save_adapter
 from vlm_lora.lora import AdapterSpec, LoraLinear, inject_lora, unload_lora
 from vlm_lora.planner import Plan, PlanError, plan
 from vlm_lora.policy import ComponentPolicy, strategies
 
 __version__ = "0.1.0"
-__all__ = ["AdapterSpec", "ComponentPolicy", "LoraLinear", "Plan", "PlanError", "inject_lora", "load_adapter",
-           "plan", "save_adapter", "strategies", "unload_lora"]
+__all__ = ["AdapterSpec", "ComponentPolicy", "LoraLinear", "Plan", "PlanError", "adapter_per_sample", "delete_adapter",
+           "disable_adapters", "inject_lora", "load_adapter", "plan", "save_adapter", "set_adapter", "strategies",
+           "unload_lora"]

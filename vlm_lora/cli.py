@@ -43,10 +43,28 @@ def _load_for_plan(recipe):
 
 
 def cmd_merge(args) -> None:
-    from vlm_lora.adapters.merge import merge_adapter
+    from vlm_lora.adapters.merge import merge_adapter, merge_adapters
+    from vlm_lora.adapters.peft_format import AdapterError
 
-    report = merge_adapter(args.base, args.adapter, args.out, args.dtype)
+    if args.method is None:
+        if len(args.adapter) > 1:
+            raise AdapterError(f"{len(args.adapter)} adapters need --method (linear, cat, svd, ties, dare_linear, "
+                               f"dare_ties, magnitude_prune or slerp)")
+        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype)
+    else:
+        weights = _float_list(args.weights, "--weights") if args.weights else None
+        report = merge_adapters(args.base, args.adapter, args.out, args.method, weights, args.density, args.t,
+                                args.rank, args.seed, args.output, args.dtype, args.allow_mixed_quantization)
     print(json.dumps(report))
+
+
+def _float_list(text: str, option: str) -> list[float]:
+    from vlm_lora.adapters.peft_format import AdapterError
+
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise AdapterError(f"{option} takes comma-separated numbers, e.g. 0.7,0.3; got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", action="store_true", help="build the model from its config on the meta device (no weights)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and export a plain model")
+    p = sub.add_parser("merge", help="merge an adapter into its base and export a plain model; or combine several "
+                                     "adapters (--method) into one adapter or model")
     p.add_argument("--base", required=True, help="base model folder or hub id")
-    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    p.add_argument("--adapter", required=True, action="append", help="adapter folder (PEFT format); repeat to combine")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--method", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                                        "slerp"], help="how to combine several adapters (on the dense deltas)")
+    p.add_argument("--weights", help="one weight per adapter, comma-separated (default 1 each)")
+    p.add_argument("--density", type=float, default=1.0, help="fraction kept by ties, dare_*, magnitude_prune")
+    p.add_argument("--t", type=float, default=0.5, help="slerp: 0 = first adapter, 1 = second")
+    p.add_argument("--rank", type=int, help="rank of the re-factored adapter (default: the largest input rank)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
+    p.add_argument("--as", dest="output", choices=["adapter", "model"], default="adapter",
+                   help="write a PEFT adapter (default) or the merged model")
+    p.add_argument("--allow-mixed-quantization", action="store_true",
+                   help="merge 4-bit-trained with 16-bit-trained adapters (into the 16-bit base)")
     p.set_defaults(func=cmd_merge)
 
     add_eval_parsers(sub)

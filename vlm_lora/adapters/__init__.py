@@ -1,7 +1,9 @@
 """Adapters on disk: PEFT-format save/load with base fingerprints, and merged-model export.
 
 Owns ``peft_format`` (``save_adapter``, ``load_adapter``, the base fingerprint that refuses a
-wrong base) and ``merge`` (fold adapters into the base, export a plain transformers model).
+wrong base), ``merge`` (fold adapters into the base, export a plain transformers model; combine
+several), ``arithmetic`` (merge methods on dense deltas, SVD / QR re-factoring) and ``multi``
+(switch, sum, disable, delete adapters; a different adapter per batch row).
 May import lora, architectures, planner, modeling, quantize and data (prompts for the merge
 probe); never eval or train.
 """

@@ -1,14 +1,26 @@
-"""Merge an adapter into its base and export a plain transformers model."""
+"""Merge adapters into their base: one adapter folded in exactly (``merge_adapter``), or several
+combined by adapter arithmetic (``merge_adapters``: linear, cat, svd, TIES, DARE, magnitude
+pruning, SLERP on the dense deltas) and written as a PEFT adapter or a merged model."""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from vlm_lora.adapters.peft_format import load_adapter, read_adapter_config, read_meta
-from vlm_lora.lora import iter_lora_layers, unload_lora
+from vlm_lora.adapters.arithmetic import LINEAR_METHODS, METHODS, cat_factors, merge_deltas, qr_svd_factors, svd_factors
+from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
+                                           base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
+                                           read_meta, weight_config)
+from vlm_lora.lora import LoraLayer, iter_lora_layers, unload_lora
+from vlm_lora.lora.mha import OUT_SUFFIX
+from vlm_lora.lora.variants import lora_scaling
 from vlm_lora.modeling import load_model_and_processor
 
 log = logging.getLogger("vlm_lora")
@@ -36,6 +48,19 @@ def _probe_logits(model, processor) -> torch.Tensor:
     return model(**batch).logits.float()
 
 
+def _quantize_like_training(model, quant: dict, modules_to_save: list[str]) -> None:
+    """Put the components an adapter was trained on in 4-bit into 4-bit, as in training."""
+    from vlm_lora.quantize import quantize_linears
+    from vlm_lora.architectures.registry import detect_architecture
+
+    components = detect_architecture(model).components
+    prefixes = [p for c in quant["components"] if c in components for p in components[c].prefixes]
+    quantize_linears(model, prefixes, quant["type"], quant["double_quant"], "float32")
+    for prefix in modules_to_save:  # fully-trained modules were never quantized
+        if any(prefix == p or prefix.startswith(p + ".") or p.startswith(prefix + ".") for p in prefixes):
+            log.warning("%s was trained in full but lies in a quantized component", prefix)
+
+
 def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> dict:
     """Load ``base``, apply ``adapter_dir``, merge in fp32 and save a plain model to ``out_dir``.
 
@@ -44,16 +69,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     model, processor = load_model_and_processor(base, "float32")
     quant = read_meta(adapter_dir).get("quantization")
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
-        from vlm_lora.quantize import quantize_linears
-        from vlm_lora.architectures.registry import detect_architecture
-
-        components = detect_architecture(model).components
-        prefixes = [p for c in quant["components"] if c in components for p in components[c].prefixes]
-        quantize_linears(model, prefixes, quant["type"], quant["double_quant"], "float32")
-        modules_to_save = read_adapter_config(adapter_dir).get("modules_to_save") or []
-        for prefix in modules_to_save:  # fully-trained modules were never quantized
-            if any(prefix == p or prefix.startswith(p + ".") or p.startswith(prefix + ".") for p in prefixes):
-                log.warning("%s was trained in full but lies in a quantized component", prefix)
+        _quantize_like_training(model, quant, read_adapter_config(adapter_dir).get("modules_to_save") or [])
     load_adapter(model, adapter_dir)
     layers = len(list(iter_lora_layers(model)))
     before = _probe_logits(model, processor)
@@ -72,3 +88,232 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return {"merged_layers": layers, "max_logit_diff": diff}
+
+
+# ---------------------------------------------------------------- several adapters: arithmetic
+
+@dataclass
+class DeltaPart:
+    """One adapter's update of one base tensor: LoRA ``factors`` (s B [out, r], A [r, in]) or ``dense``.
+
+    full: a fully-trained tensor (``modules_to_save``), written back as a plain tensor;
+    target: the PEFT target path of a LoRA update; rank: its rank.
+    """
+
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    dense: torch.Tensor | None = None
+    full: bool = False
+    target: str | None = None
+    rank: int = 0
+
+    def to_dense(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else self.factors[0] @ self.factors[1]
+
+
+def _param_of_target(modules: dict[str, nn.Module], target: str) -> str:
+    """The base parameter a PEFT target updates: ``<path>.weight``, an MHA's ``in_proj_weight`` or its out_proj."""
+    if target.endswith("." + OUT_SUFFIX):
+        return target[:-len(OUT_SUFFIX)] + "out_proj.weight"
+    module = modules.get(target)
+    module = module.base_layer if isinstance(module, LoraLayer) else module
+    if isinstance(module, nn.MultiheadAttention):
+        return f"{target}.in_proj_weight"
+    if isinstance(module, nn.Linear):
+        return f"{target}.weight"
+    raise AdapterError(f"adapter targets {target!r}, which is not a linear of this {type(module).__name__ if module else 'model'}")
+
+
+def adapter_deltas(model: nn.Module, adapter_dir: str | Path) -> dict[str, DeltaPart]:
+    """Base parameter name -> this adapter's update of it (fp32), read from the PEFT files.
+
+    LoRA: ``(s B, A)`` with PEFT's scaling (rsLoRA included); DoRA: the dense
+    ``m (W + s B A) / ||W + s B A||_row - W``; fully-trained tensors: ``W_i - W_base``.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    state = load_file(str(adapter_dir / WEIGHTS_NAME))
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    parts: dict[str, DeltaPart] = {}
+    for target, (lora_a, lora_b, magnitude) in lora_pairs(state).items():
+        rank = lora_a.shape[0]
+        alpha = _pattern_value(target, config.get("alpha_pattern") or {}, config["lora_alpha"])
+        scaled_b = lora_b.float() * lora_scaling(rank, alpha, bool(config.get("use_rslora")))
+        name = _param_of_target(modules, target)
+        if magnitude is None:
+            parts[name] = DeltaPart(factors=(scaled_b, lora_a.float()), target=target, rank=rank)
+            continue
+        weight = params[name].detach().float()
+        combined = weight + scaled_b @ lora_a.float()
+        dense = combined * (magnitude.float() / combined.norm(dim=1))[:, None] - weight
+        parts[name] = DeltaPart(dense=dense, target=target, rank=rank)
+    for key, tensor in state.items():
+        if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
+            continue
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name not in params or params[name].shape != tensor.shape:
+            raise AdapterError(f"{adapter_dir}: tensor {key!r} has no place of shape {tuple(tensor.shape)} in the base")
+        parts[name] = DeltaPart(dense=tensor.float() - params[name].detach().float(), full=True)
+    return parts
+
+
+def _check_same_base(adapter_dirs: list[Path], metas: list[dict]) -> None:
+    """AdapterError when two adapters' base fingerprints (model class, config hash) differ."""
+    seen = None
+    for adapter_dir, meta in zip(adapter_dirs, metas):
+        fingerprint = meta.get("base_fingerprint") or {}
+        key = (fingerprint.get("model_class"), fingerprint.get("config_sha256"))
+        if key == (None, None):
+            continue
+        if seen is not None and key != seen[1]:
+            raise AdapterError(f"adapters {str(seen[0])!r} and {str(adapter_dir)!r} were trained on different bases "
+                               f"({seen[1][0]} config {str(seen[1][1])[:12]} vs {key[0]} config {str(key[1])[:12]}); "
+                               f"only adapters of one base can be merged")
+        seen = seen or (adapter_dir, key)
+
+
+def _check_quantization(model, adapter_dirs: list[Path], metas: list[dict], allow_mixed: bool) -> dict | None:
+    """Prepare the base the deltas apply to: with all adapters trained on the same 4-bit base, its
+    dequantized weights; 4-bit mixed with 16-bit only if ``allow_mixed`` (then the 16-bit base)."""
+    quants = [meta.get("quantization") for meta in metas]
+    if not any(quants):
+        return None
+    if all(quants) and len({json.dumps(q, sort_keys=True) for q in quants}) == 1:
+        from vlm_lora.quantize import dequantize_linears
+
+        saved = sorted({p for d in adapter_dirs for p in read_adapter_config(d).get("modules_to_save") or []})
+        _quantize_like_training(model, quants[0], saved)
+        log.info("merging into the dequantized 4-bit base (%d linears)", dequantize_linears(model))
+        return quants[0]
+    if not allow_mixed:
+        four_bit = [str(d) for d, q in zip(adapter_dirs, quants) if q]
+        raise AdapterError(f"adapters {four_bit} were trained on a 4-bit base and the others on a 16-bit one; their "
+                           f"deltas assume different base weights. Pass --allow-mixed-quantization to merge them "
+                           f"into the 16-bit base anyway")
+    log.warning("merging 4-bit-trained and 16-bit-trained adapters into the 16-bit base (asked for)")
+    return None
+
+
+def merge_parts(parts: list[dict[str, DeltaPart]], weights: list[float], method: str, density: float = 1.0,
+                t: float = 0.5, rank: int | None = None, seed: int = 0, as_adapter: bool = True,
+                shapes: dict[str, torch.Size] | None = None) -> tuple[dict[str, DeltaPart], dict[str, float]]:
+    """Merge per-adapter updates tensor by tensor; returns (merged parts, relative truncation error per tensor).
+
+    As an adapter: ``cat`` of LoRA factors is exact; other linear methods on LoRA factors re-factor by
+    QR + small SVD; everything else goes dense and is re-factored by SVD to ``rank`` (default: the
+    largest input rank of that tensor; ``cat`` on dense parts: the sum). Fully-trained tensors and
+    ``as_adapter=False`` stay dense and exact. DARE masks come from one generator seeded by ``seed``,
+    drawn tensor by tensor in name order, adapter by adapter.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    merged: dict[str, DeltaPart] = {}
+    errors: dict[str, float] = {}
+    for name in sorted(set().union(*parts)):
+        present = [(w, p[name]) for w, p in zip(weights, parts) if name in p]
+        full = any(part.full for _, part in present)
+        target = next((part.target for _, part in present if part.target), None)
+        ranks = [part.rank for _, part in present if part.rank]
+        if as_adapter and method in LINEAR_METHODS and all(part.factors is not None for _, part in present):
+            factors, ws = [part.factors for _, part in present], [w for w, _ in present]
+            if method == "cat":
+                b, a = cat_factors(factors, ws)
+            else:
+                b, a, errors[name] = qr_svd_factors(factors, ws, rank or max(ranks))
+            merged[name] = DeltaPart(factors=(b, a), target=target, rank=b.shape[1])
+            continue
+        shape = present[0][1].to_dense().shape if shapes is None else shapes[name]
+        deltas = [p[name].to_dense() if name in p else torch.zeros(shape) for p in parts]
+        dense = merge_deltas(deltas, weights, method, density, t, generator)
+        if as_adapter and not full:
+            k = rank or (sum(ranks) if method == "cat" else max(ranks))
+            b, a, errors[name] = svd_factors(dense, k)
+            merged[name] = DeltaPart(factors=(b, a), target=target, rank=b.shape[1])
+        else:
+            merged[name] = DeltaPart(dense=dense, full=full, target=target)
+    return merged, errors
+
+
+def _write_merged_adapter(model, merged: dict[str, DeltaPart], adapter_dirs: list[Path], base: str,
+                          out_dir: Path, extra_meta: dict) -> None:
+    """PEFT files for merged parts: rank-k pairs with alpha = k (scaling 1), full tensors as W_base + delta."""
+    params = dict(model.named_parameters())
+    tensors, ranks = {}, {}
+    for name, part in merged.items():
+        if part.factors is None:
+            tensors[PREFIX + name] = (params[name].detach().float() + part.dense).contiguous()
+            continue
+        if part.target.endswith(OUT_SUFFIX) or name.endswith("in_proj_weight"):
+            raise AdapterError(f"{part.target}: a merged nn.MultiheadAttention adapter cannot be written in PEFT "
+                               f"format yet; use --as model")
+        b, a = part.factors
+        tensors[f"{PREFIX}{part.target}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{part.target}.lora_B.weight"] = b.contiguous()
+        ranks[part.target] = b.shape[1]
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    saved = sorted({p for d in adapter_dirs for p in read_adapter_config(d).get("modules_to_save") or []})
+    pattern = {p: v for p, v in sorted(ranks.items()) if v != r}
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": r, "lora_alpha": r,
+              "lora_dropout": 0.0, "target_modules": sorted(ranks), "rank_pattern": pattern, "alpha_pattern": pattern,
+              "modules_to_save": saved or None, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+              "use_rslora": False, "use_dora": False, "inference_mode": True}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    base_config = weight_config(model)
+    meta = {"sliced_layers": {}, **extra_meta,
+            "base_fingerprint": base_fingerprint(model, sorted(ranks), base_config), "base_config": base_config}
+    (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def merge_adapters(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, method: str,
+                   weights: list[float] | None = None, density: float = 1.0, t: float = 0.5, rank: int | None = None,
+                   seed: int = 0, output: str = "adapter", dtype: str = "float32",
+                   allow_mixed_quantization: bool = False) -> dict:
+    """Merge several adapters of one base by ``method`` (see :mod:`vlm_lora.adapters.arithmetic`) and
+    write a PEFT adapter (``output="adapter"``) or the merged model (``"model"``, exact dense result).
+
+    Returns ``{"method", "tensors", "max_relative_truncation_error", ...}``.
+    """
+    adapter_dirs = [Path(d) for d in adapter_dirs]
+    weights = list(weights) if weights is not None else [1.0] * len(adapter_dirs)
+    if method not in METHODS:
+        raise AdapterError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
+    if output not in ("adapter", "model"):
+        raise AdapterError(f"--as must be 'adapter' or 'model', got {output!r}")
+    if len(weights) != len(adapter_dirs):
+        raise AdapterError(f"--weights gives {len(weights)} weight(s) for {len(adapter_dirs)} adapter(s)")
+    if method == "slerp" and len(adapter_dirs) != 2:
+        raise AdapterError(f"slerp interpolates between exactly two adapters, got {len(adapter_dirs)}")
+    if not 0 < density <= 1:
+        raise AdapterError(f"--density must be in (0, 1], got {density}")
+    if rank is not None and rank < 1:
+        raise AdapterError(f"--rank must be at least 1, got {rank}")
+    metas = [read_meta(d) for d in adapter_dirs]
+    _check_same_base(adapter_dirs, metas)
+    model, processor = load_model_and_processor(base, "float32")
+    for adapter_dir, meta in zip(adapter_dirs, metas):
+        check_base(model, meta, str(adapter_dir))
+    quant = _check_quantization(model, adapter_dirs, metas, allow_mixed_quantization)
+    parts = [adapter_deltas(model, d) for d in adapter_dirs]
+    params = dict(model.named_parameters())
+    merged, errors = merge_parts(parts, weights, method, density, t, rank, seed, output == "adapter",
+                                 {name: params[name].shape for p in parts for name in p})
+    worst = max(errors.values(), default=0.0)
+    if errors:
+        log.info("%s: re-factored %d tensors; relative truncation error max %.3g, mean %.3g", method, len(errors),
+                 worst, sum(errors.values()) / len(errors))
+    out_dir = Path(out_dir)
+    settings = {"method": method, "adapters": [str(d) for d in adapter_dirs], "weights": weights, "density": density,
+                "t": t, "rank": rank, "seed": seed}
+    if output == "adapter":
+        _write_merged_adapter(model, merged, adapter_dirs, base, out_dir,
+                              {"merge": settings, **({"quantization": quant} if quant else {})})
+    else:
+        with torch.no_grad():
+            for name, part in merged.items():
+                params[name].add_(part.to_dense().to(params[name].dtype))
+        from vlm_lora.modeling import DTYPES
+
+        model.to(DTYPES[dtype]).save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return {**settings, "as": output, "tensors": len(merged), "max_relative_truncation_error": worst}

@@ -307,11 +307,45 @@ def _read_meta(adapter_dir: Path) -> dict:
     return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+def _load_full_linears(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str,
+                       origin: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Load the fully-trained ``nn.Linear`` weights among ``tensors`` as "full" adapters (their
+    difference to the base) named ``adapter_name``; returns (the other tensors, the linears' paths)."""
+    modules = dict(model.named_modules())
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    keys_of: dict[str, list[str]] = {}
+    for key, tensor in tensors.items():
+        path, _, leaf = (key[len(PREFIX):] if key.startswith(PREFIX) else key).rpartition(".")
+        by_module.setdefault(path, {})[leaf] = tensor
+        keys_of.setdefault(path, []).append(key)
+    rest, paths = dict(tensors), []
+    for path, leaves in by_module.items():
+        module = modules.get(path)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not (type(base) is nn.Linear and set(leaves) <= {"weight", "bias"} and "weight" in leaves):
+            continue
+        if tuple(leaves["weight"].shape) != tuple(base.weight.shape):
+            raise AdapterError(f"adapter tensor {path}.weight has shape {tuple(leaves['weight'].shape)} but the "
+                               f"model's is {tuple(base.weight.shape)}; the adapter was made for {origin!r}")
+        inject_lora(model, {path: AdapterSpec(rank=0, alpha=1.0, variant="full")}, adapter_name)
+        model.get_submodule(path).load_peft(adapter_name, {"": (leaves["weight"], leaves.get("bias"))})
+        paths.append(path)
+        for key in keys_of[path]:
+            del rest[key]
+    return rest, paths
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER,
+                 full_as_delta: bool | None = None) -> list[str]:
     """Inject and load a PEFT-format LoRA adapter into ``model``; returns the adapted paths.
 
     Fails with ``AdapterError`` naming the module when the adapter does not fit this base; with a
     base fingerprint in the sidecar that is checked first, before anything is injected.
+
+    full_as_delta: fully-trained linears (``modules_to_save``, e.g. the connector) become a "full"
+    adapter ``adapter_name`` on that layer (their difference to the base), so several adapters can
+    be switched and mixed per sample; otherwise they overwrite the base weights. Default: on for
+    any name but ``"default"``. Other fully-trained tensors (norms, embeddings) always overwrite.
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -368,11 +402,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         except (ValueError, RuntimeError) as error:
             raise AdapterError(f"adapter does not fit {path!r}: {error}; the adapter was made for {origin!r}") from None
 
+    full = {key: tensor for key, tensor in state.items()
+            if not (".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"))}
+    if full_as_delta if full_as_delta is not None else adapter_name != DEFAULT_ADAPTER:
+        full, full_paths = _load_full_linears(model, full, adapter_name, origin)
+        specs.update(dict.fromkeys(full_paths))
+        if full:
+            log.warning("adapter %r: %d fully-trained tensors that are not linears (e.g. %s) overwrite the base "
+                        "for every adapter", adapter_name, len(full), next(iter(full)))
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for key, tensor in state.items():
-            if ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"):
-                continue
+        for key, tensor in full.items():
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
             if name not in params:
                 parent, _, leaf = name.rpartition(".")

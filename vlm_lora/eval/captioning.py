@@ -194,6 +194,86 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
 
 
 @torch.no_grad()
+def generate_captions_mixed(model, processor, dataset: CaptionDataset, names: list[str | None], prompt: str,
+                            batch_size: int = 32, max_new_tokens: int = 32, num_beams: int = 1,
+                            min_new_tokens: int = 0) -> list[list[str]]:
+    """Captions of every example by every adapter in ``names`` (None: the base model) in one pass:
+    each generate call carries its ``batch_size`` images once per name (rows name-major), routed
+    per row with :func:`vlm_lora.adapters.multi.adapter_per_sample`. Returns one list per name."""
+    from vlm_lora.adapters.multi import adapter_per_sample
+
+    tokenizer, text = processor.tokenizer, render_prompt(processor, prompt)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    first = next(p for p in model.parameters() if p.is_floating_point())
+    decoding = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                    min_new_tokens=min_new_tokens or None, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+    captions: list[list[str]] = [[] for _ in names]
+    try:
+        for start in tqdm(range(0, len(dataset), batch_size), desc="captioning (mixed)", leave=False, disable=None):
+            images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
+            inputs = processor(images=[[image] for image in images], text=[text] * len(images), return_tensors="pt",
+                               padding=True)  # one list per prompt, as generate_captions
+            inputs = {k: torch.cat([v] * len(names)).to(first.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(first.dtype)
+            with adapter_per_sample(model, [name for name in names for _ in images]):
+                out = model.generate(**inputs, **decoding)
+            decoded = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for m in range(len(names)):
+                captions[m] += [c.strip() for c in decoded[m * len(images):(m + 1) * len(images)]]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return captions
+
+
+def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: list[tuple[str, str | Path]],
+                         prompt: str, batch_size: int = 32, max_new_tokens: int = 32, num_beams: int = 1,
+                         min_new_tokens: int = 0, base_label: str = "base") -> tuple[dict, list[dict]]:
+    """:func:`compare_models` in one pass over the data: all adapters loaded by name (fully-trained
+    connectors as per-adapter deltas), every batch holding each sample once per model. Same
+    ``(summary, rows)``; every model's ``speed`` is the shared pass (samples/s counts sample x model)."""
+    from vlm_lora.adapters.multi import delete_adapter
+    from vlm_lora.adapters.peft_format import AdapterError, load_adapter
+    from vlm_lora.metrics import score_captions
+
+    labels = [base_label] + [label for label, _ in adapters]
+    if len(set(labels)) != len(labels):
+        raise AdapterError(f"model labels must be unique, got {labels}")
+    dirs = [check_adapter_dir(path) for _, path in adapters]
+    names = [None] + [f"eval_{i}" for i in range(1, len(dirs) + 1)]
+    try:
+        for name, adapter_dir in zip(names[1:], dirs):
+            load_adapter(model, adapter_dir, name, full_as_delta=True)
+        start = time.perf_counter()
+        generated = generate_captions_mixed(model, processor, dataset, names, prompt, batch_size, max_new_tokens,
+                                            num_beams, min_new_tokens)
+        seconds = time.perf_counter() - start
+    finally:
+        for name in names[1:]:
+            if any(name in getattr(m, "specs", {}) for m in model.modules()):
+                delete_adapter(model, name)
+    references = [ex.captions for ex in dataset.examples]
+    speed = {"samples_per_s": len(dataset) * len(names) / seconds, "seconds": seconds, "batch_size": batch_size,
+             "num_beams": num_beams, "mixed_batch": True}
+    summary, cider = {}, {}
+    for label, captions in zip(labels, generated):
+        metrics = score_captions(captions, references, per_sample=True)
+        cider[label] = [sample["cider"] for sample in metrics.pop("per_sample")]
+        summary[label] = {**metrics, "speed": speed}
+        log.info("%s: %s", label, format_metrics(metrics))
+    log.info("mixed batches: %.2f samples/s (%d images x %d models in %.1fs)", speed["samples_per_s"], len(dataset),
+             len(names), seconds)
+    rows = [{"image": str(ex.image_path), "references": ex.captions,
+             "predictions": {label: captions[i] for label, captions in zip(labels, generated)},
+             "cider": {label: cider[label][i] for label in labels}}
+            for i, ex in enumerate(dataset.examples)]
+    return summary, rows
+
+
+@torch.no_grad()
 def _restore(saved: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     for param, value in saved:
         param.copy_(value)

@@ -55,12 +55,14 @@ def run_eval(args) -> dict:
 
     from vlm_lora.adapters.peft_format import AdapterError, load_adapter
     from vlm_lora.eval.coco import load_caption_data
-    from vlm_lora.eval.captioning import (check_adapter_dir, compare_models, evaluate_captions, format_metrics,
-                                   meteor_spice_note, write_predictions)
+    from vlm_lora.eval.captioning import (check_adapter_dir, compare_models, compare_models_mixed, evaluate_captions,
+                                          format_metrics, meteor_spice_note, write_predictions)
     from vlm_lora.modeling import load_model_and_processor
 
     out = Path(args.out)
     single_file = out.suffix.lower() == ".json"
+    if args.mixed_batch and (single_file or not args.adapter):
+        raise AdapterError("--mixed-batch needs at least one --adapter and an output folder (not FILE.json)")
     if single_file and len(args.adapter) > 1:
         raise AdapterError("--out FILE.json takes at most one adapter; give a folder to compare several")
     labels = model_labels(args.adapter, args.names)
@@ -89,7 +91,8 @@ def run_eval(args) -> dict:
 
     from vlm_lora.eval.report import write_outputs
 
-    summary, rows = compare_models(model, processor, data, list(zip(labels, args.adapter)), **decoding)
+    compare = compare_models_mixed if args.mixed_batch else compare_models
+    summary, rows = compare(model, processor, data, list(zip(labels, args.adapter)), **decoding)
     settings = {
         "model": args.model,
         **{f"adapter {label}": path for label, path in zip(labels, args.adapter)},
@@ -98,6 +101,7 @@ def run_eval(args) -> dict:
         "new tokens": f"{args.min_new_tokens} to {args.max_new_tokens}",
         "prompt": args.prompt,
         "batch size": args.batch_size,
+        **({"mixed batch": "one pass, each batch carries every image once per model"} if args.mixed_batch else {}),
         "device": f"{device}, {args.dtype}",
         "metrics": "BLEU-1..4, ROUGE-L, CIDEr-D (PTB-tokenized, equal to pycocoevalcap); " + meteor_spice_note(),
     }
@@ -145,6 +149,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--mixed-batch", action="store_true",
+                   help="score the base and all adapters in one pass: every batch carries each image once per "
+                        "model, each row routed to its adapter (same captions as one model at a time)")
     p.add_argument("--contact-sheet", type=_non_negative, default=16, metavar="N",
                    help="images on contact_sheet.png")
 

@@ -2,7 +2,7 @@
 
 Owns the adapter math: ``LoraLinear``, ``FusedLinearLora`` (per-slice q/k/v in a fused
 projection), ``LoraMultiheadAttention``, the variants (LoRA, DoRA, LoRA-FA) and inits, and the
-shared-input groups. The lowest layer: imports only torch (within the package, ``base`` <-
+shared-input groups, and the per-sample routing (``routing``: a different adapter per batch row). The lowest layer: imports only torch (within the package, ``base`` <-
 ``init``/``variants`` <- ``linear`` <- ``fused``/``mha``/``inject``/``shared``); every other
 subpackage may import it.
 """

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlm_lora.lora.routing import routed_update
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -57,6 +59,8 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.routing = None  # SampleRouting while a per-sample adapter map is in use (see routing.py)
+        self.routing_side: str | None = None  # "text" | "image": how this layer's input rows map to samples
 
     @property
     def in_features(self) -> int:
@@ -89,6 +93,22 @@ class LoraLayer(nn.Module):
     def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Inverse of :meth:`peft_export`: fill adapter ``name`` from ``suffix -> (lora_A, lora_B)``."""
         raise NotImplementedError
+
+    def routed(self, x: torch.Tensor, out: torch.Tensor, update) -> torch.Tensor:
+        """``out`` plus ``update(name, x_rows, out_rows)`` on the rows that ``self.routing`` gives each adapter."""
+        routes = self.routing.rows(x.shape[:-1], x.device, self.routing_side)
+        return routed_update(x, out, routes, self.specs.__contains__, update)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop every piece of adapter ``name`` (weights, specs, scalings) from this layer."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge before deleting it")
+        for holder in [self, *self.children()]:
+            public = [v for k, v in vars(holder).items() if not k.startswith("_")]
+            for value in public + list(holder._modules.values()):
+                if isinstance(value, (dict, nn.ModuleDict)) and name in value:
+                    del value[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def unmerged_active(self) -> list[str]:
         return [n for n in self.active_adapters if n not in self.merged_adapters] if not self.disabled else []

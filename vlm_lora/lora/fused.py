@@ -71,6 +71,11 @@ def add_slice_update(out: torch.Tensor, update: torch.Tensor, positions: list[in
     return out.unflatten(-1, (-1, d)).index_add(-2, index, update.to(out.dtype)).flatten(-2)
 
 
+def full_width_update(out_rows: torch.Tensor, update: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """[m, k * d] with ``update`` [m, n, d] in the slices ``positions`` and exact zeros elsewhere."""
+    return add_slice_update(torch.zeros_like(out_rows), update, positions)
+
+
 def sliced_delta(lora_a: nn.Linear, lora_b: BlockLoraB, scaling: float) -> torch.Tensor:
     """[n, d, in] fp32 per-slice weight updates ``s * B_i A_i``."""
     n, _, rank = lora_b.weight.shape
@@ -170,6 +175,9 @@ class FusedLinearLora(LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., k * d]; un-adapted slices are exactly the base layer's output."""
         out = self.base_layer(x)
+        if self.routing is not None:  # a different adapter per batch row
+            return self.routed(x, out, lambda name, rows, out_rows: full_width_update(
+                out_rows, self.slice_update(name, rows), self.positions[name]))
         for name in self.unmerged_active():
             out = add_slice_update(out, self.slice_update(name, x), self.positions[name])
         return out

@@ -26,6 +26,7 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
+        self.full_delta = nn.ModuleDict()  # variant "full": W_i - W_base (and bias) of a fully-trained module
         self.scaling: dict[str, float] = {}
         self.variants: dict[str, LoraVariant] = {}
         self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA (A0, B0)
@@ -39,21 +40,27 @@ class LoraLinear(LoraLayer):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if spec.init not in INITS:
             raise ValueError(f"unknown init {spec.init!r}; valid: {', '.join(INITS)}")
-        weight = self.base_layer.weight
-        dtype = torch.float32  # fp32 master weights; forward casts them to the activations' dtype
-        self.lora_A[name] = nn.Linear(self.in_features, spec.rank, bias=False, device=weight.device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(spec.rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
-        self.scaling[name] = lora_scaling(spec.rank, spec.alpha, spec.rslora)
         self.variants[name] = variant = get_variant(spec.variant)
-        with torch.no_grad():
-            INITS[spec.init](self, name)
+        if variant.name == "full":  # a fully-trained module held as a dense delta (no A, B)
+            self.scaling[name] = 1.0
+        else:
+            weight = self.base_layer.weight
+            dtype = torch.float32  # fp32 master weights; forward casts them to the activations' dtype
+            self.lora_A[name] = nn.Linear(self.in_features, spec.rank, bias=False, device=weight.device, dtype=dtype)
+            self.lora_B[name] = nn.Linear(spec.rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
+            self.scaling[name] = lora_scaling(spec.rank, spec.alpha, spec.rslora)
+            with torch.no_grad():
+                INITS[spec.init](self, name)
         variant.create(self, name)
         self.active_adapters.append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
+        if self.routing is not None:  # a different adapter per batch row
+            return self.routed(x, self.base_layer(x),
+                               lambda name, rows, out: self.variants[name].forward_delta(self, name, rows, out))
         active = self.unmerged_active()
         if len(active) == 1:  # the common case: base and adapter in one node when possible
             fused = self.variants[active[0]].linear_forward(self, active[0], x)
@@ -76,6 +83,8 @@ class LoraLinear(LoraLayer):
     def peft_export(self, name: str) -> list[PeftEntry]:
         """PEFT pair for adapter ``name``. PiSSA/OLoRA adapters are converted to a rank-2r LoRA
         for the original (pre-initialisation) base: s (B A - B0 A0) = s [B, -B0] [A; A0]."""
+        if name in self.full_delta:
+            raise ValueError(f"adapter {name!r} trained this module in full; it has no LoRA pair to export")
         spec, lora_a, lora_b = self.specs[name], self.lora_A[name].weight, self.lora_B[name].weight
         magnitude = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
         if name in self.initial_lora:
@@ -86,6 +95,10 @@ class LoraLinear(LoraLayer):
         return [PeftEntry("", lora_a, lora_b, spec.rank, spec.alpha, spec.rslora, magnitude)]
 
     def load_peft(self, name: str, entries: dict[str, tuple[torch.Tensor, ...]]) -> None:
+        """``entries[""]`` is (lora_A, lora_B, magnitude or None); for a "full" adapter (weight, bias or None)."""
+        if name in self.full_delta:
+            self.variants[name].load_full(self, name, *entries[""])
+            return
         lora_a, lora_b, *rest = entries[""]
         with torch.no_grad():
             self.lora_A[name].weight.copy_(lora_a)

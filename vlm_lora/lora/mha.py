@@ -36,8 +36,8 @@ from torch import nn
 
 from vlm_lora.lora.variants import lora_scaling
 from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
-from vlm_lora.lora.fused import (add_slice_update, check_variant, export_blocks, import_blocks, merge_slice_rows,
-                                 new_sliced_pair, sliced_delta)
+from vlm_lora.lora.fused import (add_slice_update, check_variant, export_blocks, full_width_update, import_blocks,
+                                 merge_slice_rows, new_sliced_pair, sliced_delta)
 from vlm_lora.lora.inject import register_layer_type
 
 QKV = ("q", "k", "v")
@@ -114,40 +114,64 @@ class LoraMultiheadAttention(LoraLayer):
 
     # ---- projections -------------------------------------------------------------------------
 
+    def _in_update(self, j: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """[..., E] update of adapter ``name`` on slice j (0=q, 1=k, 2=v) for x [..., E]; None if not adapted."""
+        if j not in self.positions[name]:
+            return None
+        i, rank = self.positions[name].index(j), self.specs[name].rank
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        h = F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a[i * rank:(i + 1) * rank])
+        return F.linear(h, lora_b[i]) * self.scaling[name]
+
+    def _qkv_update(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """[..., n, d] update of adapter ``name``'s adapted q/k/v slices (one A matmul); None if none."""
+        if not self.positions[name]:
+            return None
+        lora_a = self.lora_A[name]
+        return self.lora_B[name](lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))) * self.scaling[name]
+
+    def _out_update(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """[..., E] update of adapter ``name`` on out_proj; None if ``o`` is not adapted."""
+        if name not in self.out_proj_lora.lora_A:
+            return None
+        lora_a, lora_b = self.out_proj_lora.lora_A[name], self.out_proj_lora.lora_B[name]
+        return lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))) * self.scaling[name]
+
+    def _add_updates(self, x: torch.Tensor, out: torch.Tensor, names: list[str], update) -> torch.Tensor:
+        """out plus ``update(name, x)`` of each adapter in ``names``, or per batch row under routing."""
+        if self.routing is not None:
+            return self.routed(x, out, lambda name, rows, out_rows: (
+                delta if (delta := update(name, rows)) is not None else torch.zeros_like(out_rows)))
+        for name in names:
+            delta = update(name, x)
+            if delta is not None:
+                out = out + delta.to(out.dtype)
+        return out
+
     def _in_proj(self, j: int, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Slice j (0=q, 1=k, 2=v) of the in-projection of x [..., E], with the adapters' updates."""
         mha, dim = self.base_layer, self.embed_dim
         bias = mha.in_proj_bias[j * dim:(j + 1) * dim] if mha.in_proj_bias is not None else None
         out = F.linear(x, mha.in_proj_weight[j * dim:(j + 1) * dim], bias)
-        for name in names:
-            if j not in self.positions[name]:
-                continue
-            i, rank = self.positions[name].index(j), self.specs[name].rank
-            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-            h = F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a[i * rank:(i + 1) * rank])
-            out = out + (F.linear(h, lora_b[i]) * self.scaling[name]).to(out.dtype)
-        return out
+        return self._add_updates(x, out, names, lambda name, rows: self._in_update(j, name, rows))
 
     def _qkv_self(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """[..., 3E] in-projection of x [..., E] for self-attention: one base matmul, one A matmul."""
         mha = self.base_layer
         qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        if self.routing is not None:
+            return self.routed(x, qkv, lambda name, rows, out_rows: (
+                full_width_update(out_rows, delta, self.positions[name])
+                if (delta := self._qkv_update(name, rows)) is not None else torch.zeros_like(out_rows)))
         for name in names:
-            if self.positions[name]:
-                lora_a = self.lora_A[name]
-                a = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))
-                qkv = add_slice_update(qkv, self.lora_B[name](a) * self.scaling[name], self.positions[name])
+            delta = self._qkv_update(name, x)
+            if delta is not None:
+                qkv = add_slice_update(qkv, delta, self.positions[name])
         return qkv
 
     def _out_proj(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         out_proj = self.base_layer.out_proj
-        out = F.linear(x, out_proj.weight, out_proj.bias)
-        for name in names:
-            if name in self.out_proj_lora.lora_A:
-                lora_a, lora_b = self.out_proj_lora.lora_A[name], self.out_proj_lora.lora_B[name]
-                out = out + (lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype))))
-                             * self.scaling[name]).to(out.dtype)
-        return out
+        return self._add_updates(x, F.linear(x, out_proj.weight, out_proj.bias), names, self._out_update)
 
     @staticmethod
     def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,7 +204,7 @@ class LoraMultiheadAttention(LoraLayer):
         """Same signature and result as ``nn.MultiheadAttention.forward``: query [L, B, E] ([B, L, E] when
         batch_first, [L, E] unbatched), key/value [S, B, E] -> (output like query, None)."""
         names = self.unmerged_active()
-        if not names:
+        if not names and self.routing is None:
             return self.base_layer(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)

@@ -282,7 +282,54 @@ class DoraVariant(LoraVariant):
             weight.copy_((weight.float() * scale.unsqueeze(1) - self.delta_weight(layer, name)).to(weight.dtype))
 
 
-VARIANTS: dict[str, type[LoraVariant]] = {"lora": LoraVariant, "lora_fa": LoraFAVariant, "dora": DoraVariant}
+class FullVariant(LoraVariant):
+    """A fully-trained linear (``modules_to_save``) of a named adapter, held as its difference to the
+    base, ``full_delta[name]`` (weight [out, in], bias [out]): ``y = W x + b + (W_i - W) x + (b_i - b)``.
+    So adapters with different fully-trained connectors can be switched and mixed per sample."""
+
+    name = "full"
+    trains_A = False
+
+    def create(self, layer: "LoraLayer", name: str) -> None:
+        base = layer.base_layer
+        delta = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                          device=base.weight.device, dtype=torch.float32)
+        nn.init.zeros_(delta.weight)
+        if delta.bias is not None:
+            nn.init.zeros_(delta.bias)
+        layer.full_delta[name] = delta
+
+    @torch.no_grad()
+    def load_full(self, layer: "LoraLayer", name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Set the delta from the adapter's full weight [out, in] (and bias [out])."""
+        delta = layer.full_delta[name]
+        delta.weight.copy_(weight.float() - base_weight(layer.base_layer))
+        if delta.bias is not None and bias is not None:
+            delta.bias.copy_(bias.float() - layer.base_layer.bias.float())
+
+    def linear_forward(self, layer: "LoraLayer", name: str, x: torch.Tensor) -> None:
+        return None
+
+    def forward_delta(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        delta = layer.full_delta[name]
+        bias = delta.bias.to(x.dtype) if delta.bias is not None else None
+        return F.linear(x, delta.weight.to(x.dtype), bias)
+
+    def add_to(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return base_out + self.forward_delta(layer, name, x, base_out).to(base_out.dtype)
+
+    def delta_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
+        return layer.full_delta[name].weight.float()
+
+    def merge(self, layer: "LoraLayer", name: str, sign: float) -> None:
+        super().merge(layer, name, sign)
+        bias, delta_bias = layer.base_layer.bias, layer.full_delta[name].bias
+        if bias is not None and delta_bias is not None:
+            bias.copy_((bias.float() + sign * delta_bias.float()).to(bias.dtype))
+
+
+VARIANTS: dict[str, type[LoraVariant]] = {"lora": LoraVariant, "lora_fa": LoraFAVariant, "dora": DoraVariant,
+                                          "full": FullVariant}
 
 
 def get_variant(name: str) -> LoraVariant:
