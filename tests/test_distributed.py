@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ASSET_DATA, ASSET_MODEL
+from conftest import ASSET_DATA, ASSET_MODEL, REPO
 from test_training_runs import _adapter, _cli, _recipe
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlm_lora", "finetune"]
@@ -154,3 +154,37 @@ def test_fsdp_qlora_matches_one_process(tmp_path):
     two = _torchrun(_recipe(tmp_path, "two", dropout=0.0, max_steps=2, save_steps=None, fsdp=True), *quant)
     assert "QLoRA: 28 linears of language_decoder in 4-bit nf4" in two.stderr
     _assert_same(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"), atol=1e-4)
+
+
+CLIP_CHECK = '''
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from vlm_lora.train.distributed import clip_grad_norm
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+ref = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+model.load_state_dict(ref.state_dict())
+mesh = init_device_mesh("cpu", (2,))
+for block in model:
+    fully_shard(block, mesh=mesh)
+fully_shard(model, mesh=mesh)
+x = torch.randn(4, 8)  # the same batch on both ranks: the averaged gradient equals the one-process one
+(ref(x) * 10).sum().backward()
+(model(x) * 10).sum().backward()
+expected = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.5)
+norm = clip_grad_norm(list(model.parameters()), 0.5)
+diff = max((a.grad - b.grad.full_tensor()).abs().max().item() for a, b in zip(ref.parameters(), model.parameters()))
+assert abs(norm.item() - expected.item()) < 1e-4 * expected.item() and diff < 1e-6, (norm, expected, diff)
+dist.destroy_process_group()
+'''
+
+
+def test_sharded_clip_equals_torch_clip_on_the_whole_model(tmp_path):
+    script = tmp_path / "clip_check.py"
+    script.write_text(CLIP_CHECK)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

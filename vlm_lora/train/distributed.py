@@ -102,6 +102,32 @@ def gradient_sync(model: nn.Module, accelerator, sync: bool):
             yield
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients in place so that their global L2 norm is at most ``max_norm``; returns the norm.
+
+    Sharded gradients contribute their local squares to one all-reduce (torch's own ``clip_grad_norm_``
+    reduces every DTensor gradient separately: hundreds of small collectives per step with LoRA);
+    replicated ones are whole on every rank and are added after the reduce.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [local(g) for g in grads if isinstance(g, DTensor)]
+    replicated = [g for g in grads if not isinstance(g, DTensor)]
+    device = (sharded or replicated or [torch.zeros(())])[0].device
+
+    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), device=device, dtype=torch.float32)
+        return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).pow(2).sum()
+
+    total = squares(sharded)
+    if sharded and dist.is_initialized():
+        dist.all_reduce(total)
+    total = (total + squares(replicated)).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(sharded + replicated, scale)
+    return total
+
+
 def all_finite(params: list[torch.Tensor]) -> torch.Tensor:
     """One bool tensor: every value of every parameter is finite, on every rank (sharded ones reduced)."""
     flags = torch.stack([torch.isfinite(local(p).detach()).all() for p in params]).all()

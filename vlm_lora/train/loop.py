@@ -160,7 +160,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         if not math.isfinite(step_loss):  # the same value on every rank: all stop, before the optimizer step
             _stop_on_nan(out, step, f"loss {step_loss}")
         if cfg.max_grad_norm and fsdp:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)  # DTensor-aware: one global norm
+            distributed.clip_grad_norm(trainable, cfg.max_grad_norm)  # one all-reduce for every shard
         elif cfg.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
