@@ -35,6 +35,12 @@ def test_multi_axis_rope_batches_are_refused():
         pack_batch({"input_ids": ids, "attention_mask": ids, "image_grid_thw": torch.tensor([[1, 2, 2]])})
 
 
+def test_several_image_rows_per_sample_are_refused():
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(DataError, match="3 image rows for 2 samples"):
+        pack_batch({"input_ids": ids, "attention_mask": ids, "pixel_values": torch.zeros(3, 3, 4, 4)})
+
+
 def _padded_and_packed(n: int = 3, row_tokens: int | None = None):
     from PIL import Image
     from transformers import AutoProcessor

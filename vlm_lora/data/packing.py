@@ -46,6 +46,12 @@ def pack_batch(batch: dict[str, torch.Tensor], row_tokens: int | None = None, pa
                         "set data.packing: false")
     keep = batch["attention_mask"].bool()
     lengths = keep.sum(1).tolist()
+    pixels = batch.get("pixel_values")
+    if torch.is_tensor(pixels) and pixels.shape[0] != len(lengths):
+        # several images (or tiles) per sample: their rows cannot follow the samples' new order one to one
+        raise DataError(f"data.packing: the batch has {pixels.shape[0]} image rows for {len(lengths)} samples "
+                        "(multi-image samples or image tiles), which packing does not reorder yet; "
+                        "set data.packing: false")
     rows = _first_fit(lengths, max(row_tokens or 0, max(lengths)))
     order = [i for row in rows for i in row]
     width = max(sum(lengths[i] for i in row) for row in rows)
