@@ -228,8 +228,11 @@ class ChatCollator:
 
     def _refuse_multi_image(self, example, n_images: int) -> None:
         if n_images > 1 and not self.multi_image:
-            raise _Skip(_problem(example, f"{n_images} images in one sample; {type(self.processor).__name__} takes "
-                                          "one image per sample (drop the extra images or set on_bad_sample: skip)"))
+            problem = _problem(example, f"{n_images} images in one sample; {type(self.processor).__name__} takes "
+                                        "one image per sample (drop the extra images or set data.on_bad_sample: skip)")
+            if self.on_bad_sample == "error":
+                raise DataError(str(problem))
+            raise _Skip(problem)
 
     def check_lengths(self, dataset) -> list[Problem]:
         """Before training: the samples that cannot fit ``max_length`` (image + prompt + one answer token).
@@ -243,8 +246,9 @@ class ChatCollator:
         bad, problems, cut = [], [], 0
         for example in dataset.examples:
             sizes = _image_sizes(example)
+            if len(sizes) > 1 and not self.multi_image:
+                continue  # the collator refuses it (or skips and counts it) by name
             try:
-                self._refuse_multi_image(example, len(sizes))
                 if self.prefix_lm:
                     encoded = self._encode_suffix(Image.new("RGB", tuple(sizes[0])), example)
                     total, spans = encoded["input_ids"].shape[1], _label_spans(encoded["labels"][0])
