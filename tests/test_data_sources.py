@@ -177,13 +177,13 @@ def test_multi_turn_chat_and_multi_image_rows(tmp_path):
     table = datasets.Dataset.from_dict({"messages": rows, "images": [[{"bytes": png, "path": None}],
                                                                      [{"bytes": png, "path": None}] * 2]})
     table.cast_column("images", datasets.List(datasets.Image())).to_parquet(str(tmp_path / "chat.parquet"))
-    with pytest.raises(DataError, match=r"row 1: 2 images in one sample"):
-        load_dataset(tmp_path / "chat.parquet")
-    data = load_dataset(tmp_path / "chat.parquet", on_bad_sample="skip")
-    (sample,) = data.examples
+    data = load_dataset(tmp_path / "chat.parquet")
+    sample, pair = data.examples
     assert sample.system == "Be terse." and sample.turns == [("What?", "A cell."), ("Colour?", "Blue.")]
-    assert [p.id for p in data.skipped] == [1]
+    assert sample.n_images == 1 and sample.image_turns is None and not data.skipped
     assert data[0][0].size == Image.open(microscopy_rows(1)[0]["image"]).size
+    assert pair.turns == [("Compare.", "Same.")] and pair.n_images == 2 and pair.image_turns == [2]
+    assert [image.size for image in data[1][0]] == [data[0][0].size] * 2
 
 
 # ---------------------------------------------------------------- bad samples

@@ -9,6 +9,8 @@ finds samples that cannot fit ``max_length`` before training starts.
 from __future__ import annotations
 
 import logging
+from itertools import accumulate
+from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +23,12 @@ log = logging.getLogger("vlm_lora")
 # Prefix-LM processors without a chat template that build labels themselves from ``suffix=`` (the answer):
 # image tokens + BOS + prompt + "\n" is the prefix, the answer + EOS the suffix (``token_type_ids`` 1).
 SUFFIX_PROCESSORS = ("PaliGemmaProcessor",)
+# Processors that take one image per sample (a multi-image sample is refused); those that insert the image
+# tokens themselves (BLIP-2 style, no chat template) are refused too.
+SINGLE_IMAGE_PROCESSORS = SUFFIX_PROCESSORS + ("Blip2Processor", "InstructBlipProcessor")
+# Processors that take the images of a batch as one flat list (one placeholder per image in the texts);
+# the others take one list of images per sample (Idefics3/SmolVLM, Gemma3, Mllama, Qwen-VL, InternVL ...).
+FLAT_IMAGE_PROCESSORS = ("LlavaProcessor",)
 
 
 def _inserts_image_tokens(processor) -> bool:
@@ -38,8 +46,8 @@ def _inserts_image_tokens(processor) -> bool:
     return bool((ids == token_id).any())
 
 
-def _user(text: str, with_image: bool) -> dict:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+def _user(text: str, n_images: int) -> dict:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
     return {"role": "user", "content": content}
 
 
@@ -51,7 +59,7 @@ def build_prompt(processor, prompt: str, chat_template: str | None = None) -> st
     """
     template = chat_template or getattr(processor, "chat_template", None)
     if template:
-        return processor.apply_chat_template([_user(prompt, True)], chat_template=template, add_generation_prompt=True)
+        return processor.apply_chat_template([_user(prompt, 1)], chat_template=template, add_generation_prompt=True)
     if _inserts_image_tokens(processor):
         return prompt
     return FALLBACK_TEMPLATE.format(prompt=prompt)
@@ -77,6 +85,11 @@ class ChatCollator:
     Prefix-LM processors (``SUFFIX_PROCESSORS``, PaliGemma) get the prompt as ``text`` and the answer as
     ``suffix``; their labels are the processor's (one turn per sample).
 
+    Multi-image samples (items ``([image, ...], sample)``, ``sample.image_turns`` images per user turn): one
+    image part per image in its turn, the images passed as one list per sample (``FLAT_IMAGE_PROCESSORS``:
+    flat). ``SINGLE_IMAGE_PROCESSORS`` and the no-template path refuse them: a ``DataError`` naming the
+    sample, or skipped and counted with ``on_bad_sample="skip"``. A cut at ``max_length`` keeps every image.
+
     Returns right-padded ``input_ids``, ``attention_mask``, ``labels`` [B, T] and every other tensor the
     processor returns: per-token ones ([1, T, ...]: ``token_type_ids``, ``mm_token_type_ids``, Mllama's
     ``cross_attention_mask`` [B, T, images, tiles]) right-padded with zeros; the others (``pixel_values``
@@ -99,6 +112,7 @@ class ChatCollator:
         self.template = chat_template or getattr(processor, "chat_template", None)
         self.prefix_lm = not self.template and type(processor).__name__ in SUFFIX_PROCESSORS
         self.plain = not self.template and _inserts_image_tokens(processor)
+        self.multi_image = not (self.prefix_lm or self.plain) and type(processor).__name__ not in SINGLE_IMAGE_PROCESSORS
         if not self.template and not self.plain:
             self.template = FALLBACK_CHAT_TEMPLATE
         self.skipped: list[Problem] = []  # dropped at collate time (image unreadable, too long)
@@ -127,6 +141,7 @@ class ChatCollator:
         if system:
             messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         eos = self.tokenizer.eos_token or ""
+        counts = _image_counts(example, len(turns))
         for i, (user, answer) in enumerate(turns):
             if self.plain:
                 text += user if i == 0 else " " + user
@@ -134,7 +149,7 @@ class ChatCollator:
                 text += " " + answer + eos
                 texts.append(text)
                 continue
-            messages.append(_user(user, i == 0))
+            messages.append(_user(user, counts[i]))
             texts.append(self._apply(messages, True))
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
             texts.append(self._apply(messages, False))
@@ -171,25 +186,53 @@ class ChatCollator:
     # -- lengths
 
     def _fit(self, example, spans: list[tuple[int, int]], total: int) -> tuple[int, list[tuple[int, int]]]:
-        """(kept length, answer spans kept) under ``max_length``; raises ``_Skip`` if not even one answer token fits."""
+        """(kept length, answer spans kept) under ``max_length``; raises ``_Skip`` if not even one answer token
+        fits after the last image."""
         if self.max_length is None or total <= self.max_length:
             return total, spans
-        fitting = [i for i, (start, _) in enumerate(spans) if start + 1 <= self.max_length]
+        counts = _image_counts(example, len(spans))
+        first = max(i for i, n in enumerate(counts) if n) if any(counts) else 0  # the turn of the last image
+        fitting = [i for i, (start, _) in enumerate(spans) if i >= first and start + 1 <= self.max_length]
         if not fitting:
-            raise _Skip(_problem(example, f"image + prompt + first answer token need {spans[0][0] + 1} tokens "
-                                          f"> max_length {self.max_length}"))
+            what = "image + prompt + first answer token" if first == 0 else f"images + prompts + answer {first + 1}"
+            raise _Skip(_problem(example, f"{what} need {spans[first][0] + 1} tokens > max_length {self.max_length}"))
         last = fitting[-1]
         cut = min(spans[last][1], self.max_length)
         return cut, spans[:last] + [(spans[last][0], cut)]
 
-    def _image_shift(self, text: str, add_special: bool, size: tuple[int, int]) -> int:
-        """Tokens the processor adds to ``text`` (image expansion, BOS) for an image of ``size``; cached by size."""
-        key = (tuple(size), add_special)
+    def _image_shift(self, text: str, add_special: bool, sizes: list[tuple[int, int]]) -> int:
+        """Tokens the processor adds to ``text`` (image expansion, BOS) for images of ``sizes``; cached by sizes."""
+        key = (tuple(tuple(size) for size in sizes), add_special)
         if key not in self._shift:
-            ids = self.processor(images=[Image.new("RGB", tuple(size))], text=[text], return_tensors="pt",
-                                 add_special_tokens=add_special)["input_ids"]
+            ids = self._process([Image.new("RGB", tuple(size)) for size in sizes], text, add_special)["input_ids"]
             self._shift[key] = ids.shape[1] - len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._shift[key]
+
+    def _process(self, images: list[Image.Image], text: str, add_special: bool) -> dict:
+        """The processor on one text and its images (a flat list for ``FLAT_IMAGE_PROCESSORS``, else nested)."""
+        if not images:
+            return self.processor(text=[text], return_tensors="pt", add_special_tokens=add_special)
+        nested = len(images) > 1 and type(self.processor).__name__ not in FLAT_IMAGE_PROCESSORS
+        return self.processor(images=[images] if nested else images, text=[text], return_tensors="pt",
+                              add_special_tokens=add_special)
+
+    def _turn_shifts(self, example, texts: list[str], add_special: bool, sizes: list, full_shift: int | None) -> list[int]:
+        """Tokens the processor adds before each answer: the expansion of the images shown so far (and BOS).
+
+        ``full_shift``: the known shift with all images (None: measure it)."""
+        shifts = []
+        for turn, seen in enumerate(accumulate(_image_counts(example, len(texts) // 2))):
+            known = full_shift if seen == len(sizes) else None
+            shifts.append(known if known is not None else self._image_shift(texts[2 * turn], add_special, sizes[:seen]))
+        return shifts
+
+    def _refuse_multi_image(self, example, n_images: int) -> None:
+        if n_images > 1 and not self.multi_image:
+            problem = _problem(example, f"{n_images} images in one sample; {type(self.processor).__name__} takes "
+                                        "one image per sample (drop the extra images or set data.on_bad_sample: skip)")
+            if self.on_bad_sample == "error":
+                raise DataError(str(problem))
+            raise _Skip(problem)
 
     def check_lengths(self, dataset) -> list[Problem]:
         """Before training: the samples that cannot fit ``max_length`` (image + prompt + one answer token).
@@ -202,16 +245,18 @@ class ChatCollator:
             return []
         bad, problems, cut = [], [], 0
         for example in dataset.examples:
-            size = getattr(example, "image_size", None) or _image_size(example)
-            if self.prefix_lm:
-                encoded = self._encode_suffix(Image.new("RGB", tuple(size)), example)
-                total, spans = encoded["input_ids"].shape[1], _label_spans(encoded["labels"][0])
-            else:
-                texts, add_special, full, bounds = self._layout(example)
-                shift = self._image_shift(texts[0], add_special, size)
-                spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
-                total = shift + len(full)
+            sizes = _image_sizes(example)
+            if len(sizes) > 1 and not self.multi_image:
+                continue  # the collator refuses it (or skips and counts it) by name
             try:
+                if self.prefix_lm:
+                    encoded = self._encode_suffix(Image.new("RGB", tuple(sizes[0])), example)
+                    total, spans = encoded["input_ids"].shape[1], _label_spans(encoded["labels"][0])
+                else:
+                    texts, add_special, full, bounds = self._layout(example)
+                    shifts = self._turn_shifts(example, texts, add_special, sizes, None)
+                    spans = [(shift + bounds[2 * i], shift + bounds[2 * i + 1]) for i, shift in enumerate(shifts)]
+                    total = shifts[-1] + len(full)
                 kept, _ = self._fit(example, spans, total)
                 cut += kept < total
             except _Skip as error:
@@ -233,28 +278,35 @@ class ChatCollator:
 
     # -- encoding
 
-    def encode(self, image: Image.Image, example) -> dict[str, torch.Tensor]:
+    def encode(self, image: Image.Image | list[Image.Image], example) -> dict[str, torch.Tensor]:
         """One sample: ``input_ids``, ``attention_mask``, ``labels`` [T] (and any other per-token tensor
-        [T, ...]); the processor's other tensors (``pixel_values`` [1, 3, H, W], ...) as it returns them."""
+        [T, ...]); the processor's other tensors (``pixel_values`` [1, 3, H, W], ...) as it returns them.
+        ``image``: the sample's image, or the list of its images."""
         return self._encode(image, example)[0]
 
-    def _encode(self, image: Image.Image, example) -> tuple[dict[str, torch.Tensor], set[str]]:
+    def _encode(self, image: Image.Image | list[Image.Image], example) -> tuple[dict[str, torch.Tensor], set[str]]:
         """(``encode``'s dict, the keys of its per-token tensors)."""
+        images = image if isinstance(image, list) else [image]
+        self._refuse_multi_image(example, len(images))
         if self.prefix_lm:
             encoded = self._encode_suffix(image, example)
             ids = encoded["input_ids"][0]
             total, spans = ids.shape[0], _label_spans(encoded["labels"][0])
         else:
             texts, add_special, full, bounds = self._layout(example)
-            encoded = self.processor(images=[image], text=[texts[-1]], return_tensors="pt",
-                                     add_special_tokens=add_special)
+            encoded = self._process(images, texts[-1], add_special)
             ids = encoded["input_ids"][0]
             total = ids.shape[0]
-            shift = total - len(full)  # tokens the processor added in front of the answers: image expansion, BOS
-            if shift < 0 or ids[shift + bounds[0]:].tolist() != full[bounds[0]:]:
+            # tokens the processor added in front of each answer: image expansion, BOS
+            shifts = self._turn_shifts(example, texts, add_special, [im.size for im in images], total - len(full))
+            spans = [(shift + bounds[2 * i], shift + bounds[2 * i + 1]) for i, shift in enumerate(shifts)]
+            checked = [(shifts[0] + bounds[0], total)] if len(set(shifts)) == 1 else spans  # one shift: the whole tail
+            if min(shifts) < 0 or any(ids[start:end].tolist() != full[start - shift:end - shift]
+                                      for (start, end), shift in zip(checked, shifts)):
+                later = "" if len(set(shifts)) == 1 else (" (images in later turns: this processor expands an image "
+                                                           "differently alone; put every <image> in the first turn)")
                 raise DataError(f"{_where(example)}: the processor changed text tokens after the image placeholder; "
-                                "cannot align the labels")
-            spans = [(shift + bounds[i], shift + bounds[i + 1]) for i in range(0, len(bounds), 2)]
+                                f"cannot align the labels{later}")
         kept, spans = self._fit(example, spans, total)
         if kept < total:
             self.truncated.append(_problem(example, "").id)
@@ -370,12 +422,25 @@ class _Skip(Exception):
         self.problem = problem
 
 
-def _image_size(example) -> tuple[int, int]:
-    try:
-        with Image.open(example.image_path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"{_where(example)}: cannot read image {example.image_path}: {error}") from None
+def _image_counts(example, n_turns: int) -> list[int]:
+    """Images shown in each user turn: ``example.image_turns``, else one in the first turn."""
+    return list(getattr(example, "image_turns", None) or [1] + [0] * (n_turns - 1))
+
+
+def _image_sizes(example) -> list[tuple[int, int]]:
+    """(width, height) of each image of ``example`` (the checked size of a single image when known)."""
+    extra = list(getattr(example, "extra_images", None) or [])
+    if getattr(example, "image_size", None) and not extra:
+        return [example.image_size]
+    source = getattr(example, "image_source", None)
+    sizes = []
+    for path in [source if source is not None else example.image_path, *extra]:
+        try:
+            with Image.open(path if isinstance(path, (str, Path)) else path.open()) as image:
+                sizes.append(image.size)
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{_where(example)}: cannot read image {path}: {error}") from None
+    return sizes
 
 
 def _where(example) -> str:

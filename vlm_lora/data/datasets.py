@@ -158,13 +158,16 @@ def load_image(path, where: str) -> Image.Image:
         raise DataError(f"{where}: cannot read image {shown}: {error}") from None
 
 
-def load_sample_image(example, path, on_bad_sample: str = "error") -> Image.Image | None:
-    """The sample's image (its file or embedded bytes); None, logged, if unreadable and ``on_bad_sample`` is skip."""
+def load_sample_image(example, path, on_bad_sample: str = "error") -> Image.Image | list[Image.Image] | None:
+    """The sample's image (its file or embedded bytes), the list of its images for a multi-image sample;
+    None, logged, if one is unreadable and ``on_bad_sample`` is skip."""
     where = getattr(example, "where", "")
     where = (where if where.startswith(str(path)) else f"{path} {where}") if where else f"{path}:{example.row}"
     source = getattr(example, "image_source", None)
+    sources = [source if source is not None else example.image_path, *getattr(example, "extra_images", ())]
     try:
-        return load_image(source.open() if source is not None else example.image_path, where)
+        images = [load_image(s if isinstance(s, (str, Path)) else s.open(), where) for s in sources]
+        return images if len(images) > 1 else images[0]
     except DataError as error:
         if on_bad_sample != "skip":
             raise

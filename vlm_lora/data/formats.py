@@ -2,10 +2,13 @@
 
 Formats (``format=`` or inferred by ``infer_format``):
 
-* ``caption_jsonl``: one JSON object per line, ``{"image": path, "caption": str}`` (or ``"captions": [str, ...]``).
+* ``caption_jsonl``: one JSON object per line, ``{"image": path, "caption": str}`` (or ``"captions": [str, ...]``;
+  ``"images": [path, ...]``: several images, all shown in the one turn); chat ``messages`` rows read here too.
 * ``caption_csv``: a CSV with a header holding ``image`` and ``caption`` columns.
 * ``llava_json``: a JSON list (or JSONL) of ``{"id", "image", "conversations": [{"from": "human", "value":
   "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; multi-turn; ``<image>`` is stripped from the text.
+  ``"image": [path, ...]`` is a multi-image sample: its ``<image>`` markers (one per image) say which turn
+  shows which images; without markers they all go to the first turn.
 * ``imagefolder``: a folder with ``metadata.jsonl`` (or ``metadata.csv``) rows ``{"file_name", "text" | "caption"}``.
 
 Parquet, saved/Hub HF datasets and WebDataset shards are read by ``vlm_lora.data.sources``; their rows go
@@ -51,7 +54,7 @@ class Problem(NamedTuple):
 
 @dataclass
 class Sample:
-    """One training/eval example: an image and a conversation about it.
+    """One training/eval example: an image (or several) and a conversation about it.
 
     ``turns`` are ``(user_text, assistant_text)`` pairs (caption data: one ``(prompt, caption)``);
     ``references`` are the texts an eval scores against (all captions; LLaVA: the last answer).
@@ -67,6 +70,14 @@ class Sample:
     where: str = ""
     image_size: tuple[int, int] | None = field(default=None, compare=False)  # (width, height), set when checked
     image_source: Any = field(default=None, compare=False)  # embedded image (``.read() -> bytes``); None: a file
+    # multi-image samples: images 2..n (paths, or embedded sources with ``.open()``) and how many images each
+    # user turn shows (sums to 1 + len(extra_images)); None: the one image, in the first turn
+    extra_images: list = field(default_factory=list, compare=False)
+    image_turns: list[int] | None = None
+
+    @property
+    def n_images(self) -> int:
+        return 1 + len(self.extra_images)
 
     @property
     def captions(self) -> list[str]:
@@ -138,8 +149,8 @@ def read_samples(path: str | Path, format: str = "auto", image_root: str | Path 
             rows.append(record)
         elif fmt == "llava_json":
             rows.append(_llava_sample(record, row, where, root, label_key))
-        else:
-            rows.append(_caption_sample(record, row, where, root, prompt, label_key))
+        else:  # caption rows; a JSONL of chat ``messages`` rows reads here too
+            rows.append(record_sample(record, row, where, root, prompt, label_key))
     if not rows:
         raise DataError(f"{path}: no rows")
     samples, problems = _check_images(rows)
@@ -205,13 +216,14 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
                   image: Any = None) -> Sample | Problem:
     """A row of any schema: chat ``messages``, LLaVA ``conversations``, else caption keys.
 
-    ``image``: the row's image when the caller resolved it (an embedded image); else the row's
-    ``image``/``images``/``file_name`` path, relative to ``root``.
+    ``image``: the row's image (or list of images) when the caller resolved it (embedded); else the row's
+    ``image``/``images``/``file_name`` path (or list of paths), relative to ``root``.
     """
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
+    sources = image if isinstance(image, list) else [image]
     if image is not None:
-        record = {**record, "image": "<embedded>"}
+        record = {**record, "image": ["<embedded>"] * len(sources)}
     elif isinstance(record.get("images"), list) and "image" not in record:
         record = {**record, "image": record["images"]}
     if "messages" in record:
@@ -221,7 +233,7 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
     else:
         sample = _caption_sample(record, row, where, root, prompt, label_key)
     if image is not None and isinstance(sample, Sample):
-        sample.image_path, sample.image_source = Path(where), image
+        sample.image_path, sample.image_source, sample.extra_images = Path(where), sources[0], sources[1:]
     return sample
 
 
@@ -247,10 +259,7 @@ def _chat_sample(record: dict, row: int, where: str, root: Path, label_key: str)
                                                          for role, text in parsed):
         return Problem(row, where, "needs 'messages': a list of {role, content} with content a string or "
                                    "a list of {type: image} / {type: text, text} parts")
-    n_images = sum(text[1] for _, text in parsed)
-    if n_images > 1:
-        return Problem(row, where, f"{n_images} images in one sample; the chat collator takes one image per sample")
-    conversation = [{"from": role, "value": text[0]} for role, text in parsed]
+    conversation = [{"from": role, "value": "<image>" * text[1] + text[0]} for role, text in parsed]
     return _llava_sample({**record, "conversations": conversation}, row, where, root, label_key)
 
 def _first(record: dict, keys: tuple[str, ...]) -> Any:
@@ -261,21 +270,20 @@ def _caption_sample(record: Any, row: int, where: str, root: Path, prompt: str, 
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
     image, captions = _first(record, IMAGE_KEYS), _first(record, CAPTION_KEYS)
-    if isinstance(image, list) and len(image) == 1:
-        image = image[0]
-    if isinstance(image, list):
-        return Problem(row, where, f"{len(image)} images in one sample; the chat collator takes one image per sample")
+    images = image if isinstance(image, list) else [image]
+    image = images[0] if images else None
     label = record.get(label_key)
     if isinstance(captions, str):
         captions = [captions]
-    if not isinstance(image, str) or (captions is None and label is None):
+    if not images or not all(isinstance(i, str) for i in images) or (captions is None and label is None):
         return Problem(row, where, "needs 'image' and 'caption' (or 'captions') keys "
                                    "('file_name' and 'text' in an imagefolder)")
     if captions is not None and (not isinstance(captions, list) or not all(isinstance(c, str) and c for c in captions)):
         return Problem(row, where, "'captions' must be a list of non-empty strings")
     captions = captions or []
     turns = [(prompt, captions[0])] if captions else []
-    return Sample(row, root / image, turns, list(captions), label=label, row=row, where=where)
+    return Sample(row, root / image, turns, list(captions), label=label, row=row, where=where,
+                  extra_images=[root / i for i in images[1:]], image_turns=[len(images)] if len(images) > 1 else None)
 
 
 def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str) -> Sample | Problem:
@@ -285,14 +293,11 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
     if "id" in record:
         where = f"{where} (id {sid!r})"
     image = record.get("image")
-    if isinstance(image, list) and len(image) == 1:
-        image = image[0]
+    images = image if isinstance(image, list) else [image]
     if image is None or image == []:
         return Problem(sid, where, "no image (text-only samples are not supported)")
-    if isinstance(image, list):
-        return Problem(sid, where, f"{len(image)} images in one sample; the chat collator takes one image per sample")
-    if not isinstance(image, str):
-        return Problem(sid, where, "'image' must be a path")
+    if not all(isinstance(i, str) for i in images):
+        return Problem(sid, where, "'image' must be a path (or a list of paths)")
     conversation = record.get("conversations")
     if not isinstance(conversation, list) or not all(
             isinstance(m, dict) and isinstance(m.get("value"), str) and isinstance(m.get("from"), str)
@@ -301,7 +306,7 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
     system = None
     if conversation and conversation[0]["from"].lower() == "system":
         system, conversation = conversation[0]["value"], conversation[1:]
-    turns = []
+    turns, markers = [], []
     for i in range(0, len(conversation), 2):
         pair = conversation[i:i + 2]
         roles = [m["from"].lower() for m in pair]
@@ -309,10 +314,17 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
             return Problem(sid, where, f"conversation must alternate human/gpt and end with gpt "
                                        f"(message {i + 1} onwards: {roles})")
         turns.append((pair[0]["value"].replace("<image>", "").strip(), pair[1]["value"].strip()))
+        markers.append(pair[0]["value"].count("<image>"))
     if not turns:
         return Problem(sid, where, "empty conversation")
-    return Sample(sid, root / image, turns, [turns[-1][1]], label=record.get(label_key), system=system,
-                  row=row, where=where)
+    image_turns = None
+    if len(images) > 1:
+        if sum(markers) not in (0, len(images)):
+            return Problem(sid, where, f"{len(images)} images but {sum(markers)} <image> markers in the user turns; "
+                                       "put one <image> per image (or none: all images go to the first turn)")
+        image_turns = markers if sum(markers) else [len(images)] + [0] * (len(turns) - 1)
+    return Sample(sid, root / images[0], turns, [turns[-1][1]], label=record.get(label_key), system=system,
+                  row=row, where=where, extra_images=[root / i for i in images[1:]], image_turns=image_turns)
 
 
 def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Problem]]:
@@ -322,9 +334,11 @@ def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Prob
         if isinstance(item, Problem):
             problems.append(item)
             continue
-        if item.image_path not in seen:
-            seen[item.image_path] = _verify_image(item.image_path)
+        for path in [item.image_path, *item.extra_images]:
+            if path not in seen:
+                seen[path] = _verify_image(path)
         size, reason = seen[item.image_path]
+        reason = reason or next((seen[p][1] for p in item.extra_images if seen[p][1]), None)
         if reason:
             problems.append(Problem(item.id, item.where, reason))
         else:

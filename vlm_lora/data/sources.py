@@ -40,11 +40,12 @@ class ArrowImage:
     table: Any  # a datasets.Dataset holding only the image column, Image features not decoded
     row: int
     root: Path  # relative paths inside the struct resolve here
+    index: int = 0  # which image of a list column
 
     def open(self):
         value = self.table[self.row][self.table.column_names[0]]
         if isinstance(value, list):
-            value = value[0]
+            value = value[self.index]
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
         if isinstance(value, (bytes, bytearray)):
@@ -204,11 +205,7 @@ def _arrow_samples(table, name: str, root: Path, prompt: str, label_key: str) ->
             if not present[row] or not counts[row]:
                 problems.append(Problem(row, where, "no image"))
                 continue
-            if counts[row] > 1:
-                problems.append(Problem(row, where, f"{counts[row]} images in one sample; the chat collator takes "
-                                                    "one image per sample"))
-                continue
-            image = ArrowImage(images, row, root)
+            image = [ArrowImage(images, row, root, i) for i in range(counts[row])]
         item = record_sample(record, row, where, root, prompt, label_key, image=image)
         (problems if isinstance(item, Problem) else samples).append(item)
     return samples, problems
