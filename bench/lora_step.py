@@ -68,14 +68,22 @@ def build_model(p: dict, device: str, dtype: torch.dtype):
                        max_position_embeddings=4096)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=p["vocab"] - 1,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return _instantiate(LlavaForConditionalGeneration, config, device, dtype)
+
+
+def _instantiate(model_class, config, device: str, dtype: torch.dtype):
+    """Seeded random-init ``model_class(config)`` built directly on ``device`` in ``dtype``, SDPA attention,
+    in training mode (gradient checkpointing only acts in train mode; these configs have no dropout)."""
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
+    default = torch.get_default_dtype()
     with torch.device(device):
-        default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
-        model = LlavaForConditionalGeneration(config)
-        torch.set_default_dtype(default)
-    return model.train()  # training mode: gradient checkpointing only acts in train mode (no dropout here)
+        try:
+            model = model_class(config)
+        finally:
+            torch.set_default_dtype(default)
+    return model.train()
 
 
 def build_qwen(p: dict, device: str, dtype: torch.dtype):
@@ -94,14 +102,7 @@ def build_qwen(p: dict, device: str, dtype: torch.dtype):
                       out_hidden_size=p["th"], window_size=2 * 2 * p["patch"], fullatt_block_indexes=[p["vl"] - 1])
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=p["vocab"] - 1,
                                   video_token_id=p["vocab"] - 2, vision_start_token_id=p["vocab"] - 3)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-        torch.set_default_dtype(default)
-    return model.train()
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, device, dtype)
 
 
 def make_qwen_batch(p: dict, model, device: str, dtype: torch.dtype) -> dict:

@@ -9,7 +9,8 @@ from transformers import LlavaForConditionalGeneration
 
 import vlm_lora
 from conftest import randomize_adapters, tiny_llava_config
-from vlm_lora.adapters.peft_format import AdapterError, config_differences
+from vlm_lora.adapters.fingerprint import config_differences
+from vlm_lora.adapters.peft_format import AdapterError
 
 Q_PROJ = "model.language_model.layers.0.self_attn.q_proj"
 

@@ -18,32 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from vlm_lora.data.datasets import (FALLBACK_CHAT_TEMPLATE, FALLBACK_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample,
                            _skip_line)
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
+from vlm_lora.data.processors import (FLAT_IMAGE_PROCESSORS, SINGLE_IMAGE_PROCESSORS, SUFFIX_PROCESSORS,
+                                      inserts_image_tokens, pad_batch)
 
 log = logging.getLogger("vlm_lora")
-# Prefix-LM processors without a chat template that build labels themselves from ``suffix=`` (the answer):
-# image tokens + BOS + prompt + "\n" is the prefix, the answer + EOS the suffix (``token_type_ids`` 1).
-SUFFIX_PROCESSORS = ("PaliGemmaProcessor",)
-# Processors that take one image per sample (a multi-image sample is refused); those that insert the image
-# tokens themselves (BLIP-2 style, no chat template) are refused too.
-SINGLE_IMAGE_PROCESSORS = SUFFIX_PROCESSORS + ("Blip2Processor", "InstructBlipProcessor")
-# Processors that take the images of a batch as one flat list (one placeholder per image in the texts);
-# the others take one list of images per sample (Idefics3/SmolVLM, Gemma3, Mllama, Qwen-VL, InternVL ...).
-FLAT_IMAGE_PROCESSORS = ("LlavaProcessor",)
-
-
-def _inserts_image_tokens(processor) -> bool:
-    """Whether the processor puts the image tokens in itself (BLIP-2) rather than expanding a placeholder."""
-    token = getattr(processor, "image_token", None)
-    token_id = getattr(processor, "image_token_id", None)
-    if token_id is None and token is not None:
-        token_id = processor.tokenizer.convert_tokens_to_ids(str(token))
-    if token_id is None:
-        return False
-    try:
-        ids = processor(images=[Image.new("RGB", (32, 32))], text=["a"], return_tensors="pt")["input_ids"]
-    except ValueError:  # e.g. LLaVA: "number of image tokens ... does not match"
-        return False
-    return bool((ids == token_id).any())
 
 
 def _user(text: str, n_images: int) -> dict:
@@ -60,7 +38,7 @@ def build_prompt(processor, prompt: str, chat_template: str | None = None) -> st
     template = chat_template or getattr(processor, "chat_template", None)
     if template:
         return processor.apply_chat_template([_user(prompt, 1)], chat_template=template, add_generation_prompt=True)
-    if _inserts_image_tokens(processor):
+    if inserts_image_tokens(processor):
         return prompt
     return FALLBACK_TEMPLATE.format(prompt=prompt)
 
@@ -111,7 +89,7 @@ class ChatCollator:
         self.user_prompt = prompt
         self.template = chat_template or getattr(processor, "chat_template", None)
         self.prefix_lm = not self.template and type(processor).__name__ in SUFFIX_PROCESSORS
-        self.plain = not self.template and _inserts_image_tokens(processor)
+        self.plain = not self.template and inserts_image_tokens(processor)
         self.multi_image = not (self.prefix_lm or self.plain) and type(processor).__name__ not in SINGLE_IMAGE_PROCESSORS
         if not self.template and not self.plain:
             self.template = FALLBACK_CHAT_TEMPLATE
@@ -358,19 +336,7 @@ class ChatCollator:
         return self._pad(encoded, per_token)
 
     def _pad(self, encoded: list[dict], per_token: set[str]) -> dict[str, torch.Tensor]:
-        """Right-pad the per-token [T, ...] tensors to [B, T_max, ...]; concatenate the others along dim 0
-        (zero-padded to a common shape first when they differ and each is one sample's [1, ...])."""
-        fill = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
-        batch = {}
-        for key in encoded[0]:
-            values = [e[key] for e in encoded]
-            if key in per_token:
-                batch[key] = torch.stack(_pad_to_common(values, fill.get(key, 0)))
-            elif len({v.shape[1:] for v in values}) > 1 and all(v.shape[0] == 1 for v in values):
-                batch[key] = torch.cat(_pad_to_common(values, 0))
-            else:
-                batch[key] = torch.cat(values)
-        return batch
+        return pad_batch(encoded, per_token, {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX})
 
 
 class CaptionCollator(ChatCollator):
@@ -388,16 +354,6 @@ class CaptionCollator(ChatCollator):
         if not getattr(example, "captions", None):
             raise DataError(f"{_where(example)}: no caption to train on")
         return None, [(self.user_prompt, example.captions[0])]
-
-
-def _pad_to_common(values: list[torch.Tensor], fill) -> list[torch.Tensor]:
-    """Each tensor padded at the end of every dim with ``fill`` to the largest size of that dim."""
-    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
-    out = []
-    for v in values:
-        pad = [p for d in reversed(range(v.dim())) for p in (0, shape[d] - v.shape[d])]
-        out.append(torch.nn.functional.pad(v, pad, value=fill) if any(pad) else v)
-    return out
 
 
 def _label_spans(labels: torch.Tensor) -> list[tuple[int, int]]:

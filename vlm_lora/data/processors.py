@@ -1,0 +1,61 @@
+"""What the processors of the model families take and return, as data, and the padding of their outputs.
+
+The collator asks this module how a processor wants its images (one flat list, or one list per
+sample), whether it takes several images per sample, whether it builds prefix-LM labels itself, and
+pads what the processor returned per sample into one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+# Prefix-LM processors without a chat template that build labels themselves from ``suffix=`` (the answer):
+# image tokens + BOS + prompt + "\n" is the prefix, the answer + EOS the suffix (``token_type_ids`` 1).
+SUFFIX_PROCESSORS = ("PaliGemmaProcessor",)
+# Processors that take one image per sample (a multi-image sample is refused); those that insert the image
+# tokens themselves (BLIP-2 style, no chat template) are refused too.
+SINGLE_IMAGE_PROCESSORS = SUFFIX_PROCESSORS + ("Blip2Processor", "InstructBlipProcessor")
+# Processors that take the images of a batch as one flat list (one placeholder per image in the texts);
+# the others take one list of images per sample (Idefics3/SmolVLM, Gemma3, Mllama, Qwen-VL, InternVL ...).
+FLAT_IMAGE_PROCESSORS = ("LlavaProcessor",)
+
+
+def inserts_image_tokens(processor) -> bool:
+    """Whether the processor puts the image tokens in itself (BLIP-2) rather than expanding a placeholder."""
+    token = getattr(processor, "image_token", None)
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None and token is not None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(str(token))
+    if token_id is None:
+        return False
+    try:
+        ids = processor(images=[Image.new("RGB", (32, 32))], text=["a"], return_tensors="pt")["input_ids"]
+    except ValueError:  # e.g. LLaVA: "number of image tokens ... does not match"
+        return False
+    return bool((ids == token_id).any())
+
+
+def _pad_to_common(values: list[torch.Tensor], fill) -> list[torch.Tensor]:
+    """Each tensor padded at the end of every dim with ``fill`` to the largest size of that dim."""
+    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+    out = []
+    for v in values:
+        pad = [p for d in reversed(range(v.dim())) for p in (0, shape[d] - v.shape[d])]
+        out.append(torch.nn.functional.pad(v, pad, value=fill) if any(pad) else v)
+    return out
+
+
+def pad_batch(encoded: list[dict], per_token: set[str], fill: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Right-pad the per-token [T, ...] tensors to [B, T_max, ...] (``fill[key]``, else 0); concatenate the
+    others along dim 0 (zero-padded to a common shape first when they differ and each is one sample's [1, ...])."""
+    batch = {}
+    for key in encoded[0]:
+        values = [e[key] for e in encoded]
+        if key in per_token:
+            batch[key] = torch.stack(_pad_to_common(values, fill.get(key, 0)))
+        elif len({v.shape[1:] for v in values}) > 1 and all(v.shape[0] == 1 for v in values):
+            batch[key] = torch.cat(_pad_to_common(values, 0))
+        else:
+            batch[key] = torch.cat(values)
+    return batch
