@@ -77,7 +77,7 @@ class LoraLinear(LoraLayer):
 
     def _merge_adapter(self, name: str, sign: float) -> None:
         if getattr(self.base_layer.weight, "quant_state", None) is not None:
-            raise ValueError("cannot merge into a 4-bit layer in place; use vlm_lora.adapters.merge (dequantizes first)")
+            raise ValueError("cannot merge into a 4-bit layer in place; use `vlm-lora merge` (it dequantizes first)")
         self.variants[name].merge(self, name, sign)
 
     def peft_export(self, name: str) -> list[PeftEntry]:
