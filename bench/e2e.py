@@ -1,9 +1,11 @@
 """The whole training loop, vlm-lora against HF Trainer + PEFT, on the same generated image-text data.
 
-Both systems train the same random-weight LLaVA (saved once to a folder, with the embedded
-tiny-llava processor resized to the preset's image size) for the same steps and batch size on
-the same JPEG images and captions of 5-60 words, with LoRA r=16 on every language-decoder
-linear and the projector trained:
+Both systems train the same random-weight model (saved once to a folder) for the same steps and
+batch size on the same JPEG images and captions of 5-60 words, with LoRA r=16 on every
+language-decoder linear and the connector trained. Presets: a LLaVA (with the embedded tiny-llava
+processor resized to the preset's image size) or, ``qwen*`` presets, a Qwen2.5-VL (the 7B preset
+from the published hyperparameters, with the tiny Qwen2.5-VL processor at the preset's image size:
+336-px images -> 24 x 24 patches -> 144 merged image tokens):
 
   vlm_lora         ``vlm-lora finetune`` on a generated recipe (its real loop; recipe keys via ``--vlm-set``)
   vlm_lora_packed  the same with ``data.packing: true`` (padding-free rows); ``vlm_lora_compile``:
@@ -18,6 +20,7 @@ then one line of ratios to ``hf_peft``. Examples::
 
     python bench/e2e.py                                   # CPU preset, a few minutes on 2 cores
     python bench/e2e.py --device cuda --preset llava-7b   # LLaVA-1.5-7B shapes, 336-px images, bf16
+    python bench/e2e.py --device cuda --preset qwen2.5-vl-7b  # Qwen2.5-VL-7B shapes, 336-px images, bf16
     python bench/e2e.py --preset tiny --steps 3 --skip 1  # smoke test
 """
 
@@ -42,7 +45,12 @@ PRESETS = {
     "tiny": dict(vh=64, vl=2, img=48, patch=8, th=64, tl=2, inter=128, vocab=384, batch=4, steps=4),
     "cpu": dict(vh=128, vl=2, img=48, patch=8, th=256, tl=4, inter=688, vocab=4096, batch=8, steps=24),
     "llava-7b": dict(vh=1024, vl=24, img=336, patch=14, th=4096, tl=32, inter=11008, vocab=32064, batch=8, steps=40),
+    "qwen-tiny": dict(arch="qwen2_5_vl", vh=32, vl=2, img=32, patch=4, th=48, tl=2, inter=96, vocab=512, batch=4,
+                      steps=4),
+    "qwen2.5-vl-7b": dict(arch="qwen2_5_vl", img=336, patch=14, published="Qwen/Qwen2.5-VL-7B-Instruct", batch=8,
+                          steps=40),
 }
+CONNECTOR = {"llava": "multi_modal_projector", "qwen2_5_vl": "merger"}  # PEFT modules_to_save, per arch
 VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recipe
     "vlm_lora": [], "vlm_lora_packed": ["data.packing=true"], "vlm_lora_compile": ["train.compile=true"],
     "vlm_lora_liger": ["train.kernels=liger"],
@@ -58,9 +66,29 @@ PROMPT = "Describe the image."
 # ---------------------------------------------------------------- inputs shared by both systems
 
 def build_model_folder(p: dict, folder: Path, device: str) -> None:
-    """A random-weight LLaVA of preset ``p`` with the tiny-llava processor resized to ``p['img']``
-    (built on ``device``; saved in bf16 from CUDA, else fp32)."""
-    from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """A random-weight model of preset ``p`` with its processor at ``p['img']``-px images (built on
+    ``device``; saved in bf16 from CUDA, else fp32)."""
+    from transformers import AutoModelForImageTextToText
+
+    config, processor = {"llava": llava_config, "qwen2_5_vl": qwen_config}[p.get("arch", "llava")](p)
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        model = AutoModelForImageTextToText.from_config(config)
+        torch.set_default_dtype(default)
+    model.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs are child processes: leave them the memory
+    processor.save_pretrained(folder)
+
+
+def llava_config(p: dict):
+    """LLaVA config of preset ``p`` and the tiny-llava processor resized to ``p['img']``."""
+    from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     processor = AutoProcessor.from_pretrained(REPO / "assets" / "tiny-llava")
     base = LlavaConfig.from_pretrained(REPO / "assets" / "tiny-llava")
@@ -76,18 +104,39 @@ def build_model_folder(p: dict, folder: Path, device: str) -> None:
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=base.image_token_id,
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=(p["img"] // p["patch"]) ** 2, pad_token_id=base.pad_token_id)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        model = LlavaForConditionalGeneration(config)
-        torch.set_default_dtype(default)
-    model.save_pretrained(folder)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the runs are child processes: leave them the memory
-    processor.save_pretrained(folder)
+    return config, processor
+
+
+def qwen_config(p: dict):
+    """Qwen2.5-VL config of preset ``p`` (published 7B sizes, or the tiny sizes of ``p``) and the tiny
+    Qwen2.5-VL processor taking ``p['img']``-px images whole; special-token ids follow its tokenizer."""
+    from transformers import Qwen2_5_VLConfig
+
+    from vlm_lora.architectures.published_configs import published_config
+    from vlm_lora.architectures.tiny_processors import tiny_processor
+
+    processor = tiny_processor("qwen2_5_vl")
+    processor.image_processor.patch_size = p["patch"]
+    pixels = p["img"] * p["img"]
+    processor.image_processor.size = {"shortest_edge": pixels, "longest_edge": pixels}
+    ids = {name: processor.tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    tokenizer = processor.tokenizer
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    if "published" in p:
+        config = published_config(p["published"])
+        for key, value in {**ids, **special}.items():
+            setattr(config, key, value)
+            setattr(config.text_config, key, value)
+        return config, processor
+    text = dict(hidden_size=p["th"], intermediate_size=p["inter"], num_hidden_layers=p["tl"], num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=p["vocab"], **special,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2]})
+    vision = dict(depth=p["vl"], hidden_size=p["vh"], intermediate_size=2 * p["vh"], num_heads=4, patch_size=p["patch"],
+                  out_hidden_size=p["th"], window_size=4 * p["patch"], fullatt_block_indexes=[p["vl"] - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), processor
 
 
 def make_data(folder: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -201,14 +250,14 @@ class PaddingCollator:
 def run_hf_peft(model_dir: Path, data: Path, out: Path, args) -> list[float]:
     """HF ``Trainer`` + PEFT LoRA; returns the wall time of every optimizer step."""
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainerCallback,
+    from transformers import (AutoModelForImageTextToText, AutoProcessor, Trainer, TrainerCallback,
                               TrainingArguments)
 
     cuda = args.device == "cuda"
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LM_TARGETS,
-                        modules_to_save=["multi_modal_projector"])
+                        modules_to_save=[CONNECTOR[model.config.model_type]])
     model = get_peft_model(model, config)
     fields = TrainingArguments.__dataclass_fields__
     grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields

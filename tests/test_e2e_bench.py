@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from conftest import ASSET_MODEL, REPO
@@ -15,8 +16,10 @@ e2e = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(e2e)
 
 
-def test_hf_baseline_collator_labels_the_same_tokens_as_vlm_lora(tmp_path):
-    """The HF + PEFT side trains on exactly the answer tokens vlm-lora's ChatCollator labels."""
+@pytest.mark.parametrize("preset", ["tiny", "qwen-tiny"])
+def test_hf_baseline_collator_labels_the_same_tokens_as_vlm_lora(tmp_path, preset):
+    """The HF + PEFT side trains on exactly the answer tokens vlm-lora's ChatCollator labels
+    (LLaVA: the embedded tiny-llava processor; Qwen2.5-VL: the preset's processor, whole images)."""
     from PIL import Image
     from transformers import AutoProcessor
 
@@ -26,7 +29,11 @@ def test_hf_baseline_collator_labels_the_same_tokens_as_vlm_lora(tmp_path):
     data = e2e.make_data(tmp_path, 3, 48)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert all(5 <= len(r["caption"].split()) <= 60 for r in rows)
-    processor = AutoProcessor.from_pretrained(ASSET_MODEL)
+    model_dir = ASSET_MODEL
+    if preset == "qwen-tiny":
+        model_dir = tmp_path / "qwen"
+        e2e.qwen_config(e2e.PRESETS[preset])[1].save_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
     items = e2e.CaptionRows(data, processor.tokenizer)
     hf = e2e.PaddingCollator(processor)([items[i] for i in range(3)])
     ours = ChatCollator(processor, prompt=e2e.PROMPT)(
@@ -36,7 +43,7 @@ def test_hf_baseline_collator_labels_the_same_tokens_as_vlm_lora(tmp_path):
     assert hf["input_ids"].shape[1] == width
     torch.testing.assert_close(hf["input_ids"] * hf["attention_mask"], ours["input_ids"] * ours["attention_mask"])
     torch.testing.assert_close(hf["labels"], ours["labels"])
-    assert sum(hf["attention_mask"].sum(1).tolist()) == e2e.real_tokens(ASSET_MODEL, data)
+    assert sum(hf["attention_mask"].sum(1).tolist()) == e2e.real_tokens(model_dir, data)
 
 
 def test_summary_separates_first_steps_from_steady_state():
