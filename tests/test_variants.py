@@ -62,6 +62,27 @@ def test_dora_forward_merge_and_magnitude_match_peft():
     torch.testing.assert_close(ours.base_layer.weight, w0, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # one fused node; with dropout the unfused path
+def test_dora_gradients_match_peft(dropout):
+    base = _base()
+    ours = LoraLinear(copy.deepcopy(base), "default", AdapterSpec(rank=4, alpha=8, variant="dora", dropout=dropout))
+    _, theirs = _peft_layer(base, r=4, lora_alpha=8, use_dora=True, lora_dropout=dropout)
+    nn.init.normal_(ours.lora_B["default"].weight, std=0.3)
+    nn.init.normal_(ours.lora_magnitude_vector["default"].weight, mean=1.0, std=0.2)
+    _copy_ab(ours, theirs)
+    theirs.lora_magnitude_vector["default"].weight.data.copy_(ours.lora_magnitude_vector["default"].weight)
+    ours.eval(), theirs.eval()  # dropout off: both sides see the same input
+    x = torch.randn(2, 6, 24)
+    grads = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        (layer(xi) * torch.linspace(-1, 1, 20)).square().sum().backward()
+        grads.append([xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad,
+                      layer.lora_magnitude_vector["default"].weight.grad])
+    for mine, peft_grad in zip(*grads):
+        torch.testing.assert_close(mine, peft_grad, atol=1e-5, rtol=1e-4)
+
+
 def test_dora_norm_is_detached_in_backward():
     ours = LoraLinear(_base(), "default", AdapterSpec(rank=2, alpha=4, variant="dora"))
     nn.init.normal_(ours.lora_B["default"].weight)

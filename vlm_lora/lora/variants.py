@@ -127,6 +127,50 @@ class _LinearPlusLowRank(torch.autograd.Function):
         return grad_x, grad_hidden, None, None, grad_b
 
 
+class _DoraLinear(torch.autograd.Function):
+    """DoRA on a frozen ``nn.Linear``: ``y = (m / n) * (x W^T + s (x A^T) B^T) + b`` as one node.
+
+    ``n`` [out] is the detached row norm of ``W + s B A``. Forward: the low-rank product is written
+    first and the base GEMM adds into it (``addmm_``), then one scaling pass; ``z`` (the unscaled sum,
+    [tokens, out]) is kept for the magnitude's gradient, like PEFT keeps the base output. Backward:
+    one pass for ``g * m/n``, one for ``sum_t g z`` (dm), and GEMMs; the input gradient of the
+    low-rank path is added in the base GEMM's epilogue. Weight gradients come back in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_a, weight_b, magnitude, scaling, norm):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b_scaled = weight_a.to(dtype), (weight_b * scaling).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = x2 @ a.T  # [N, r]
+            z = (hidden @ b_scaled.T).addmm_(x2, weight.T)  # [N, out]
+            row_scale = (magnitude.float() / norm).to(dtype)  # [out]
+            y = torch.addcmul(bias, z, row_scale) if bias is not None else z * row_scale
+        ctx.save_for_backward(x2, hidden, z, weight, a, b_scaled, row_scale, norm)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype, magnitude.dtype)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, hidden, z, weight, a, b_scaled, row_scale, norm = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(z.dtype)
+        grad_x = grad_a = grad_b = grad_m = None
+        with torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[5]:
+                grad_m = ((g * z).sum(0, dtype=torch.float32) / norm).to(ctx.weight_dtypes[2])
+            g_scaled = g * row_scale  # [N, out]
+            grad_hidden = g_scaled @ b_scaled  # [N, r]
+            if ctx.needs_input_grad[4]:
+                grad_b = ((g_scaled.T @ hidden) * ctx.scaling).to(ctx.weight_dtypes[1])
+            if ctx.needs_input_grad[3]:
+                grad_a = (grad_hidden.T @ x2).to(ctx.weight_dtypes[0])
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_hidden @ a).addmm_(g_scaled, weight).view(ctx.x_shape)
+        return grad_x, None, None, grad_a, grad_b, grad_m, None, None
+
+
 def _fused_compute_dtype(layer: "LoraLayer", x: torch.Tensor) -> torch.dtype | None:
     """The dtype of the one-node path, or None when it does not apply: the base must be a plain
     frozen float linear computing in the activations' dtype, or in the autocast dtype (autocast
@@ -239,14 +283,21 @@ class DoraVariant(LoraVariant):
             wa = base(a.to(_compute_dtype(base)))  # [r, out] = A W^T (+ bias)
             if base.bias is not None:
                 wa = wa - base.bias
-            wa = wa.float().T  # [out, r]
-        s = layer.scaling[name]
-        cross = (b * wa).sum(dim=1)
-        lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
-        return (cached + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+            s = layer.scaling[name]
+            # [out, r]: 2 (W A^T)_o + s B_o (A A^T), so that ||.||^2 = cached + s * B_o . that
+            twice_cross_plus = torch.addmm(wa.float().T, b, a @ a.T, beta=2, alpha=s)
+            norm_sq = torch.add(cached, (b * twice_cross_plus).sum(dim=1), alpha=s)
+        return norm_sq.clamp_min_(0).sqrt_()
 
-    def linear_forward(self, layer: "LoraLayer", name: str, x: torch.Tensor) -> None:
-        return None
+    def linear_forward(self, layer: "LoraLayer", name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Base and DoRA update as one node (``_DoraLinear``) for a plain frozen linear without dropout."""
+        dtype = _fused_compute_dtype(layer, x)
+        if dtype is None or not isinstance(layer.lora_dropout[name], nn.Identity):
+            return None
+        base = layer.base_layer
+        return _DoraLinear.apply(x.to(dtype), base.weight, base.bias, layer.lora_A[name].weight,
+                                 layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight,
+                                 layer.scaling[name], self._weight_norm(layer, name))
 
     def forward_delta(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return self.add_to(layer, name, x, base_out) - base_out
