@@ -12,7 +12,8 @@ first decoder layers), and a Qwen3 decoder.
   the attention only (``full`` mode trains the experts and the router).
 """
 
-from vlm_lora.architectures.qwen2_vl import FUSED_QKV, LANGUAGE_DECODER, PATCH_EMBEDDING, VISION_ATTENTION
+from vlm_lora.architectures.qwen2_vl import (FUSED_QKV, LANGUAGE_DECODER, PATCH_EMBEDDING, VISION_ATTENTION,
+                                             packing_rope_positions)
 from vlm_lora.architectures.registry import ATTN_QKV, LLAMA_TARGETS, Architecture, ComponentMap, register
 
 _ATTENTION_TARGETS = {t: LLAMA_TARGETS[t] for t in ("q", "k", "v", "o")}
@@ -35,6 +36,7 @@ def _qwen3_vl(name: str, model_class: str, decoder: ComponentMap, layers: tuple[
         },
         never_adapted=PATCH_EMBEDDING,
         fsdp_wrap_classes=layers,
+        rope_positions=packing_rope_positions,  # images: Qwen2-VL's positions
     )
 
 

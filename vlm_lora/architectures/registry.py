@@ -9,6 +9,7 @@ model is adding an entry (see ``register``); nothing else changes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -61,6 +62,9 @@ class Architecture:
     submodule_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # FSDP wrap units: class names of decoder layers and vision blocks (those present in a model are used)
     fsdp_wrap_classes: tuple[str, ...] = ()
+    # multi-axis rope (Qwen-VL): model config -> function of a padded batch giving each sample's rope positions
+    # (see qwen2_vl.mrope_positions); packing needs them per sample. None: 1-D positions
+    rope_positions: Callable | None = None
 
     def matches(self, model: nn.Module) -> bool:
         if not any(cls.__name__ in self.model_classes for cls in type(model).__mro__):

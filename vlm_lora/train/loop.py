@@ -39,7 +39,7 @@ from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
 from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe, make_train_loader
-from vlm_lora.train.speed import apply_speed_options, packing_row_tokens
+from vlm_lora.train.speed import apply_speed_options, packing_rope_positions, packing_row_tokens
 from vlm_lora.data.packing import PackingCollator
 
 log = logging.getLogger("vlm_lora")
@@ -107,7 +107,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     plan.apply(model)
     apply_speed_options(model, cfg, recipe.data.packing)
     if recipe.data.packing:
-        task.collate = PackingCollator(task.collate, packing_row_tokens(model))
+        task.collate = PackingCollator(task.collate, packing_row_tokens(model), packing_rope_positions(model))
     if fsdp:  # after the adapters (and checkpointing, compile) are in, before the optimizer sees the parameters
         model = distributed.shard_model(model, accelerator.mixed_precision, _plugin_wrap_classes(accelerator))
     groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from vlm_lora.architectures.registry import detect_architecture
 from vlm_lora.train.setup import TrainingError
 
 log = logging.getLogger("vlm_lora")
@@ -31,8 +32,9 @@ LIGER_PATCHERS = {
     "smolvlm": "apply_liger_kernel_to_smolvlm",
 }
 # model types whose batches pack as data.packing does it: image features scattered in token order,
-# 1-D positions, sample boundaries read from position_ids by transformers' mask functions
-PACKABLE_MODEL_TYPES = ("llava",)
+# sample boundaries read from position_ids by transformers' mask functions; 1-D positions, or multi-axis
+# ones that the registry entry's ``rope_positions`` builds per sample (Qwen-VL, images only)
+PACKABLE_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 CHECKPOINTING_MODES = ("none", "full", "selective", "offload")
 
 
@@ -61,6 +63,13 @@ def check_packable(model) -> None:
     if model_type not in PACKABLE_MODEL_TYPES:
         raise SpeedOptionError(f"data.packing: not supported for {model_type or type(model).__name__} models yet "
                                f"(supported: {', '.join(PACKABLE_MODEL_TYPES)}); set data.packing: false")
+
+
+def packing_rope_positions(model):
+    """``PackingCollator``'s ``rope_positions`` for ``model``: its family's multi-axis rope positions
+    function (Qwen-VL), or None for 1-D positions."""
+    factory = detect_architecture(model).rope_positions
+    return factory(model.config) if factory is not None else None
 
 
 def packing_row_tokens(model) -> int | None:
