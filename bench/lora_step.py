@@ -10,6 +10,7 @@ Every variant trains the same LLaVA-shaped (or, ``--preset qwen2.5-vl-7b``, Qwen
   *_dora           DoRA instead of LoRA
   *_gc             gradient checkpointing on the language decoder (train.gradient_checkpointing: full);
                    *_gcsel every second layer (selective), *_gcoff full with saved inputs in pinned CPU memory (offload)
+  *_compile        each decoder layer compiled (train.compile: regional torch.compile), after the eager variants
   *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
 
 Prints one JSON line per variant (step_s = median of timed steps after warm-up) and a final
@@ -52,7 +53,7 @@ ALL_VARIANTS = ["floor", "peft", "vlm_lora", "floor_vision", "peft_vision", "vlm
 CHECKPOINT_VARIANTS = ["floor_gc", "peft_gc", "vlm_lora_gc", "floor_gcsel", "vlm_lora_gcsel", "floor_gcoff",
                        "vlm_lora_gcoff"]
 CHECKPOINTING = {"gc": "full", "gcsel": "selective", "gcoff": "offload"}  # variant kind -> train.gradient_checkpointing
-FLOOR_OF = {"vision": "floor_vision", **{kind: f"floor_{kind}" for kind in CHECKPOINTING}}
+FLOOR_OF = {"vision": "floor_vision", "compile": "floor", **{kind: f"floor_{kind}" for kind in CHECKPOINTING}}
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -156,6 +157,12 @@ def setup_variant(model, variant: str, arch: dict):
         enable_gradient_checkpointing(model.model.language_model, CHECKPOINTING[kind])
         model.enable_input_require_grads()
         undo.append(model.model.language_model.gradient_checkpointing_disable)
+    if kind == "compile":  # regional: the eager forwards come back on undo (nn.Module.compile keeps them)
+        from vlm_lora.train.speed import checkpointable_layers, compile_decoder_layers
+
+        compile_decoder_layers(model.model.language_model)
+        undo.append(lambda: [setattr(layer, "_compiled_call_impl", None)
+                             for layer in checkpointable_layers(model.model.language_model)])
     if family == "floor":
         model.model.get_submodule(arch["connector"]).requires_grad_(True)
         if kind == "vision":  # activations of the vision tower need grad, so backward walks it
@@ -240,7 +247,8 @@ def profile_variant(model, batch, device: str, autocast_dtype, path: str) -> dic
     kinds = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
     launches = 0
     for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False) \
+                or event.name.startswith(("Optimizer.", "ProfilerStep")):  # ranges on the GPU timeline, not kernels
             continue
         launches += 1
         name = event.name.lower()
@@ -286,7 +294,8 @@ def main() -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         variants = [v for v in variants if not v.endswith("qlora")]
-    variants = [v for v in variants if not v.endswith("qlora")] + [v for v in variants if v.endswith("qlora")]
+    last = ("compile", "qlora")  # compiled graphs after the eager runs; quantizing changes the base for good
+    variants = sorted(variants, key=lambda v: next((i + 1 for i, k in enumerate(last) if v.endswith(k)), 0))
 
     model = build_model(p, args.device, dtype)
     arch = ARCH[p.get("arch", "llava")]
@@ -320,6 +329,8 @@ def main() -> None:
             ratios[variant] = {"step_vs_floor": round(result["step_s"] / floor["step_s"], 3)}
             if result["peak_mib"] and floor["peak_mib"]:
                 ratios[variant]["mem_vs_floor"] = round(result["peak_mib"] / floor["peak_mib"], 3)
+            if kind == "compile" and "floor_compile" in results:  # also against the compiled floor
+                ratios[variant]["step_vs_compiled_floor"] = round(result["step_s"] / results["floor_compile"]["step_s"], 3)
     print(json.dumps({"ratios": ratios, **shape}), flush=True)
 
 
