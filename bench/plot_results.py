@@ -1,4 +1,5 @@
-"""Bar chart of a ``bench/lora_step.py`` output: step time and peak memory relative to each floor.
+"""Bar chart of a ``bench/lora_step.py`` output: step time (and, for a ``--profile-dir`` run, GPU kernel
+time) and peak memory relative to each floor.
 
     python bench/plot_results.py bench/results_h200.jsonl bench/lora_step_h200.png
 """
@@ -22,8 +23,19 @@ def main(results: str, out: str) -> None:
               ("DoRA", "peft_dora", "vlm_lora_dora"), ("grad. ckpt", "peft_gc", "vlm_lora_gc"),
               ("QLoRA NF4", "peft_qlora", "vlm_lora_qlora")]
     groups = [g for g in groups if g[1] in ratios and g[2] in ratios]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    for ax, key, title in ((axes[0], "step_vs_floor", "step time / floor"), (axes[1], "mem_vs_floor", "peak memory / floor")):
+    panels = [("step_vs_floor", "step time / floor")]
+    rows = {line["variant"]: line for line in lines if "variant" in line}
+    if all("profile" in row for row in rows.values()):  # --profile-dir runs: GPU kernel time per step too
+        floors = {"": "floor", "vision": "floor_vision", "gc": "floor_gc", "dora": "floor", "qlora": "floor"}
+        for variant in ratios:
+            kind = variant.split("_", 1)[1] if variant.startswith("peft_") else variant[len("vlm_lora_"):]
+            floor = rows.get(floors.get(kind, "floor"))
+            if floor:
+                ratios[variant]["kernel_vs_floor"] = rows[variant]["profile"]["kernel_ms"] / floor["profile"]["kernel_ms"]
+        panels.append(("kernel_vs_floor", "GPU kernel time / floor"))
+    panels.append(("mem_vs_floor", "peak memory / floor"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), dpi=110)
+    for ax, (key, title) in zip(axes, panels):
         xs = range(len(groups))
         peft = [ratios[g[1]].get(key, float("nan")) for g in groups]
         ours = [ratios[g[2]].get(key, float("nan")) for g in groups]
