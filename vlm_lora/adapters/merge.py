@@ -34,7 +34,7 @@ def probe_batch(processor) -> dict:
     prompt "Describe the image." (input_ids [1, T], pixel_values and the family's other tensors)."""
     from PIL import Image
 
-    from vlm_lora.data.collate import build_prompt
+    from vlm_lora.data.processors import build_prompt
 
     image = Image.linear_gradient("L").resize((PROBE_SIZE, PROBE_SIZE)).convert("RGB")
     return dict(processor(images=[image], text=[build_prompt(processor, "Describe the image.")], return_tensors="pt"))

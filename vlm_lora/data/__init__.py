@@ -7,7 +7,8 @@ processor's chat template and masks all but the answers, ``loader`` orders and l
 May import only the standard library, torch, PIL, transformers, datasets and pyarrow; nothing else of vlm_lora.
 """
 
-from vlm_lora.data.collate import CaptionCollator, ChatCollator, build_prompt, make_collator
+from vlm_lora.data.collate import CaptionCollator, ChatCollator, make_collator
+from vlm_lora.data.processors import build_prompt
 from vlm_lora.data.datasets import (DEFAULT_PROMPT, IGNORE_INDEX, CaptionDataset, CaptionExample, ConversationDataset,
                                     DataError, Problem, Sample, load_dataset, load_image)
 

@@ -15,32 +15,12 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vlm_lora.data.datasets import (FALLBACK_CHAT_TEMPLATE, FALLBACK_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample,
-                           _skip_line)
+from vlm_lora.data.datasets import FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample, _skip_line
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
 from vlm_lora.data.processors import (FLAT_IMAGE_PROCESSORS, SINGLE_IMAGE_PROCESSORS, SUFFIX_PROCESSORS,
-                                      inserts_image_tokens, pad_batch)
+                                      build_prompt, inserts_image_tokens, pad_batch, user_turn)
 
 log = logging.getLogger("vlm_lora")
-
-
-def _user(text: str, n_images: int) -> dict:
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return {"role": "user", "content": content}
-
-
-def build_prompt(processor, prompt: str, chat_template: str | None = None) -> str:
-    """The generation prompt (user turn with one image, then the assistant cue).
-
-    Chat template (``chat_template`` overrides the processor's); without one, the plain prompt for
-    processors that insert image tokens themselves (BLIP-2), else ``FALLBACK_TEMPLATE``.
-    """
-    template = chat_template or getattr(processor, "chat_template", None)
-    if template:
-        return processor.apply_chat_template([_user(prompt, 1)], chat_template=template, add_generation_prompt=True)
-    if inserts_image_tokens(processor):
-        return prompt
-    return FALLBACK_TEMPLATE.format(prompt=prompt)
 
 
 # ---------------------------------------------------------------- collators
@@ -127,7 +107,7 @@ class ChatCollator:
                 text += " " + answer + eos
                 texts.append(text)
                 continue
-            messages.append(_user(user, counts[i]))
+            messages.append(user_turn(user, counts[i]))
             texts.append(self._apply(messages, True))
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
             texts.append(self._apply(messages, False))

@@ -2,13 +2,16 @@
 
 The collator asks this module how a processor wants its images (one flat list, or one list per
 sample), whether it takes several images per sample, whether it builds prefix-LM labels itself, and
-pads what the processor returned per sample into one batch.
+pads what the processor returned per sample into one batch; ``build_prompt`` renders the generation
+prompt the processor's chat template makes of one user turn.
 """
 
 from __future__ import annotations
 
 import torch
 from PIL import Image
+
+from vlm_lora.data.datasets import FALLBACK_TEMPLATE
 
 # Prefix-LM processors without a chat template that build labels themselves from ``suffix=`` (the answer):
 # image tokens + BOS + prompt + "\n" is the prefix, the answer + EOS the suffix (``token_type_ids`` 1).
@@ -59,3 +62,25 @@ def pad_batch(encoded: list[dict], per_token: set[str], fill: dict[str, int]) ->
         else:
             batch[key] = torch.cat(values)
     return batch
+
+
+# ---------------------------------------------------------------- prompts
+
+def user_turn(text: str, n_images: int) -> dict:
+    """A chat-template user turn: ``n_images`` image placeholders, then ``text``."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def build_prompt(processor, prompt: str, chat_template: str | None = None) -> str:
+    """The generation prompt (user turn with one image, then the assistant cue).
+
+    Chat template (``chat_template`` overrides the processor's); without one, the plain prompt for
+    processors that insert image tokens themselves (BLIP-2), else ``FALLBACK_TEMPLATE``.
+    """
+    template = chat_template or getattr(processor, "chat_template", None)
+    if template:
+        return processor.apply_chat_template([user_turn(prompt, 1)], chat_template=template, add_generation_prompt=True)
+    if inserts_image_tokens(processor):
+        return prompt
+    return FALLBACK_TEMPLATE.format(prompt=prompt)

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from vlm_lora.data.collate import build_prompt
+from vlm_lora.data.processors import build_prompt
 from vlm_lora.data.datasets import CaptionDataset, DataError
 
 log = logging.getLogger("vlm_lora")
