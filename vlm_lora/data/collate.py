@@ -374,7 +374,7 @@ def _image_sizes(example) -> list[tuple[int, int]]:
         try:
             with Image.open(path if isinstance(path, (str, Path)) else path.open()) as image:
                 sizes.append(image.size)
-        except (UnidentifiedImageError, OSError) as error:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
             raise DataError(f"{_where(example)}: cannot read image {path}: {error}") from None
     return sizes
 

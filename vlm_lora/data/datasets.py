@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, _check_images, format_problems, read_samples
-from vlm_lora.data.sources import iter_shard, read_source, shard_paths, source_format
+from vlm_lora.data.sources import check_shard, iter_shard, read_source, shard_paths, source_format
 
 __all__ = ["IGNORE_INDEX", "DEFAULT_PROMPT", "DataError", "Problem", "Sample", "CaptionExample",
            "ConversationDataset", "CaptionDataset", "ShardStream", "load_dataset", "load_image"]
@@ -116,10 +116,11 @@ def load_dataset(path: str | Path, format: str = "auto", image_root: str | Path 
                         f"{source or 'a file format'}); map-style sources are memory-mapped instead")
     if source == "webdataset" and streaming in ("auto", True):
         shards = shard_paths(str(path))
+        _check_shards(path, shards, on_bad_sample)
         return ShardStream(str(path), shards, Path(image_root) if image_root else shards[0].parent, prompt,
                            label_key, on_bad_sample)
     if source:
-        samples, problems = read_source(str(path), source, split, image_root, prompt, label_key)
+        samples, problems = read_source(str(path), source, split, image_root, prompt, label_key, on_bad_sample)
         files = [s for s in samples if s.image_source is None]  # rows naming image files: check them now
         checked, bad = _check_images(files)
         gone = {id(s) for s in files} - {id(s) for s in checked}
@@ -133,6 +134,17 @@ def load_dataset(path: str | Path, format: str = "auto", image_root: str | Path 
     if not samples:
         raise DataError(f"{path}: no usable samples" + (f"\n{format_problems(path, problems)}" if problems else ""))
     return ConversationDataset(samples, path, fmt, on_bad_sample, problems)
+
+
+def _check_shards(path, shards: list[Path], on_bad_sample: str) -> None:
+    """Open every streamed shard now: unreadable or truncated ones are named before training (an error, or
+    with skip a warning: they are read up to the cut and their lost samples counted then)."""
+    bad = [Problem(str(s), str(s), reason) for s in shards if (reason := check_shard(s))]
+    if bad and on_bad_sample == "error":
+        raise DataError(format_problems(path, bad, "bad tar shard(s)") + "\n(replace them, leave them out of the "
+                        "pattern, or set data.on_bad_sample: skip to read what they hold)")
+    if bad:
+        log.warning("%s", format_problems(path, bad, "bad tar shard(s), read up to the damage"))
 
 
 class CaptionDataset(ConversationDataset):
@@ -153,7 +165,7 @@ def load_image(path, where: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         shown = path if isinstance(path, (str, Path)) else "(embedded)"
         raise DataError(f"{where}: cannot read image {shown}: {error}") from None
 
@@ -166,13 +178,21 @@ def load_sample_image(example, path, on_bad_sample: str = "error") -> Image.Imag
     source = getattr(example, "image_source", None)
     sources = [source if source is not None else example.image_path, *getattr(example, "extra_images", ())]
     try:
-        images = [load_image(s if isinstance(s, (str, Path)) else s.open(), where) for s in sources]
+        images = [load_image(s if isinstance(s, (str, Path)) else _open(s, where), where) for s in sources]
         return images if len(images) > 1 else images[0]
     except DataError as error:
         if on_bad_sample != "skip":
             raise
         log.warning("skipping %s", error)
         return None
+
+
+def _open(source, where: str):
+    """An embedded image source opened (a file object or path); a failure names the sample."""
+    try:
+        return source.open()
+    except (DataError, OSError) as error:
+        raise DataError(f"{where}: cannot read image: {error}") from None
 
 
 def _skip_line(path, problems: list[Problem], what: str = "bad sample(s)", shown: int = 50) -> str:

@@ -13,7 +13,8 @@ Formats (``format=`` or inferred by ``infer_format``):
 
 Parquet, saved/Hub HF datasets and WebDataset shards are read by ``vlm_lora.data.sources``; their rows go
 through ``record_sample`` here, which also reads the chat-messages rows of the HF ecosystem
-(``{"messages": [{"role", "content": [{"type": "image"}, {"type": "text", "text"}]}], "images": [...]}``).
+(``{"messages": [{"role", "content": [{"type": "image"}, {"type": "text", "text"}]}], "images": [...]}``, images
+also on a message or inline in its parts: ``vlm_lora.data.messages``).
 
 Image paths are relative to ``image_root`` or, by default, to the data file's folder (the folder itself
 for ``imagefolder``). Images are checked here: missing or unreadable ones (PIL ``verify``) become problems.
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from PIL import Image
+
+from vlm_lora.data.messages import chat_conversation, resolve_image
 
 FORMATS = ("caption_jsonl", "caption_csv", "llava_json", "imagefolder")
 DEFAULT_PROMPT = "Describe the image."
@@ -105,8 +108,7 @@ def infer_format(path: Path) -> str:
         return "caption_csv"
     if suffix == ".json":
         return "llava_json"
-    with path.open(encoding="utf-8") as f:
-        first = next((line.strip() for line in f if line.strip()), "")
+    first = _first_line(path)
     if first.startswith("["):
         return "llava_json"
     try:
@@ -168,15 +170,39 @@ def _metadata_file(path: Path) -> Path:
     raise DataError(f"{path}: an imagefolder needs a metadata.jsonl (or metadata.csv) with file_name and text")
 
 
+def _first_line(path: Path) -> str:
+    """The first non-blank line of a text data file; a compressed or binary file is a ``DataError``."""
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":
+        raise DataError(f"{path}: a gzip-compressed file, not a data file of {', '.join(FORMATS)}; WebDataset "
+                        "shards must be uncompressed .tar (decompress with `gunzip -k`)")
+    try:
+        with path.open(encoding="utf-8") as f:
+            return next((line.strip() for line in f if line.strip()), "")
+    except UnicodeDecodeError as error:
+        raise _not_text(path, error) from None
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_text(path, error) from None
+
+
+def _not_text(path: Path, error: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text (byte {error.start}), so not a data file of {', '.join(FORMATS)}; "
+                     "parquet, HF datasets and .tar shards are read by their extension or data.format")
+
+
 def _looks_like_jsonl(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
-        first = next((line.strip() for line in f if line.strip()), "")
-    return first.startswith("{")
+    return _first_line(path).startswith("{")
 
 
 def _read_jsonl(path: Path) -> list:
     records = []
-    for row, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for row, line in enumerate(_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -200,7 +226,7 @@ def _read_csv(path: Path) -> list:
 
 def _read_json_list(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_text(path))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(data, list):
@@ -217,50 +243,52 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
     """A row of any schema: chat ``messages``, LLaVA ``conversations``, else caption keys.
 
     ``image``: the row's image (or list of images) when the caller resolved it (embedded); else the row's
-    ``image``/``images``/``file_name`` path (or list of paths), relative to ``root``.
+    ``image``/``images``/``file_name`` path (or list of paths), relative to ``root``. Images inside the
+    messages (``vlm_lora.data.messages``) take the row-level ones' places.
     """
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
-    sources = image if isinstance(image, list) else [image]
+    images = None  # the row's images when resolved here or by the caller: paths and embedded sources
     if image is not None:
-        record = {**record, "image": ["<embedded>"] * len(sources)}
+        images = image if isinstance(image, list) else [image]
     elif isinstance(record.get("images"), list) and "image" not in record:
         record = {**record, "image": record["images"]}
     if "messages" in record:
-        sample = _chat_sample(record, row, where, root, label_key)
-    elif "conversations" in record:
+        parsed = chat_conversation(record["messages"])
+        if isinstance(parsed, str):
+            return Problem(row, where, parsed)
+        conversation, inline = parsed
+        record = {**record, "conversations": conversation}
+        if any(value is not None for value in inline):
+            images = _message_images(inline, images, record.get("image"), root)
+            if isinstance(images, str):
+                return Problem(row, where, images)
+    if images is not None:
+        record = {**record, "image": ["<embedded>"] * len(images)}
+    if "conversations" in record:
         sample = _llava_sample(record, row, where, root, label_key)
     else:
         sample = _caption_sample(record, row, where, root, prompt, label_key)
-    if image is not None and isinstance(sample, Sample):
-        sample.image_path, sample.image_source, sample.extra_images = Path(where), sources[0], sources[1:]
+    if images is not None and isinstance(sample, Sample):
+        first = images[0]
+        sample.image_path, sample.image_source = (first, None) if isinstance(first, Path) else (Path(where), first)
+        sample.extra_images = images[1:]
     return sample
 
 
-def _message_text(message: dict) -> tuple[str, int] | None:
-    """(text, number of image parts) of a chat message, or None if it is not one."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content.replace("<image>", "").strip(), content.count("<image>")
-    if not isinstance(content, list) or not all(isinstance(c, dict) for c in content):
-        return None
-    texts = [c.get("text") for c in content if c.get("type") == "text"]
-    if not all(isinstance(t, str) for t in texts):
-        return None
-    return " ".join(t.strip() for t in texts), sum(c.get("type") == "image" for c in content)
+def _message_images(inline: list, given: list | None, row_value: Any, root: Path) -> list | str:
+    """The images of a chat row's markers in order: the messages' own, the others taken from the row's
+    (``given`` sources, else the row's ``image``/``images`` value), or why they do not add up."""
+    row_level = given if given is not None else [] if row_value is None else \
+        row_value if isinstance(row_value, list) else [row_value]
+    empty = sum(value is None for value in inline)
+    if empty != len(row_level):
+        return f"{len(row_level)} row-level image(s) but {empty} image part(s) without an image of their own"
+    rest = iter(row_level)
+    images = [resolve_image(next(rest) if value is None else value, root) for value in inline]
+    bad = next((i for i in images if isinstance(i, str)), None)
+    return bad or images
 
-
-def _chat_sample(record: dict, row: int, where: str, root: Path, label_key: str) -> Sample | Problem:
-    """A chat-messages row as LLaVA conversations: the roles map to from, the text parts to value."""
-    messages = record.get("messages")
-    parsed = [(m.get("role"), _message_text(m)) for m in messages if isinstance(m, dict)] \
-        if isinstance(messages, list) else []
-    if not parsed or len(parsed) != len(messages) or any(text is None or not isinstance(role, str)
-                                                         for role, text in parsed):
-        return Problem(row, where, "needs 'messages': a list of {role, content} with content a string or "
-                                   "a list of {type: image} / {type: text, text} parts")
-    conversation = [{"from": role, "value": "<image>" * text[1] + text[0]} for role, text in parsed]
-    return _llava_sample({**record, "conversations": conversation}, row, where, root, label_key)
 
 def _first(record: dict, keys: tuple[str, ...]) -> Any:
     return next((record[k] for k in keys if record.get(k) not in (None, "", [])), None)
@@ -313,15 +341,18 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
         if len(pair) < 2 or roles[0] not in USER_ROLES or roles[1] not in ASSISTANT_ROLES:
             return Problem(sid, where, f"conversation must alternate human/gpt and end with gpt "
                                        f"(message {i + 1} onwards: {roles})")
+        if "<image>" in pair[1]["value"]:
+            return Problem(sid, where, f"message {i + 2 + (system is not None)} ({pair[1]['from']}) holds an image; "
+                                       "images go in user turns")
         turns.append((pair[0]["value"].replace("<image>", "").strip(), pair[1]["value"].strip()))
         markers.append(pair[0]["value"].count("<image>"))
     if not turns:
         return Problem(sid, where, "empty conversation")
+    if sum(markers) not in (0, len(images)):
+        return Problem(sid, where, f"{len(images)} image(s) but {sum(markers)} <image> markers in the user turns; "
+                                   "put one <image> per image (or none: all images go to the first turn)")
     image_turns = None
     if len(images) > 1:
-        if sum(markers) not in (0, len(images)):
-            return Problem(sid, where, f"{len(images)} images but {sum(markers)} <image> markers in the user turns; "
-                                       "put one <image> per image (or none: all images go to the first turn)")
         image_turns = markers if sum(markers) else [len(images)] + [0] * (len(turns) - 1)
     return Sample(sid, root / images[0], turns, [turns[-1][1]], label=record.get(label_key), system=system,
                   row=row, where=where, extra_images=[root / i for i in images[1:]], image_turns=image_turns)
@@ -334,11 +365,13 @@ def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Prob
         if isinstance(item, Problem):
             problems.append(item)
             continue
-        for path in [item.image_path, *item.extra_images]:
+        files = [p for p in [item.image_path if item.image_source is None else None, *item.extra_images]
+                 if isinstance(p, Path)]  # embedded images are checked when loaded
+        for path in files:
             if path not in seen:
                 seen[path] = _verify_image(path)
-        size, reason = seen[item.image_path]
-        reason = reason or next((seen[p][1] for p in item.extra_images if seen[p][1]), None)
+        size = seen[item.image_path][0] if item.image_source is None else None
+        reason = next((seen[p][1] for p in files if seen[p][1]), None)
         if reason:
             problems.append(Problem(item.id, item.where, reason))
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import re
 import tarfile
 from dataclasses import dataclass
@@ -24,8 +25,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlm_lora.data.formats import DataError, Problem, Sample, record_sample
+from vlm_lora.data.messages import EmbeddedBytes
 
+log = logging.getLogger("vlm_lora")
 SOURCE_FORMATS = ("parquet", "hf_dataset", "webdataset")
+COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+IMAGE_DTYPES = ("binary", "large_binary", "string", "large_string", "null")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 IMAGE_COLUMNS = ("image", "images", "file_name")
 HUB_PREFIX = "hf:"
@@ -52,7 +57,7 @@ class ArrowImage:
             return io.BytesIO(value)
         if isinstance(value, str):
             return self.root / value
-        raise DataError(f"row {self.row}: no image bytes or path")
+        raise DataError(f"row {self.row} of the image column holds no image bytes or path")
 
 
 @dataclass(frozen=True)
@@ -67,16 +72,6 @@ class TarMember:
         with open(self.shard, "rb") as f:
             f.seek(self.offset)
             return io.BytesIO(f.read(self.size))
-
-
-@dataclass(frozen=True)
-class EmbeddedBytes:
-    """Image bytes already read (a streamed tar member)."""
-
-    data: bytes
-
-    def open(self):
-        return io.BytesIO(self.data)
 
 
 # ---------------------------------------------------------------- which source
@@ -103,6 +98,7 @@ def source_format(path: str, format: str = "auto") -> str | None:
         return format if format in SOURCE_FORMATS else None
     if path.startswith(HUB_PREFIX):
         return "hf_dataset"
+    _refuse_compressed([path])
     if ".tar" in path and ("{" in path or path.endswith(".tar")):
         return "webdataset"
     if path.endswith(".parquet"):
@@ -115,13 +111,23 @@ def source_format(path: str, format: str = "auto") -> str | None:
             return "parquet"
         if next(folder.glob("*.tar"), None) is not None:
             return "webdataset"
+        _refuse_compressed([str(p) for p in folder.glob("*.t*")])
     return None
+
+
+def _refuse_compressed(names: list[str]) -> None:
+    """Compressed shards cannot be read by seeking (the map-style index), so they are refused by name."""
+    compressed = [n for n in names if n.lower().endswith(COMPRESSED_TARS)]
+    if compressed:
+        raise DataError(f"{compressed[0]}: compressed tar shards are not read; WebDataset shards must be "
+                        "uncompressed .tar files (decompress each with `gunzip -k`, `xz -dk`, ...)")
 
 
 def shard_paths(pattern: str) -> list[Path]:
     """The tar shards of a brace pattern, a single ``.tar`` or a folder of them; all must exist."""
     folder = Path(pattern)
     shards = sorted(folder.glob("*.tar")) if folder.is_dir() else [Path(p) for p in expand_braces(pattern)]
+    _refuse_compressed([str(s) for s in shards])
     missing = [str(s) for s in shards if not s.is_file()]
     if not shards or missing:
         raise DataError(f"{pattern}: {len(missing)} of {len(shards)} tar shard(s) not found "
@@ -129,18 +135,56 @@ def shard_paths(pattern: str) -> list[Path]:
     return shards
 
 
-def _parquet_files(path: str) -> list[str]:
+def check_shard(shard: Path) -> str | None:
+    """Why a tar shard cannot be streamed (None: it opens, and ends with the end-of-archive block)."""
+    try:
+        size = shard.stat().st_size
+        with open(shard, "rb") as f:
+            magic = f.read(2)
+            f.seek(max(0, size - 512))
+            tail = f.read(512)
+        if magic == b"\x1f\x8b":
+            return "gzip-compressed; WebDataset shards must be uncompressed .tar"
+        with tarfile.open(shard, "r:") as tar:
+            tar.next()
+    except (tarfile.TarError, OSError) as error:
+        return f"not a readable tar file ({error})"
+    if size % 512 or len(tail) < 512 or any(tail):
+        return f"truncated ({size} bytes, no end-of-archive block): the samples after the cut are lost"
+    return None
+
+
+def _parquet_files(path: str, on_bad_sample: str = "error") -> list[str]:
+    """The parquet files of a file, glob or folder; unreadable ones are named (empty ones skipped in skip mode)."""
+    import pyarrow.parquet as pq
+
     folder = Path(path)
     files = sorted(str(p) for p in folder.rglob("*.parquet")) if folder.is_dir() else sorted(glob.glob(path))
     if not files:
         raise DataError(f"{path}: no parquet file matches")
+    bad = {}
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError ... on a file that is not parquet
+            bad[file] = "empty file (0 bytes)" if Path(file).stat().st_size == 0 else f"not a parquet file ({error})"
+    empty = [f for f, reason in bad.items() if reason.startswith("empty")]
+    if bad and (on_bad_sample == "error" or len(empty) < len(bad)):
+        hint = " or set data.on_bad_sample: skip to skip empty files" if len(empty) == len(bad) else ""
+        raise DataError(f"{path}: {len(bad)} unreadable parquet file(s) (remove them from the folder or glob{hint}):"
+                        + "".join(f"\n  - {f}: {reason}" for f, reason in bad.items()))
+    if empty:
+        log.warning("%s: skipped %d empty parquet file(s): %s", path, len(empty), ", ".join(empty))
+    files = [f for f in files if f not in bad]
+    if not files:
+        raise DataError(f"{path}: every parquet file is empty")
     return files
 
 
 # ---------------------------------------------------------------- map-style
 
 def read_source(path: str, fmt: str, split: str, image_root: str | Path | None, prompt: str,
-                label_key: str) -> tuple[list[Sample], list[Problem]]:
+                label_key: str, on_bad_sample: str = "error") -> tuple[list[Sample], list[Problem]]:
     """(samples, problems) of a parquet/HF/tar source; embedded images are read when a sample is loaded."""
     if fmt == "webdataset":
         shards = shard_paths(path)
@@ -150,17 +194,17 @@ def read_source(path: str, fmt: str, split: str, image_root: str | Path | None, 
             for item in iter_shard(shard, root, prompt, label_key, read_images=False):
                 (problems if isinstance(item, Problem) else samples).append(item)
         return samples, problems
-    table, root = _arrow_table(path, fmt, split)
+    table, root = _arrow_table(path, fmt, split, on_bad_sample)
     return _arrow_samples(table, path, Path(image_root) if image_root else root, prompt, label_key)
 
 
-def _arrow_table(path: str, fmt: str, split: str):
+def _arrow_table(path: str, fmt: str, split: str, on_bad_sample: str = "error"):
     """(memory-mapped datasets.Dataset, folder that relative image paths resolve from)."""
     import datasets
 
+    files = _parquet_files(path, on_bad_sample) if fmt == "parquet" else []
     try:
-        if fmt == "parquet":
-            files = _parquet_files(path)
+        if files:
             return datasets.Dataset.from_parquet(files), Path(files[0]).parent
         local = Path(path)
         if local.is_dir():
@@ -181,11 +225,18 @@ def _arrow_samples(table, name: str, root: Path, prompt: str, label_key: str) ->
     import pyarrow.compute as pc
 
     column = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
+    if column is None and "messages" in table.column_names:  # the images are inside the messages
+        return _rows(table, None, name, root, prompt, label_key)
     if column is None:
         raise DataError(f"{name}: no image column (one of {', '.join(IMAGE_COLUMNS)}); columns: "
                         f"{', '.join(table.column_names)}")
     feature = table.features[column]
     inner = getattr(feature, "feature", feature)  # List(x) -> x
+    if not (isinstance(inner, datasets.Image) or isinstance(inner, datasets.Value) and inner.dtype in IMAGE_DTYPES
+            or isinstance(inner, dict) and ("bytes" in inner or "path" in inner)):
+        shown = inner.dtype if isinstance(inner, datasets.Value) else type(inner).__name__
+        raise DataError(f"{name}: column {column!r} holds {shown} values, not images; an image column holds image "
+                        "bytes, {bytes, path} structs (an HF Image feature) or paths (or a list of them per row)")
     is_path = isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
     if is_path:  # plain paths: read with the text, checked like a JSONL's
         texts, images = table, None
@@ -196,16 +247,24 @@ def _arrow_samples(table, name: str, root: Path, prompt: str, label_key: str) ->
         texts, images = table.remove_columns([column]), table.select_columns([column])
         values = table.data.column(column)
         present = pc.invert(values.is_null()).to_pylist()
-        counts = pc.list_value_length(values).to_pylist() if inner is not feature else [1] * len(present)
+        counts = [n if p else 0 for n, p in zip(pc.list_value_length(values).to_pylist(), present)] \
+            if inner is not feature else [int(p) for p in present]
+        images = (images, counts)
+    return _rows(texts, images, name, root, prompt, label_key)
+
+
+def _rows(texts, images: tuple | None, name: str, root: Path, prompt: str, label_key: str):
+    """(samples, problems) of the rows of ``texts``; ``images``: (the image column, images per row), or None
+    when the rows name their images (paths, images inside the messages)."""
     samples, problems = [], []
     for row, record in enumerate(texts):
         where = f"{name} row {row}"
         image = None
         if images is not None:
-            if not present[row] or not counts[row]:
+            if not images[1][row]:
                 problems.append(Problem(row, where, "no image"))
                 continue
-            image = [ArrowImage(images, row, root, i) for i in range(counts[row])]
+            image = [ArrowImage(images[0], row, root, i) for i in range(images[1][row])]
         item = record_sample(record, row, where, root, prompt, label_key, image=image)
         (problems if isinstance(item, Problem) else samples).append(item)
     return samples, problems
@@ -218,11 +277,12 @@ def iter_shard(shard: Path, root: Path, prompt: str, label_key: str,
     """The samples of one tar shard in file order: members ``key.<ext>`` grouped by key.
 
     ``read_images``: the image bytes come with the sample (streaming); else only its offset (an index).
-    A shard that cannot be read is one ``Problem`` naming it (the samples before it are kept).
+    A shard cut short (no end-of-archive block, or data missing) loses the sample at the cut: a ``Problem``
+    naming it (the samples before it are kept); a shard that cannot be read at all is a ``Problem`` naming it.
     """
     key, parts = None, {}
     try:
-        with tarfile.open(shard) as tar:
+        with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -238,11 +298,30 @@ def iter_shard(shard: Path, root: Path, prompt: str, label_key: str,
                     parts[ext] = TarMember(shard, member.offset_data, member.size)
                 else:
                     parts[ext] = tar.extractfile(member).read()
+            end = tar.offset
+        truncated = not _ends_at(shard, end)
+    except tarfile.ReadError as error:
+        truncated = "unexpected end" in str(error) or "truncated" in str(error)
+        if not truncated:
+            yield Problem(str(shard), f"{shard}", f"unreadable tar shard after sample {key!r}: {error}")
+            return
     except (tarfile.TarError, OSError, EOFError) as error:
         yield Problem(str(shard), f"{shard}", f"unreadable tar shard after sample {key!r}: {error}")
         return
-    if key is not None:
+    if truncated:
+        where = f"{shard} sample {key!r}" if key is not None else str(shard)
+        yield Problem(key if key is not None else str(shard), where, "the tar shard is cut short (truncated) in "
+                      "or after this sample: it and any samples after it in the shard are lost")
+    elif key is not None:
         yield _tar_sample(shard, key, parts, root, prompt, label_key)
+
+
+def _ends_at(shard: Path, offset: int) -> bool:
+    """Whether the tar ``shard`` holds its end-of-archive block (a zero block) at ``offset``."""
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        block = f.read(512)
+    return len(block) == 512 and not any(block)
 
 
 def _tar_sample(shard: Path, key: str, parts: dict, root: Path, prompt: str, label_key: str) -> Sample | Problem:
