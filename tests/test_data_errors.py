@@ -76,12 +76,18 @@ def test_empty_parquet_file_is_named_or_skipped(tmp_path, caplog, as_glob):
     (folder / "c.parquet").write_bytes(b"not parquet at all")  # rows lost: refused in skip mode too
     with pytest.raises(DataError, match=r"c\.parquet: not a parquet file"):
         load_dataset(path, on_bad_sample="skip")
+    (folder / "c.parquet").unlink()
+    write_parquet(folder / "d.parquet", {"image": [{"bytes": png_bytes(), "path": None}], "text": ["z"]})
+    with pytest.raises(DataError, match=r"different columns: .*a\.parquet has image, caption; .*d\.parquet has image, text"):
+        load_dataset(path, on_bad_sample="skip")
 
 
 def test_int_image_column_names_the_file_and_column(tmp_path):
     path = write_parquet(tmp_path / "ids.parquet", {"image": [1, 2], "caption": ["x", "y"]}, image_feature=False)
     with pytest.raises(DataError, match=r"ids\.parquet: column 'image' holds int64 values, not images"):
         load_dataset(path)
+    with pytest.raises(DataError, match=r"line 1: 'image' must be a path \(or a list of paths\), not int"):
+        load_dataset(write_jsonl(tmp_path / "ids.jsonl", [{"image": 7, "caption": "x"}]))
 
 
 def test_compressed_or_binary_files_are_refused_by_name(tmp_path):

@@ -303,6 +303,8 @@ def _caption_sample(record: Any, row: int, where: str, root: Path, prompt: str, 
     label = record.get(label_key)
     if isinstance(captions, str):
         captions = [captions]
+    if image is not None and not all(isinstance(i, str) for i in images):
+        return Problem(row, where, f"'image' must be a path (or a list of paths), not {type(image).__name__}")
     if not images or not all(isinstance(i, str) for i in images) or (captions is None and label is None):
         return Problem(row, where, "needs 'image' and 'caption' (or 'captions') keys "
                                    "('file_name' and 'text' in an imagefolder)")

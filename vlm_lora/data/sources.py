@@ -162,10 +162,10 @@ def _parquet_files(path: str, on_bad_sample: str = "error") -> list[str]:
     files = sorted(str(p) for p in folder.rglob("*.parquet")) if folder.is_dir() else sorted(glob.glob(path))
     if not files:
         raise DataError(f"{path}: no parquet file matches")
-    bad = {}
+    bad, columns = {}, {}
     for file in files:
         try:
-            pq.read_metadata(file)
+            columns[file] = pq.read_schema(file).names
         except Exception as error:  # pyarrow raises ArrowInvalid, OSError ... on a file that is not parquet
             bad[file] = "empty file (0 bytes)" if Path(file).stat().st_size == 0 else f"not a parquet file ({error})"
     empty = [f for f, reason in bad.items() if reason.startswith("empty")]
@@ -178,6 +178,10 @@ def _parquet_files(path: str, on_bad_sample: str = "error") -> list[str]:
     files = [f for f in files if f not in bad]
     if not files:
         raise DataError(f"{path}: every parquet file is empty")
+    other = [f for f in files if sorted(columns[f]) != sorted(columns[files[0]])]
+    if other:
+        raise DataError(f"{path}: the parquet files have different columns: {files[0]} has "
+                        f"{', '.join(columns[files[0]])}; " + "; ".join(f"{f} has {', '.join(columns[f])}" for f in other))
     return files
 
 
@@ -211,8 +215,8 @@ def _arrow_table(path: str, fmt: str, split: str, on_bad_sample: str = "error"):
             loaded, root = datasets.load_from_disk(str(local)), local
         else:
             loaded, root = datasets.load_dataset(path.removeprefix(HUB_PREFIX), split=split), Path.cwd()
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise DataError(f"{path}: cannot open as {fmt}: {error}") from None
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
+        raise DataError(f"{path}: cannot open as {fmt}: {error.__cause__ or error}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r} (data.split); splits: {', '.join(loaded)}")
