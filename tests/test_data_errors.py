@@ -154,7 +154,7 @@ def test_two_image_markers_with_one_image_name_the_row(tmp_path):
         load_dataset(path)
 
 
-def test_images_inside_messages_are_read(tmp_path):
+def test_images_inside_messages_are_read(tmp_path, monkeypatch):
     red, blue = png_bytes("red"), png_bytes("blue", (24, 16))
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "red.png").write_bytes(red)
@@ -178,6 +178,11 @@ def test_images_inside_messages_are_read(tmp_path):
     assert sizes(data[2]) == [(16, 16)]
     assert sizes(data[3]) == [(16, 16), (24, 16), (24, 16)] and data.examples[3].image_turns == [3]
     assert data[3][0][2].getpixel((0, 0)) == (0, 0, 255)  # the data: URI's blue image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8 * 8)  # inline bytes are checked like image files
+    inline = [{"messages": [user({"type": "image", "image": uri}, text("What?")), answer("Blue.")]}]
+    with pytest.raises(DataError, match=r"line 1: cannot read image \(inline\): Image size \(384 pixels\) exceeds"):
+        load_dataset(write_jsonl(tmp_path / "inline.jsonl", inline))
+    monkeypatch.undo()
 
     embedded = [{"messages": [user({"type": "image", "image": {"bytes": blue, "path": None}}, text("What?")),
                               answer("Blue.")]}]

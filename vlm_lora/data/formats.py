@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from vlm_lora.data.messages import chat_conversation, resolve_image
+from vlm_lora.data.messages import EmbeddedBytes, chat_conversation, message_images
 
 FORMATS = ("caption_jsonl", "caption_csv", "llava_json", "imagefolder")
 DEFAULT_PROMPT = "Describe the image."
@@ -260,7 +260,7 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
         conversation, inline = parsed
         record = {**record, "conversations": conversation}
         if any(value is not None for value in inline):
-            images = _message_images(inline, images, record.get("image"), root)
+            images = message_images(inline, images, record.get("image"), root)
             if isinstance(images, str):
                 return Problem(row, where, images)
     if images is not None:
@@ -274,20 +274,6 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
         sample.image_path, sample.image_source = (first, None) if isinstance(first, Path) else (Path(where), first)
         sample.extra_images = images[1:]
     return sample
-
-
-def _message_images(inline: list, given: list | None, row_value: Any, root: Path) -> list | str:
-    """The images of a chat row's markers in order: the messages' own, the others taken from the row's
-    (``given`` sources, else the row's ``image``/``images`` value), or why they do not add up."""
-    row_level = given if given is not None else [] if row_value is None else \
-        row_value if isinstance(row_value, list) else [row_value]
-    empty = sum(value is None for value in inline)
-    if empty != len(row_level):
-        return f"{len(row_level)} row-level image(s) but {empty} image part(s) without an image of their own"
-    rest = iter(row_level)
-    images = [resolve_image(next(rest) if value is None else value, root) for value in inline]
-    bad = next((i for i in images if isinstance(i, str)), None)
-    return bad or images
 
 
 def _first(record: dict, keys: tuple[str, ...]) -> Any:
@@ -367,12 +353,13 @@ def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Prob
         if isinstance(item, Problem):
             problems.append(item)
             continue
-        files = [p for p in [item.image_path if item.image_source is None else None, *item.extra_images]
-                 if isinstance(p, Path)]  # embedded images are checked when loaded
+        first = item.image_path if item.image_source is None else item.image_source
+        files = [p for p in [first, *item.extra_images]  # images in parquet, HF or shards are checked when loaded
+                 if isinstance(p, (Path, EmbeddedBytes))]
         for path in files:
             if path not in seen:
                 seen[path] = _verify_image(path)
-        size = seen[item.image_path][0] if item.image_source is None else None
+        size = seen[first][0] if first in seen else None
         reason = next((seen[p][1] for p in files if seen[p][1]), None)
         if reason:
             problems.append(Problem(item.id, item.where, reason))
@@ -382,14 +369,14 @@ def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Prob
     return samples, problems
 
 
-def _verify_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """((width, height), None) for an image PIL can read, else (None, why)."""
-    if not path.is_file():
+def _verify_image(path: Path | EmbeddedBytes) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), None) for an image PIL can read (a file or inline bytes), else (None, why)."""
+    if isinstance(path, Path) and not path.is_file():
         return None, f"image not found: {path}"
     try:
-        with Image.open(path) as image:
+        with Image.open(path if isinstance(path, Path) else path.open()) as image:
             size = image.size
             image.verify()
         return size, None
     except Exception as error:  # PIL raises many kinds on bad files
-        return None, f"cannot read image {path}: {error}"
+        return None, f"cannot read image {path if isinstance(path, Path) else '(inline)'}: {error}"

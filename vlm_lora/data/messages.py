@@ -12,7 +12,8 @@ The HF ecosystem puts a row's images in three places, all read here:
 
 ``chat_conversation`` turns the messages into LLaVA ``{"from", "value"}`` messages with one ``<image>``
 marker per image and the list of images the markers refer to (``None``: the next row-level image);
-``resolve_image`` makes an image value a path or an ``EmbeddedBytes`` the data set reads lazily.
+``message_images`` puts the row-level images in the empty markers' places and ``resolve_image`` makes each
+image value a path or an ``EmbeddedBytes``.
 """
 
 from __future__ import annotations
@@ -118,3 +119,17 @@ def resolve_image(value: Any, root: Path) -> Path | EmbeddedBytes | str:
     if value.startswith(("http://", "https://")):
         return f"image URLs are not downloaded ({value[:60]}); download the images and give their paths"
     return root / value.removeprefix("file://")
+
+
+def message_images(inline: list, given: list | None, row_value: Any, root: Path) -> list | str:
+    """The images of a chat row's markers in order: the messages' own, the others taken from the row's
+    (``given`` sources, else the row's ``image``/``images`` value), or why they do not add up."""
+    row_level = given if given is not None else [] if row_value is None else \
+        row_value if isinstance(row_value, list) else [row_value]
+    empty = sum(value is None for value in inline)
+    if empty != len(row_level):
+        return f"{len(row_level)} row-level image(s) but {empty} image part(s) without an image of their own"
+    rest = iter(row_level)
+    images = [resolve_image(next(rest) if value is None else value, root) for value in inline]
+    bad = next((i for i in images if isinstance(i, str)), None)
+    return bad or images
