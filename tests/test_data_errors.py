@@ -232,3 +232,28 @@ def test_streamed_shards_are_checked_at_start(tmp_path, caplog):
     assert isinstance(stream, ShardStream) and "s-1.tar" in caplog.text and "s-2.tar" in caplog.text
     with pytest.raises(DataError, match=r"1 of 2 tar shard\(s\) not found \(first: .*s-9\.tar\)"):
         load_dataset(str(folder / "s-{0,9}.tar"))
+
+
+class Ids:
+    """A collate that returns the sample ids (a batch dict) and drops nothing itself."""
+
+    skipped: list = []
+
+    def __call__(self, items):
+        return {"ids": [example.id for _, example in items]}
+
+
+def test_truncated_streamed_shard_counts_each_lost_sample_once(tmp_path):
+    from vlm_lora.data.loader import TrainLoader
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(folder / "s-0.tar", 3)
+    full = write_shard(folder / "s-1.tar", 3)
+    (folder / "s-1.tar").write_bytes(full[:full.index(b"001.png") + 512 + 100])  # cut inside sample 001's image
+    loader = TrainLoader(load_dataset(str(folder / "s-{0..1}.tar"), on_bad_sample="skip"), Ids(), batch_size=2,
+                         seed=0, num_workers=0)
+    loader.start(0)
+    batches, _ = loader.next(6, "cpu")  # 4 good samples an epoch: three epochs
+    assert sorted(i for b in batches for i in b["ids"]) == ["000"] * 6 + ["001"] * 3 + ["002"] * 3
+    assert [(p.id, p.where.split("/")[-1]) for p in loader.skipped] == [("001", "s-1.tar sample '001'")]

@@ -11,7 +11,7 @@
   own samples. Resume skips each worker's consumed batches (same ranks and workers), or says it restarts.
 
 Bad samples met in a worker come back with the batch (``LoadedBatch.problems``) and are counted in
-``TrainLoader.skipped``; a ``DataError`` in a worker comes back as text and is raised in the main process.
+``TrainLoader.skipped`` (each bad sample once); a ``DataError`` in a worker comes back as text and is raised in the main process.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class TrainLoader:
         self.stream = None if self.streaming else BatchStream(len(dataset), batch_size, seed, lengths=lengths,
                                                               group=group)
         self.per_epoch = None if self.streaming else self.stream.per_epoch
-        self.position, self.skipped, self._batches = 0, [], None
+        self.position, self.skipped, self._batches, self._counted = 0, [], None, set()
         self._waited = 0.0  # seconds the loop spent blocked on the loader since ``waited()`` was last read
 
     def total_steps(self, epochs: int, per_step: int, max_steps: int | None) -> int:
@@ -294,8 +294,10 @@ class TrainLoader:
             self._waited += time.perf_counter() - start
             if loaded.error:
                 raise DataError(loaded.error)
-            if loaded.problems:
-                self.skipped += loaded.problems
+            for problem in loaded.problems:  # a sample met again in a later epoch is counted once
+                if (key := (str(problem.id), problem.where, problem.reason)) not in self._counted:
+                    self._counted.add(key)
+                    self.skipped.append(problem)
             out.append({k: v.to(device, non_blocking=self.pin_memory) if torch.is_tensor(v) else v
                         for k, v in loaded.batch.items()})
             samples += loaded.samples
