@@ -185,7 +185,7 @@ def test_images_inside_messages_are_read(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     embedded = [{"messages": [user({"type": "image", "image": {"bytes": blue, "path": None}}, text("What?")),
-                              answer("Blue.")]}]
+                              answer("Blue.")], "images": []}]  # an empty row-level column beside inline images
     import datasets
     datasets.Dataset.from_list(embedded).to_parquet(str(tmp_path / "m.parquet"))
     parquet = load_dataset(tmp_path / "m.parquet")
