@@ -11,7 +11,8 @@
   own samples. Resume skips each worker's consumed batches (same ranks and workers), or says it restarts.
 
 Bad samples met in a worker come back with the batch (``LoadedBatch.problems``) and are counted in
-``TrainLoader.skipped`` (each bad sample once); a ``DataError`` in a worker comes back as text and is raised in the main process.
+``TrainLoader.skipped`` (each bad sample once, however many epochs meet it); a ``DataError`` in a worker comes
+back as text and is raised in the main process.
 """
 
 from __future__ import annotations

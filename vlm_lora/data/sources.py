@@ -111,7 +111,8 @@ def source_format(path: str, format: str = "auto") -> str | None:
             return "parquet"
         if next(folder.glob("*.tar"), None) is not None:
             return "webdataset"
-        _refuse_compressed([str(p) for p in folder.glob("*.t*")])
+        if not any((folder / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):  # not an imagefolder
+            _refuse_compressed([str(p) for p in folder.glob("*.t*")])
     return None
 
 
@@ -180,8 +181,8 @@ def _parquet_files(path: str, on_bad_sample: str = "error") -> list[str]:
         raise DataError(f"{path}: every parquet file is empty")
     other = [f for f in files if sorted(columns[f]) != sorted(columns[files[0]])]
     if other:
-        raise DataError(f"{path}: the parquet files have different columns: {files[0]} has "
-                        f"{', '.join(columns[files[0]])}; " + "; ".join(f"{f} has {', '.join(columns[f])}" for f in other))
+        has = [f"{f} has {', '.join(columns[f])}" for f in [files[0], *other]]
+        raise DataError(f"{path}: the parquet files have different columns: " + "; ".join(has))
     return files
 
 
@@ -304,14 +305,11 @@ def iter_shard(shard: Path, root: Path, prompt: str, label_key: str,
                     parts[ext] = tar.extractfile(member).read()
             end = tar.offset
         truncated = not _ends_at(shard, end)
-    except tarfile.ReadError as error:
-        truncated = "unexpected end" in str(error) or "truncated" in str(error)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        truncated = isinstance(error, tarfile.ReadError) and any(w in str(error) for w in ("unexpected end", "truncated"))
         if not truncated:
             yield Problem(str(shard), f"{shard}", f"unreadable tar shard after sample {key!r}: {error}")
             return
-    except (tarfile.TarError, OSError, EOFError) as error:
-        yield Problem(str(shard), f"{shard}", f"unreadable tar shard after sample {key!r}: {error}")
-        return
     if truncated:
         where = f"{shard} sample {key!r}" if key is not None else str(shard)
         yield Problem(key if key is not None else str(shard), where, "the tar shard is cut short (truncated) in "
