@@ -31,6 +31,7 @@ log = logging.getLogger("vlm_lora")
 SOURCE_FORMATS = ("parquet", "hf_dataset", "webdataset")
 COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 IMAGE_DTYPES = ("binary", "large_binary", "string", "large_string", "null")
+TRUNCATED = ("unexpected end", "truncated")  # tarfile's ReadError messages for a file cut short
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 IMAGE_COLUMNS = ("image", "images", "file_name")
 HUB_PREFIX = "hf:"
@@ -306,7 +307,7 @@ def iter_shard(shard: Path, root: Path, prompt: str, label_key: str,
             end = tar.offset
         truncated = not _ends_at(shard, end)
     except (tarfile.TarError, OSError, EOFError) as error:
-        truncated = isinstance(error, tarfile.ReadError) and any(w in str(error) for w in ("unexpected end", "truncated"))
+        truncated = isinstance(error, tarfile.ReadError) and any(w in str(error) for w in TRUNCATED)
         if not truncated:
             yield Problem(str(shard), f"{shard}", f"unreadable tar shard after sample {key!r}: {error}")
             return
