@@ -152,6 +152,11 @@ def test_two_image_markers_with_one_image_name_the_row(tmp_path):
     path.write_text(json.dumps(rows))
     with pytest.raises(DataError, match=r"item 1 \(id 'twice'\): 1 image\(s\) but 2 <image> markers"):
         load_dataset(path)
+    rows.append({**rows[0], "id": "once", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                            {"from": "gpt", "value": "A square."}]})
+    path.write_text(json.dumps(rows))
+    data = load_dataset(path, on_bad_sample="skip")
+    assert [e.id for e in data.examples] == ["once"] and [p.id for p in data.skipped] == ["twice"]
 
 
 def test_images_inside_messages_are_read(tmp_path, monkeypatch):
