@@ -189,9 +189,10 @@ def test_images_inside_messages_are_read(tmp_path, monkeypatch):
         load_dataset(write_jsonl(tmp_path / "inline.jsonl", inline))
     monkeypatch.undo()
 
+    import datasets
+
     embedded = [{"messages": [user({"type": "image", "image": {"bytes": blue, "path": None}}, text("What?")),
                               answer("Blue.")], "images": []}]  # an empty row-level column beside inline images
-    import datasets
     datasets.Dataset.from_list(embedded).to_parquet(str(tmp_path / "m.parquet"))
     parquet = load_dataset(tmp_path / "m.parquet")
     assert sizes(parquet[0]) == [(24, 16)] and parquet.examples[0].turns == [("What?", "Blue.")]
@@ -208,7 +209,7 @@ def test_images_inside_messages_are_read(tmp_path, monkeypatch):
 
 def test_truncated_shard_names_the_sample_at_the_cut(tmp_path):
     full = write_shard(tmp_path / "full.tar", 6)
-    boundary = full.index(b"003.png") - 0  # the header of sample 3: a cut here lost its tail silently before
+    boundary = full.index(b"003.png")  # the header of sample 3: a cut here lost its tail silently before
     for cut, lost in ((boundary, "002"), (boundary + 512 + 100, "003")):
         (tmp_path / "cut.tar").write_bytes(full[:cut])
         with pytest.raises(DataError, match=rf"cut\.tar sample '{lost}': the tar shard is cut short \(truncated\)"):
