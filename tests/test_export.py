@@ -84,11 +84,12 @@ def test_vision_and_lm_adapter_for_sglang_folds_rslora_and_merges_the_tower(tmp_
     assert "--lora-paths both=" in (tmp_path / "out" / "serve.sh").read_text()
 
 
-def test_vllm_keeps_tower_lora_when_asked(tmp_path):
+def test_vllm_keeps_tower_lora_when_asked_and_merges_lm_head_lora(tmp_path):
     ours, batch = _adapter(ASSET_MODEL, tmp_path / "both", "both", vision_encoder={"rank": 16},
-                           connector={"mode": "frozen"})
+                           connector={"mode": "frozen"}, lm_head={"mode": "lora", "rank": 4})
+    assert any("lm_head" in p for p in check_adapter(tmp_path / "both", "vllm"))
     report = export(str(ASSET_MODEL), [tmp_path / "both"], tmp_path / "out", "vllm", keep_tower=True)
-    assert report["adapters"]["both"]["merged"] == {}
+    assert list(report["adapters"]["both"]["merged"].values()) == [["lm_head"]]
     torch.testing.assert_close(_served_logits(tmp_path / "out", batch), ours, atol=1e-4, rtol=0)
     assert "--enable-tower-connector-lora" in report["command"] and "--max-lora-rank 16" in report["command"]
     assert check_adapter(tmp_path / "out" / "adapter", "vllm", None, 16, keep_tower=True) == []
@@ -103,18 +104,30 @@ def test_dora_adapter_is_merged_whole(tmp_path):
     torch.testing.assert_close(_served_logits(tmp_path / "out", batch, adapter=None), ours, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family,strategy,served", [("qwen2_5_vl", "both", True), ("mllama", "cross_attention", False)])
-def test_family_exports(tmp_path, family, strategy, served):
+def test_pissa_adapter_serves_over_the_original_base(tmp_path):
+    ours, batch = _adapter(ASSET_MODEL, tmp_path / "pissa", language_decoder={"rank": 4, "init": "pissa"})
+    export(str(ASSET_MODEL), [tmp_path / "pissa"], tmp_path / "out", "vllm")
+    assert _config(tmp_path / "out" / "adapter")["r"] == 8  # the rank-2r plain LoRA of the original base
+    torch.testing.assert_close(_served_logits(tmp_path / "out", batch), ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family,strategy,served,keep", [("qwen2_5_vl", "both", True, False),
+                                                         ("qwen2_5_vl", "vision_only", True, True),
+                                                         ("mllama", "cross_attention", False, False)])
+def test_family_exports(tmp_path, family, strategy, served, keep):
     from vlm_lora.architectures.tiny_processors import save_tiny_family
 
     base = save_tiny_family(family, tmp_path / "base")
     ours, batch = _adapter(base, tmp_path / "a", strategy)
-    report = export(str(base), [tmp_path / "a"], tmp_path / "out", "vllm")
+    report = export(str(base), [tmp_path / "a"], tmp_path / "out", "vllm", keep_tower=keep)
     assert (tmp_path / "out" / "adapter").exists() == served
     torch.testing.assert_close(_served_logits(tmp_path / "out", batch, "adapter" if served else None), ours,
                                atol=1e-4, rtol=0)
     if served:
-        assert check_adapter(tmp_path / "out" / "adapter", "vllm", load_model_and_processor(str(base))[0]) == []
+        base_model = load_model_and_processor(str(base))[0]
+        rank = report["adapters"]["a"]["rank"]  # Qwen's fused qkv: q and v slices of rank 32 are one rank-64 pair
+        assert check_adapter(tmp_path / "out" / "adapter", "vllm", base_model, rank, keep) == []
+        assert any(".visual." in t for t in _config(tmp_path / "out" / "adapter")["target_modules"]) == keep
     else:
         assert any("no LoRA for mllama" in why for why in report["adapters"]["a"]["merged"])
 

@@ -231,12 +231,20 @@ def _write_serve_script(out_dir: Path, rules: EngineRules, adapters: dict[str, d
     return script
 
 
+GENERIC_FOLDERS = ("adapter", "adapter_last")  # what finetune writes; the run folder above names the adapter
+
+
 def adapter_names(adapter_dirs: list[Path]) -> list[str]:
-    """Serving names from the folder names (characters other than letters, digits, ``_.-`` become ``-``),
-    made unique with a ``-2``, ``-3`` ... suffix."""
+    """Serving names from the folder names (``runs/quickstart/adapter`` -> ``quickstart``, ``adapter_last``
+    -> ``quickstart-last``; characters other than letters, digits, ``_.-`` become ``-``), made unique with
+    a ``-2``, ``-3`` ... suffix."""
     names: list[str] = []
     for adapter_dir in adapter_dirs:
-        name = re.sub(r"[^A-Za-z0-9_.-]", "-", adapter_dir.resolve().name) or "adapter"
+        folder = adapter_dir.resolve()
+        name = folder.name
+        if name in GENERIC_FOLDERS and folder.parent.name:
+            name = folder.parent.name + ("-last" if name == "adapter_last" else "")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", name) or "adapter"
         unique, i = name, 2
         while unique in names:
             unique, i = f"{name}-{i}", i + 1
