@@ -110,7 +110,7 @@ def split_for_engine(model: nn.Module, adapter_dir: str | Path, rules: EngineRul
     split = EngineSplit()
     for name, part in adapter_deltas(model, adapter_dir).items():
         if part.full:
-            reason = f"trained in full (modules_to_save): {rules.title} accepts modules_to_save None only"
+            reason = f"trained in full (modules_to_save): {rules.title} loads LoRA pairs only"
         else:
             reason = _merge_reason(part.target, modules.get(part.target), arch, config, rules, keep_tower)
         if reason is None:
@@ -120,7 +120,10 @@ def split_for_engine(model: nn.Module, adapter_dir: str | Path, rules: EngineRul
             split.served[part.target] = ServedPair(lora_a.float(), lora_b.float(), scaling)
         else:
             split.merged[name] = part
-            split.reasons.setdefault(reason, []).append(part.target or name)
+            names = split.reasons.setdefault(reason, [])
+            module = part.target or name.rsplit(".", 1)[0]  # a fully-trained weight and bias: one module
+            if module not in names:
+                names.append(module)
     return split
 
 
