@@ -3,10 +3,12 @@ the exported adapter passes the engine's rules, several adapters share a base on
 merged folders are complete (plain transformers generates the adapter model's text)."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import vlm_lora
 from conftest import ASSET_MODEL, randomize_adapters
@@ -60,6 +62,12 @@ def test_quickstart_adapter_exports_for_vllm(tmp_path):
     assert all(t.startswith("model.language_model.layers.") for t in config["target_modules"])
     base_model = load_model_and_processor(str(tmp_path / "out" / "base"))[0]
     assert check_adapter(tmp_path / "out" / "adapter", "vllm", base_model) == []
+    # vLLM's own module names (what its hf_to_vllm_mapper makes of ours) pass too
+    shutil.copytree(tmp_path / "out" / "adapter", tmp_path / "vllm_names")
+    weights = tmp_path / "vllm_names" / "adapter_model.safetensors"
+    save_file({k.replace(".model.language_model.", ".language_model.model."): v for k, v in load_file(weights).items()},
+              weights)
+    assert check_adapter(tmp_path / "vllm_names", "vllm", base_model) == []
     merged = report["adapters"]["quick"]["merged"]
     assert len(merged) == 1 and "modules_to_save" in next(iter(merged))
     assert report["adapters"]["quick"]["max_logit_diff"] < 1e-4
@@ -149,8 +157,6 @@ def test_several_adapters_share_a_base_only_with_equal_merged_parts(tmp_path):
 
 
 def test_check_cli_lists_one_line_per_problem(tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
-
     _adapter(ASSET_MODEL, tmp_path / "a", language_decoder={"rank": 32})
     # the names an adapter of the text-only CausalLM has: vLLM would serve base-model output
     state = load_file(tmp_path / "a" / "adapter_model.safetensors")

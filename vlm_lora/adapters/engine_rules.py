@@ -139,11 +139,12 @@ def _targets(state_keys: list[str]) -> tuple[dict[str, str], list[str], list[str
     return pairs, plain, magnitudes
 
 
-def _known_module(target: str, modules: set[str], prefixes: dict[str, str]) -> bool:
-    """``target`` is a module of the base, or the engine's name of one (its prefix mapped back)."""
-    if target in modules:
-        return True
-    return any(target.startswith(ours) and theirs + target[len(ours):] in modules for theirs, ours in prefixes.items())
+def hf_name(target: str, prefixes: dict[str, str]) -> str:
+    """The transformers name of a module the engine names ``target`` (its prefix mapped back), or ``target``."""
+    for hf, engine in prefixes.items():
+        if target.startswith(engine):
+            return hf + target[len(engine):]
+    return target
 
 
 def check_adapter(adapter_dir: str | Path, engine: str, base: nn.Module | None = None,
@@ -164,10 +165,13 @@ def check_adapter(adapter_dir: str | Path, engine: str, base: nn.Module | None =
         return [f"{WEIGHTS_NAME} is missing ({rules.title} reads adapter weights from it)"]
     with safe_open(str(weights), framework="pt") as f:
         keys = list(f.keys())
-        ranks = {t: f.get_slice(k).get_shape()[0] for t, k in _targets(keys)[0].items()}
+        ranks = {k: f.get_slice(k).get_shape()[0] for k in _targets(keys)[0].values()}
     pairs, plain, magnitudes = _targets(keys)
     arch = detect_architecture(base) if base is not None else None
     family = arch.name if arch is not None else None
+    modules = {name for name, _ in base.named_modules()} if base is not None else set()
+    # names the engine uses itself are checked under their transformers name
+    pairs = {(t if t in modules else hf_name(t, rules.prefixes.get(family, {}))): k for t, k in pairs.items()}
     problems = []
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save is {config['modules_to_save']}: {rules.title} accepts None only; "
@@ -219,11 +223,10 @@ def check_adapter(adapter_dir: str | Path, engine: str, base: nn.Module | None =
         problems.append(f"{len(other)} modules outside the language model (e.g. {other[0]}, "
                         f"{component_of(other[0], arch)}): {rules.title} serves the language model's linears only")
     if base is not None:
-        modules = {name for name, _ in base.named_modules()}
-        unknown = sorted(t for t in pairs if not _known_module(t, modules, rules.prefixes.get(family, {})))
+        unknown = sorted(t for t in pairs if t not in modules)
         if unknown:
-            problems.append(f"{len(unknown)} module names match nothing in the base (e.g. {unknown[0]}): the "
-                            f"engine would silently serve base-model output for them")
+            problems.append(f"{len(unknown)} module names match nothing in the base (e.g. {unknown[0]}): "
+                            f"{rules.title} would silently serve base-model output for them")
     if not pairs:
         problems.append(f"no LoRA pairs in {WEIGHTS_NAME}: nothing to serve")
     return problems

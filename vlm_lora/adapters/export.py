@@ -268,6 +268,8 @@ def export(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, engin
     if engine not in ENGINES_AND_TRANSFORMERS:
         raise AdapterError(f"--for must be one of {', '.join(ENGINES_AND_TRANSFORMERS)}, got {engine!r}")
     if engine == "transformers":
+        if keep_tower:
+            raise AdapterError("--keep-tower-lora applies to --for vllm: a transformers export merges everything")
         if len(adapter_dirs) > 1:
             raise AdapterError(f"{len(adapter_dirs)} adapters cannot all be merged into one transformers model "
                                f"as they are; combine them with `vlm-lora merge --method ... --as model`")

@@ -75,7 +75,8 @@ def write_complete_folder(model: nn.Module, processor, base: str | None, out_dir
     ``missing_parts``, also logged as a warning).
     """
     out_dir = Path(out_dir)
-    model.config.architectures = [type(model).__name__]
+    if getattr(model, "config", None) is not None:
+        model.config.architectures = [type(model).__name__]
     model.save_pretrained(out_dir)
     generation = getattr(model, "generation_config", None)
     if not (out_dir / "generation_config.json").exists():
