@@ -196,3 +196,24 @@ def test_transformers_export_is_complete_and_generates_the_adapter_text(tmp_path
         theirs = merged.generate(**batch, **settings)
         ours = model.generate(**batch, **settings)
     assert torch.equal(theirs, ours) and theirs.shape[1] > batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3"])
+def test_complete_folder_keeps_processor_settings_and_the_base_files(tmp_path, family):
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from vlm_lora.adapters.folder import write_complete_folder
+    from vlm_lora.architectures.tiny_processors import save_tiny_family
+
+    base = save_tiny_family(family, tmp_path / "base")
+    (base / "tokenizer.model").write_bytes(b"a sentencepiece model the processor does not write")
+    model, processor = load_model_and_processor(str(base))
+    report = write_complete_folder(model, processor, str(base), tmp_path / "out")
+    assert report["copied"] == ["tokenizer.model"] and report["missing"] == []
+    loaded = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
+    assert loaded.chat_template == processor.chat_template
+    # the flat file that readers before transformers 5 use gives the same settings
+    flat = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert flat["size"] == processor.image_processor.to_dict()["size"]
+    assert type(AutoImageProcessor.from_pretrained(tmp_path / "out")) is type(processor.image_processor)
