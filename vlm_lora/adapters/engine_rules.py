@@ -16,10 +16,14 @@ Module names. vLLM strips ``base_model.model.`` from a LoRA tensor's name and pa
 model's ``hf_to_vllm_mapper``, the same map that loads the base checkpoint. The transformers-5 names
 (``model.language_model.layers.0.self_attn.q_proj``) that our exported base and adapter both carry are
 therefore mapped to vLLM's own (``language_model.model.layers.0.self_attn.q_proj`` for LLaVA and Qwen-VL).
-Adapters whose names are vLLM's own pass through the mapper unchanged, so they also load; anything else
+A vLLM that lacks the map for these names could not load the exported base either, which carries the
+same names, so the two always agree. Adapters whose names are vLLM's own pass through the mapper
+unchanged, so they also load; anything else
 (``model.layers.0...`` from an adapter trained on the text-only CausalLM) matches no module and is served
 as the base model (vLLM issues 34186, 39369). ``VLLM_PREFIXES`` lists the map per family; ``check_adapter``
-accepts a name if it is a module of the base or if it is the vLLM name of one.
+accepts a name if it is a module of the base or if it is the vLLM name of one. SGLang files a LoRA tensor
+under the decoder layer its ``layers.N.`` names and its leaf name (``q_proj``), whatever the prefix; a
+vision tower's ``layers.N.`` would land on decoder layer N, one more reason to merge all tower LoRA for it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ _LLAVA_NAMES = {"model.language_model.": "language_model.model.", "model.vision_
 _QWEN_NAMES = {"model.language_model.": "language_model.model.", "model.visual.": "visual.",
                "lm_head.": "language_model.lm_head."}
 # registry family -> transformers-5 prefix -> vLLM's module prefix (its hf_to_vllm_mapper, read from vLLM's
-# models/*.py); {} where vLLM's names are transformers' (Idefics3: model.text_model, model.vision_model)
+# models/*.py); {} where vLLM's names are transformers' (Idefics3: model.text_model, model.vision_model).
+# InternVL's entry assumes the LLaVA layout of transformers' InternVLForConditionalGeneration (not read from vLLM)
 VLLM_PREFIXES = {"llava": _LLAVA_NAMES, "gemma3": _LLAVA_NAMES, "paligemma": _LLAVA_NAMES, "internvl": _LLAVA_NAMES,
                  "qwen2_vl": _QWEN_NAMES, "qwen2_5_vl": _QWEN_NAMES, "qwen3_vl": _QWEN_NAMES,
                  "qwen3_vl_moe": _QWEN_NAMES, "idefics3": {},
