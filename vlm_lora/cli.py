@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from vlm_lora.adapters.export_cli import add_export_parser
 from vlm_lora.eval.cli import add_eval_parsers
 
 log = logging.getLogger("vlm_lora")
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge 4-bit-trained with 16-bit-trained adapters (into the 16-bit base)")
     p.set_defaults(func=cmd_merge)
 
+    add_export_parser(sub)
     add_eval_parsers(sub)
     return parser
 

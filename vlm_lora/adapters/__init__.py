@@ -3,7 +3,9 @@
 Owns ``peft_format`` (``save_adapter``, ``load_adapter``, the base fingerprint that refuses a
 wrong base), ``merge`` (fold adapters into the base, export a plain transformers model; combine
 several), ``arithmetic`` (merge methods on dense deltas, SVD / QR re-factoring) and ``multi``
-(switch, sum, disable, delete adapters; a different adapter per batch row).
+(switch, sum, disable, delete adapters; a different adapter per batch row), ``export`` (a merged base
++ plain LoRA adapters + serve.sh for vLLM / SGLang), ``engine_rules`` (what each engine serves;
+``check_adapter``) and ``folder`` (complete model folders: processor, tokenizer, chat template).
 May import lora, architectures, planner, modeling, quantize and data (prompts for the merge
 probe); never eval or train.
 """

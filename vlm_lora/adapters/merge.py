@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlm_lora.adapters.arithmetic import LINEAR_METHODS, METHODS, cat_factors, merge_deltas, qr_svd_factors, svd_factors
+from vlm_lora.adapters.folder import write_complete_folder
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
                                            read_meta, weight_config)
@@ -84,9 +85,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     from vlm_lora.modeling import DTYPES
 
     model = model.to(DTYPES[dtype])
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    write_complete_folder(model, processor, base, Path(out_dir))
     return {"merged_layers": layers, "max_logit_diff": diff}
 
 
@@ -314,6 +313,5 @@ def merge_adapters(base: str, adapter_dirs: list[str | Path], out_dir: str | Pat
                 params[name].add_(part.to_dense().to(params[name].dtype))
         from vlm_lora.modeling import DTYPES
 
-        model.to(DTYPES[dtype]).save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
+        write_complete_folder(model.to(DTYPES[dtype]), processor, base, out_dir)
     return {**settings, "as": output, "tensors": len(merged), "max_relative_truncation_error": worst}
