@@ -3,7 +3,8 @@
 Formats (``format=`` or inferred by ``infer_format``):
 
 * ``caption_jsonl``: one JSON object per line, ``{"image": path, "caption": str}`` (or ``"captions": [str, ...]``;
-  ``"images": [path, ...]``: several images, all shown in the one turn); chat ``messages`` rows read here too.
+  ``"images": [path, ...]``: several images, all shown in the one turn); chat ``messages`` rows read here too,
+  and question rows ``{"image", "question", "answer(s)", "options"?}`` (``vlm_lora.data.qa``).
 * ``caption_csv``: a CSV with a header holding ``image`` and ``caption`` columns.
 * ``llava_json``: a JSON list (or JSONL) of ``{"id", "image", "conversations": [{"from": "human", "value":
   "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; multi-turn; ``<image>`` is stripped from the text.
@@ -74,6 +75,8 @@ class Sample:
     # user turn shows (sums to 1 + len(extra_images)); None: the one image, in the first turn
     extra_images: list = field(default_factory=list, compare=False)
     image_turns: list[int] | None = None
+    question: str | None = None  # QA rows (``vlm_lora.data.qa``): the question as written; else the last user turn
+    options: list[str] | None = None  # multiple-choice rows: the options, lettered A, B, ... in the prompt
 
     @property
     def n_images(self) -> int:
@@ -219,6 +222,8 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
     ``image``: the row's image (or list of images) when the caller resolved it (embedded); else the row's
     ``image``/``images``/``file_name`` path (or list of paths), relative to ``root``.
     """
+    from vlm_lora.data.qa import attach_options, qa_sample  # qa builds on this module's Sample
+
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
     sources = image if isinstance(image, list) else [image]
@@ -228,6 +233,9 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
         record = {**record, "image": record["images"]}
     if "messages" in record:
         sample = _chat_sample(record, row, where, root, label_key)
+        sample = attach_options(sample, record) if isinstance(sample, Sample) and "options" in record else sample
+    elif "question" in record:
+        sample = qa_sample(record, row, where, root, label_key)
     elif "conversations" in record:
         sample = _llava_sample(record, row, where, root, label_key)
     else:

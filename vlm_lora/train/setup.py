@@ -73,6 +73,10 @@ def build_task_and_data(recipe: Recipe, model, processor):
         for dataset in (train_set, eval_set):  # embedded images are not opened here: the collator finds those
             if dataset is not None and hasattr(dataset, "examples") and not dataset.embedded_images:
                 task.collate.check_lengths(dataset)
+    if kind == "caption" and eval_set is not None and recipe.data.task != "caption":
+        from vlm_lora.eval.tasks import check_task_rows
+
+        check_task_rows(eval_set, recipe.data.task)  # vqa/choice rows: answers (and options) before training
     if eval_set is not None and not hasattr(eval_set, "subset"):
         eval_set.subset = lambda n, data=eval_set: Subset(data, n)
     return task, train_set, eval_set
