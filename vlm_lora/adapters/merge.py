@@ -86,6 +86,11 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     model = model.to(DTYPES[dtype])
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
+    pixels = read_meta(adapter_dir).get("processor") or {}
+    if pixels.get("min_pixels") or pixels.get("max_pixels"):  # the pixel budget trained with goes with the model
+        from vlm_lora.data.pixels import set_processor_pixels
+
+        set_processor_pixels(processor, pixels.get("min_pixels"), pixels.get("max_pixels"))
     processor.save_pretrained(out_dir)
     return {"merged_layers": layers, "max_logit_diff": diff}
 
