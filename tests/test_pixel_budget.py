@@ -95,6 +95,19 @@ def test_budget_trains_saves_and_survives_export(qwen_dir, tmp_path, capsys):
     exported = AutoProcessor.from_pretrained(tmp_path / "merged")
     assert (exported.image_processor.size["shortest_edge"], exported.image_processor.size["longest_edge"]) == (4096, 9216)
     assert _image_tokens(exported, [Image.new("RGB", (48, 48))]) == 64
+    # eval with the adapter: the base processor takes the adapter's budget; adapters that disagree are refused
+    import shutil
+
+    from vlm_lora.adapters.peft_format import AdapterError
+    from vlm_lora.eval.pixels import use_adapter_pixels
+
+    base = AutoProcessor.from_pretrained(qwen_dir)
+    assert use_adapter_pixels(base, [tmp_path / "run" / "adapter"]) == {"min_pixels": 4096, "max_pixels": 9216}
+    assert _image_tokens(base, [Image.new("RGB", (48, 48))]) == 64
+    other = shutil.copytree(tmp_path / "run" / "adapter", tmp_path / "other")
+    (other / "vlm_lora.json").write_text(json.dumps({**meta, "processor": {"max_pixels": 1024}}))
+    with pytest.raises(AdapterError, match="different pixel budgets"):
+        use_adapter_pixels(base, [tmp_path / "run" / "adapter", other])
 
     from vlm_lora.cli import main
 

@@ -58,6 +58,7 @@ def run_eval(args) -> dict:
     from vlm_lora.eval.coco import load_caption_data
     from vlm_lora.eval.captioning import (check_adapter_dir, compare_models, compare_models_mixed, evaluate_captions,
                                           format_metrics, meteor_spice_note, write_predictions)
+    from vlm_lora.eval.pixels import use_adapter_pixels
     from vlm_lora.modeling import load_model_and_processor
 
     out = Path(args.out)
@@ -77,6 +78,7 @@ def run_eval(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log.info("loading %s (%s) on %s; %d images from %s", args.model, args.dtype, device, len(data), args.data)
     model, processor = load_model_and_processor(args.model, args.dtype, device)
+    use_adapter_pixels(processor, args.adapter)  # the budget they were trained with, if any
     decoding = decoding_settings(args)
 
     if single_file:

@@ -176,6 +176,7 @@ def run_task_eval(args, labels: list[str]) -> dict:
     from vlm_lora.adapters.peft_format import AdapterError, load_adapter
     from vlm_lora.eval.captioning import write_predictions
     from vlm_lora.eval.cli import decoding_settings
+    from vlm_lora.eval.pixels import use_adapter_pixels
     from vlm_lora.eval.report import write_outputs
     from vlm_lora.modeling import load_model_and_processor
 
@@ -184,6 +185,7 @@ def run_task_eval(args, labels: list[str]) -> dict:
     data = load_task_data(args.data, args.task, args.image_root, args.limit)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_model_and_processor(args.model, args.dtype, device)
+    use_adapter_pixels(processor, args.adapter)  # the budget they were trained with, if any
     decoding = {k: v for k, v in decoding_settings(args).items() if k != "prompt"}
     out, pairs = Path(args.out), list(zip(labels, args.adapter))
     if out.suffix.lower() == ".json":  # one model: its metrics, its predictions beside them
