@@ -101,3 +101,8 @@ def test_finetune_keeps_the_best_vqa_accuracy(tmp_path):
     assert result["adapted"]["best_step"] == best
     assert result["adapted"]["vqa_accuracy"] == pytest.approx(evals[best], abs=1e-9)
     assert {"exact_match", "anls"} <= set(result["adapted"])
+    from vlm_lora.train.setup import TrainingError
+
+    with pytest.raises(TrainingError, match="metric_for_best 'cider' is not a metric of data.task 'vqa'; valid: "
+                                            "vqa_accuracy, exact_match, anls, eval_loss"):
+        finetune(load_recipe(tmp_path / "r.yaml", ["train.metric_for_best=cider", "train.max_steps=1"]), overwrite=True)

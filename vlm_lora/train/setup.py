@@ -87,10 +87,15 @@ def build_task_and_data(recipe: Recipe, model, processor):
         line = report_image_tokens(recipe, processor, train_set)
         if line:
             log.info("%s", line)
-    if kind == "caption" and eval_set is not None and recipe.data.task != "caption":
-        from vlm_lora.eval.tasks import check_task_rows
+    if kind == "caption" and eval_set is not None:
+        from vlm_lora.eval.tasks import TASK_METRICS, check_task_rows
 
-        check_task_rows(eval_set, recipe.data.task)  # vqa/choice rows: answers (and options) before training
+        metric, valid = recipe.train.metric_for_best, (*TASK_METRICS[recipe.data.task], "eval_loss")
+        if metric and metric not in valid:
+            raise TrainingError(f"train.metric_for_best {metric!r} is not a metric of data.task "
+                                f"{recipe.data.task!r}; valid: {', '.join(valid)}")
+        if recipe.data.task != "caption":  # vqa/choice rows: answers (and options) before training
+            check_task_rows(eval_set, recipe.data.task)
     if eval_set is not None and not hasattr(eval_set, "subset"):
         eval_set.subset = lambda n, data=eval_set: Subset(data, n)
     return task, train_set, eval_set
