@@ -136,7 +136,7 @@ def write_html_report(path: str | Path, summary: dict, rows: list[dict], setting
     items = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in settings.items())
     task = settings.get("task", "caption")
     score_name = {"vqa": "VQA acc.", "choice": "correct"}.get(task, "CIDEr-D")
-    title = "Caption evaluation" if task == "caption" else f"{task.upper() if task == 'vqa' else 'Multiple-choice'} evaluation"
+    title = {"vqa": "VQA evaluation", "choice": "Multiple-choice evaluation"}.get(task, "Caption evaluation")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
             f'<dl class="settings">{items}</dl>\n<h2>Metrics</h2>\n{metrics_table(summary)}\n'
