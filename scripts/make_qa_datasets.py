@@ -3,7 +3,7 @@
 Each scene's caption (written by ``make_datasets.py`` from the scene it drew) names its groups:
 count, colour, shape, place. Questions are asked about those facts:
 
-* ``qa_{train,eval}.jsonl``: ``{"image", "question", "answer"}`` - colour ("What color is the
+* ``qa_{train,eval}.jsonl``: ``{"image", "question", "answer", "kind"}`` - colour ("What color is the
   circle?"), count ("How many squares are there?", answered in digits) and shape ("What shape is
   the red object?");
 * ``choice_{train,eval}.jsonl``: the colour question as multiple choice, ``options`` four colours.
