@@ -38,9 +38,14 @@ def cmd_plan(args) -> None:
 
 
 def _load_for_plan(recipe):
+    from vlm_lora.train.pixels import report_image_tokens
     from vlm_lora.train.setup import load_for_recipe
 
-    return load_for_recipe(recipe, "cpu")[0]
+    model, processor = load_for_recipe(recipe, "cpu")
+    line = report_image_tokens(recipe, processor)  # with data.*_pixels: what the budget costs per sample
+    if line:
+        print(line, file=sys.stderr)
+    return model
 
 
 def cmd_merge(args) -> None:

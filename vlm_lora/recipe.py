@@ -66,6 +66,13 @@ class DataConfig(_Strict):
     group_by_length: bool = Field(default=False, description="seeded length-grouped batches (less padding)")
     image_root: str | None = Field(default=None, description="images are relative to this folder; default: the data file's")
     prompt: str = Field(default="Describe the image.", description="user turn for caption data")
+    min_pixels: int | None = Field(default=None, ge=1, description="dynamic-resolution families (Qwen2/2.5/3-VL): "
+                                                                   "smallest image area after resizing, in pixels")
+    max_pixels: int | None = Field(default=None, ge=1, description="largest image area after resizing (per image)")
+    max_total_pixels: int | None = Field(default=None, ge=1, description="cap on the summed image area of one sample")
+    task: Literal["caption", "vqa", "choice"] = Field(
+        default="caption", description="what eval scores: caption (bleu1-4, rougeL, cider), vqa (vqa_accuracy, "
+                                       "exact_match, anls; question rows), choice (choice_accuracy; rows with options)")
     chat_template: str | None = Field(default=None, description="Jinja template overriding the processor's")
     on_bad_sample: Literal["error", "skip"] = Field(
         default="error", description="missing/corrupt image or too long: stop with its id, or skip and count")

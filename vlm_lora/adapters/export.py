@@ -34,7 +34,8 @@ from vlm_lora.adapters.engine_rules import (LANGUAGE, PISSA_INITS, TOWER, Engine
                                             engine_rules)
 from vlm_lora.adapters.fingerprint import base_fingerprint, check_base, weight_config
 from vlm_lora.adapters.folder import write_complete_folder
-from vlm_lora.adapters.merge import DeltaPart, _check_quantization, adapter_deltas, merge_adapter, probe_batch
+from vlm_lora.adapters.merge import (DeltaPart, _check_quantization, adapter_deltas, apply_trained_pixels, merge_adapter,
+                                     probe_batch)
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            load_adapter, lora_pairs, read_adapter_config, read_meta)
 from vlm_lora.lora import unload_lora
@@ -321,6 +322,7 @@ def export(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, engin
         entry["max_logit_diff"] = (logits - after).abs().max().item()
         report["adapters"][name] = entry
     model.to(DTYPES[dtype])
+    apply_trained_pixels(processor, adapter_dirs[0])
     report["folder"] = write_complete_folder(model, processor, base, out_dir / "base")
     report["serve"] = str(_write_serve_script(out_dir, rules, written, keep_tower))
     report["command"] = serve_command(rules, written, keep_tower)

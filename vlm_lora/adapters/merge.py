@@ -85,8 +85,19 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     from vlm_lora.modeling import DTYPES
 
     model = model.to(DTYPES[dtype])
+    apply_trained_pixels(processor, adapter_dir)
     write_complete_folder(model, processor, base, Path(out_dir))
     return {"merged_layers": layers, "max_logit_diff": diff}
+
+
+def apply_trained_pixels(processor, adapter_dir: str | Path) -> None:
+    """Put the pixel budget the adapter was trained with (``vlm_lora.json`` ``processor``) on ``processor``,
+    so that an exported folder resizes images as training did."""
+    pixels = read_meta(adapter_dir).get("processor") or {}
+    if pixels.get("min_pixels") or pixels.get("max_pixels"):
+        from vlm_lora.data.pixels import set_processor_pixels
+
+        set_processor_pixels(processor, pixels.get("min_pixels"), pixels.get("max_pixels"))
 
 
 # ---------------------------------------------------------------- several adapters: arithmetic

@@ -83,6 +83,7 @@ def _qwen_vl(name: str, model_class: str, vision_mlp: dict[str, str], shared: tu
         never_adapted=PATCH_EMBEDDING,
         fsdp_wrap_classes=layers,
         rope_positions=packing_rope_positions,
+        dynamic_resolution=True,
     )
 
 

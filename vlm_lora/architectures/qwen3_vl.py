@@ -37,6 +37,7 @@ def _qwen3_vl(name: str, model_class: str, decoder: ComponentMap, layers: tuple[
         never_adapted=PATCH_EMBEDDING,
         fsdp_wrap_classes=layers,
         rope_positions=packing_rope_positions,  # images: Qwen2-VL's positions
+        dynamic_resolution=True,
     )
 
 

@@ -65,6 +65,8 @@ class Architecture:
     # multi-axis rope (Qwen-VL): model config -> function of a padded batch giving each sample's rope positions
     # (see qwen2_vl.mrope_positions); packing needs them per sample. None: 1-D positions
     rope_positions: Callable | None = None
+    # images resized by smart_resize into [min_pixels, max_pixels] (Qwen-VL); data.*_pixels budgets need it
+    dynamic_resolution: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         if not any(cls.__name__ in self.model_classes for cls in type(model).__mro__):

@@ -1,9 +1,11 @@
 """Image-text data: file formats, sources, data sets, the chat collator and the loader.
 
 Owns everything between data on disk and a padded batch with labels: ``formats`` reads the
-file formats into ``Sample``s, ``sources`` parquet / HF datasets / WebDataset shards, ``datasets``
-turns them into a torch ``Dataset`` (or a shard stream), ``collate`` renders conversations with the
-processor's chat template and masks all but the answers, ``loader`` orders and loads the batches.
+file formats into ``Sample``s (``qa``: question and multiple-choice rows), ``sources`` parquet /
+HF datasets / WebDataset shards, ``datasets`` turns them into a torch ``Dataset`` (or a shard
+stream), ``collate`` renders conversations with the processor's chat template and masks all but
+the answers, ``loader`` orders and loads the batches, ``pixels`` holds the pixel budgets of
+dynamic-resolution processors.
 May import only the standard library, torch, PIL, transformers, datasets and pyarrow; nothing else of vlm_lora.
 """
 

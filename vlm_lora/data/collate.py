@@ -76,6 +76,7 @@ class ChatCollator:
         self.skipped: list[Problem] = []  # dropped at collate time (image unreadable, too long)
         self.truncated: list = []  # ids of samples cut at max_length, each time one is
         self._shift: dict = {}  # (image size, add_special_tokens) -> tokens the processor adds
+        self.pixel_budget = None  # a PixelBudget with max_total_pixels: one sample's images fit it first
         self._warned = False
 
     # -- rendering
@@ -204,6 +205,7 @@ class ChatCollator:
         bad, problems, cut = [], [], 0
         for example in dataset.examples:
             sizes = _image_sizes(example)
+            sizes = self.pixel_budget.fit_sizes(sizes) if self.pixel_budget else sizes
             if len(sizes) > 1 and not self.multi_image:
                 continue  # the collator refuses it (or skips and counts it) by name
             try:
@@ -245,6 +247,7 @@ class ChatCollator:
     def _encode(self, image: Image.Image | list[Image.Image], example) -> tuple[dict[str, torch.Tensor], set[str]]:
         """(``encode``'s dict, the keys of its per-token tensors)."""
         images = image if isinstance(image, list) else [image]
+        images = self.pixel_budget.fit_images(images) if self.pixel_budget else images
         self._refuse_multi_image(example, len(images))
         if self.prefix_lm:
             encoded = self._encode_suffix(image, example)
@@ -348,8 +351,13 @@ def _problem(example, reason: str) -> Problem:
 
 def make_collator(processor, recipe) -> ChatCollator:
     """The training collator of a recipe: ``data.chat_template``/``on_bad_sample``/``prompt``, ``train.max_length``."""
-    return ChatCollator(processor, max_length=recipe.train.max_length, chat_template=recipe.data.chat_template,
-                        on_bad_sample=recipe.data.on_bad_sample, prompt=recipe.data.prompt)
+    collator = ChatCollator(processor, max_length=recipe.train.max_length, chat_template=recipe.data.chat_template,
+                            on_bad_sample=recipe.data.on_bad_sample, prompt=recipe.data.prompt)
+    if getattr(recipe.data, "max_total_pixels", None):
+        from vlm_lora.data.pixels import PixelBudget
+
+        collator.pixel_budget = PixelBudget.of(processor, recipe.data.max_total_pixels)
+    return collator
 
 
 class _Skip(Exception):

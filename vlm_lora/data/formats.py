@@ -3,7 +3,8 @@
 Formats (``format=`` or inferred by ``infer_format``):
 
 * ``caption_jsonl``: one JSON object per line, ``{"image": path, "caption": str}`` (or ``"captions": [str, ...]``;
-  ``"images": [path, ...]``: several images, all shown in the one turn); chat ``messages`` rows read here too.
+  ``"images": [path, ...]``: several images, all shown in the one turn); chat ``messages`` rows read here too,
+  and question rows ``{"image", "question", "answer(s)", "options"?}`` (``vlm_lora.data.qa``).
 * ``caption_csv``: a CSV with a header holding ``image`` and ``caption`` columns.
 * ``llava_json``: a JSON list (or JSONL) of ``{"id", "image", "conversations": [{"from": "human", "value":
   "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; multi-turn; ``<image>`` is stripped from the text.
@@ -77,6 +78,8 @@ class Sample:
     # user turn shows (sums to 1 + len(extra_images)); None: the one image, in the first turn
     extra_images: list = field(default_factory=list, compare=False)
     image_turns: list[int] | None = None
+    question: str | None = None  # QA rows (``vlm_lora.data.qa``): the question as written; else the last user turn
+    options: list[str] | None = None  # multiple-choice rows: the options, lettered A, B, ... in the prompt
 
     @property
     def n_images(self) -> int:
@@ -246,6 +249,8 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
     ``image``/``images``/``file_name`` path (or list of paths), relative to ``root``. Images inside the
     messages (``vlm_lora.data.messages``) take the row-level ones' places.
     """
+    from vlm_lora.data.qa import attach_options, qa_sample  # qa builds on this module's Sample
+
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
     images = None  # the row's images when resolved here or by the caller: paths and embedded sources
@@ -267,6 +272,10 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
         record = {**record, "image": ["<embedded>"] * len(images)}
     if "conversations" in record:
         sample = _llava_sample(record, row, where, root, label_key)
+        if isinstance(sample, Sample) and "options" in record:
+            sample = attach_options(sample, record)
+    elif "question" in record:
+        sample = qa_sample(record, row, where, root, label_key)
     else:
         sample = _caption_sample(record, row, where, root, prompt, label_key)
     if images is not None and isinstance(sample, Sample):

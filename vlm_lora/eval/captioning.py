@@ -30,12 +30,14 @@ def render_prompt(processor, prompt: str) -> str:
 
 
 @torch.no_grad()
-def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, batch_size: int = 32,
+def generate_captions(model, processor, dataset: CaptionDataset, prompt: str | list[str], batch_size: int = 32,
                       max_new_tokens: int = 32, desc: str = "captioning", num_beams: int = 1,
                       min_new_tokens: int = 0) -> list[str]:
-    """Captions for every example, batched with left padding; greedy, or beam search if ``num_beams > 1``."""
+    """Captions for every example, batched with left padding; greedy, or beam search if ``num_beams > 1``.
+    ``prompt``: one for all, or a list with each example's own (questions)."""
     tokenizer = processor.tokenizer
-    text = render_prompt(processor, prompt)
+    texts = [render_prompt(processor, p) for p in prompt] if isinstance(prompt, list) else None
+    text = None if texts else render_prompt(processor, prompt)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -54,8 +56,8 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
             images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
             # one list per prompt: processors that take several images per sample (Gemma 3, SmolVLM, Mllama)
             # would read a flat list as all images of the first prompt
-            batch = processor(images=[[image] for image in images], text=[text] * len(images), return_tensors="pt",
-                              padding=True)
+            batch = processor(images=[[image] for image in images], return_tensors="pt", padding=True,
+                              text=texts[start:start + len(images)] if texts else [text] * len(images))
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             out = model.generate(**batch, **decoding)
@@ -296,9 +298,11 @@ def meteor_spice_note() -> str:
     return "METEOR and SPICE skipped: they need Java and pycocoevalcap's jars, which were not found"
 
 
-def read_prediction_rows(path: str | Path) -> list[dict]:
+def read_prediction_rows(path: str | Path, reference_key: str = "references") -> list[dict]:
     """Rows of a predictions JSONL: ``{image, prediction, references}`` (one model) or
-    ``{image, predictions: {label: caption}, references}`` (several, as ``vlm-lora eval`` writes)."""
+    ``{image, predictions: {label: caption}, references}`` (several, as ``vlm-lora eval`` writes).
+    Returned as ``{references, predictions, options}``; ``reference_key="answers"`` reads QA rows
+    (``answers``, or one ``answer``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"predictions file not found: {path}")
@@ -310,15 +314,16 @@ def read_prediction_rows(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{line_no}: not JSON ({error.msg})") from None
-        refs = row.get("references") if isinstance(row, dict) else None
+        refs = row.get(reference_key, row.get(reference_key[:-1])) if isinstance(row, dict) else None
+        refs = [refs] if isinstance(refs, str) and reference_key == "answers" else refs
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-            raise DataError(f"{path}:{line_no}: 'references' must be a non-empty list of strings")
+            raise DataError(f"{path}:{line_no}: {reference_key!r} must be a non-empty list of strings")
         preds = row.get("predictions", {"": row.get("prediction")})
         if not isinstance(preds, dict) or not all(isinstance(p, str) for p in preds.values()):
             raise DataError(f"{path}:{line_no}: needs 'prediction' (a string) or 'predictions' ({{label: string}})")
         if rows and set(preds) != set(rows[0]["predictions"]):
             raise DataError(f"{path}:{line_no}: models {sorted(preds)} differ from line 1's {sorted(rows[0]['predictions'])}")
-        rows.append({"references": refs, "predictions": preds})
+        rows.append({"references": refs, "predictions": preds, "options": row.get("options")})
     if not rows:
         raise DataError(f"{path}: no rows to score")
     return rows

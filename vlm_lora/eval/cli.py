@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("vlm_lora")
+TASKS = ("caption", "vqa", "choice")  # vlm_lora.eval.tasks.TASKS, kept here so --help imports nothing heavy
 
 
 def _positive(text: str) -> int:
@@ -57,6 +58,7 @@ def run_eval(args) -> dict:
     from vlm_lora.eval.coco import load_caption_data
     from vlm_lora.eval.captioning import (check_adapter_dir, compare_models, compare_models_mixed, evaluate_captions,
                                           format_metrics, meteor_spice_note, write_predictions)
+    from vlm_lora.eval.pixels import use_adapter_pixels
     from vlm_lora.modeling import load_model_and_processor
 
     out = Path(args.out)
@@ -68,10 +70,15 @@ def run_eval(args) -> dict:
     labels = model_labels(args.adapter, args.names)
     for adapter in args.adapter:
         check_adapter_dir(adapter)
+    if args.task != "caption":
+        from vlm_lora.eval.tasks import run_task_eval
+
+        return run_task_eval(args, labels)
     data = load_caption_data(args.data, args.image_root, args.limit)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log.info("loading %s (%s) on %s; %d images from %s", args.model, args.dtype, device, len(data), args.data)
     model, processor = load_model_and_processor(args.model, args.dtype, device)
+    use_adapter_pixels(processor, args.adapter)  # the budget they were trained with, if any
     decoding = decoding_settings(args)
 
     if single_file:
@@ -118,9 +125,13 @@ def cmd_eval(args) -> None:
 
 def cmd_score(args) -> None:
     from vlm_lora.eval.captioning import meteor_spice_note, score_prediction_file
+    from vlm_lora.eval.tasks import score_task_file
 
-    metrics = score_prediction_file(args.predictions)
-    print(meteor_spice_note(), file=sys.stderr)
+    if args.task != "caption":
+        metrics = score_task_file(args.predictions, args.task)
+    else:
+        metrics = score_prediction_file(args.predictions)
+        print(meteor_spice_note(), file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -134,7 +145,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapter folder; repeat to compare several (the base model is always scored)")
     p.add_argument("--names", nargs="+", action="extend", metavar="LABEL", help="one label per --adapter")
     p.add_argument("--data", required=True,
-                   help="ground truth: COCO caption JSON ({images, annotations}) or JSONL ({image, caption(s)})")
+                   help="ground truth: COCO caption JSON ({images, annotations}) or JSONL ({image, caption(s)}); "
+                        "--task vqa/choice: JSONL {image, question, answers | answer, options?} or chat rows")
+    p.add_argument("--task", choices=TASKS, default="caption",
+                   help="caption: BLEU/ROUGE-L/CIDEr-D; vqa: vqa_accuracy, exact_match, anls; choice: choice_accuracy")
     p.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
     p.add_argument("--limit", type=_positive, help="only the first N images")
     p.add_argument("--out", required=True,
@@ -165,5 +179,7 @@ def add_eval_parsers(sub) -> None:
     p = sub.add_parser("score", help="score existing predictions (no model)")
     p.add_argument("--predictions", required=True,
                    help="JSONL rows {image, prediction, references} or {image, predictions: {label: caption}, references}")
+    p.add_argument("--task", choices=TASKS, default="caption",
+                   help="caption: rows {prediction(s), references}; vqa/choice: {prediction(s), answers, options?}")
     p.add_argument("--out", help="metrics JSON: bleu1..bleu4, rougeL, cider, n (per label for several models)")
     p.set_defaults(func=cmd_score)

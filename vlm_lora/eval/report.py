@@ -17,7 +17,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 METRICS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
-           ("rougeL", "ROUGE-L"), ("cider", "CIDEr-D")]
+           ("rougeL", "ROUGE-L"), ("cider", "CIDEr-D"), ("vqa_accuracy", "VQA acc."), ("exact_match", "exact match"),
+           ("anls", "ANLS"), ("choice_accuracy", "choice acc.")]
 COLORS = ["#555555", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 
 STYLE = """
@@ -79,7 +80,8 @@ def _best(values: list[float]) -> float | None:
 
 def metrics_table(summary: dict) -> str:
     labels = list(summary)
-    columns = [(key, title, lambda m, key=key: m.get(key)) for key, title in METRICS]
+    columns = [(key, title, lambda m, key=key: m.get(key)) for key, title in METRICS
+               if any(key in summary[label] for label in labels)]
     columns.append(("samples_per_s", "samples/s", lambda m: m.get("speed", {}).get("samples_per_s")))
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
     best = {key: _best([v for v in (get(summary[l]) for l in labels) if v is not None]) for key, _, get in columns}
@@ -98,26 +100,33 @@ def metrics_table(summary: dict) -> str:
             f'<tbody>{"".join(body)}</tbody></table>')
 
 
-def samples_table(rows: list[dict], labels: list[str]) -> str:
+def samples_table(rows: list[dict], labels: list[str], score_name: str = "CIDEr-D") -> str:
+    """One row per sample; QA rows (``question``, ``answers``, per-sample ``scores``) add a question column."""
+    questions = any("question" in row for row in rows)
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
     body = []
     for i, row in enumerate(rows, start=1):
         uri, small = _image_data_uri(row["image"])
-        refs = "".join(f'<li class="ref">{html.escape(r)}</li>' for r in row["references"])
-        ciders = row.get("cider", {})
+        refs = "".join(f'<li class="ref">{html.escape(r)}</li>' for r in row.get("answers", row.get("references", [])))
+        if row.get("options"):
+            refs += f'<li class="options">options: {html.escape(" | ".join(row["options"]))}</li>'
+        question = f'<td class="question">{html.escape(row.get("question", ""))}</td>' if questions else ""
+        ciders = row.get("cider", row.get("scores", {}))
         top = max(ciders.values()) if ciders else None
         preds = []
         for label in labels:
             score = ciders.get(label)
             cls = "pred best" if score is not None and score == top and len(labels) > 1 else "pred"
-            note = f'<span class="cider">CIDEr-D {score:.3f}</span>' if score is not None else ""
+            note = f'<span class="cider">{score_name} {score:.3f}</span>' if score is not None else ""
             preds.append(f'<td class="{cls}" data-model="{html.escape(label)}">'
                          f'<span class="caption">{html.escape(row["predictions"][label])}</span>{note}</td>')
         name = html.escape(Path(row["image"]).name)
         body.append(f'<tr class="sample" data-image="{html.escape(row["image"])}"><td>{i}</td>'
                     f'<td><img class="{"small" if small else ""}" src="{uri}" alt="{name}">'
-                    f'<div class="path">{name}</div></td><td><ul class="refs">{refs}</ul></td>{"".join(preds)}</tr>')
-    return (f'<table class="samples"><thead><tr><th>#</th><th>image</th><th>references</th>{head}</tr></thead>'
+                    f'<div class="path">{name}</div></td>{question}<td><ul class="refs">{refs}</ul></td>'
+                    f'{"".join(preds)}</tr>')
+    columns = "<th>question</th><th>answers</th>" if questions else "<th>references</th>"
+    return (f'<table class="samples"><thead><tr><th>#</th><th>image</th>{columns}{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
 
@@ -125,10 +134,13 @@ def write_html_report(path: str | Path, summary: dict, rows: list[dict], setting
     """A self-contained HTML page: settings, the metrics table, then every sample."""
     labels = list(summary)
     items = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in settings.items())
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Caption evaluation</title>'
-            f"<style>{STYLE}</style></head><body>\n<h1>Caption evaluation</h1>\n"
+    task = settings.get("task", "caption")
+    score_name = {"vqa": "VQA acc.", "choice": "correct"}.get(task, "CIDEr-D")
+    title = {"vqa": "VQA evaluation", "choice": "Multiple-choice evaluation"}.get(task, "Caption evaluation")
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n"
             f'<dl class="settings">{items}</dl>\n<h2>Metrics</h2>\n{metrics_table(summary)}\n'
-            f"<h2>Samples ({len(rows)})</h2>\n{samples_table(rows, labels)}\n</body></html>\n")
+            f"<h2>Samples ({len(rows)})</h2>\n{samples_table(rows, labels, score_name)}\n</body></html>\n")
     Path(path).write_text(page, encoding="utf-8")
 
 
@@ -167,7 +179,8 @@ def write_contact_sheet(path: str | Path, rows: list[dict], columns: int = 4, ti
         scale = min(tile / image.width, tile / image.height)
         resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
-        texts = [("reference: " + row["references"][0], "#000000")]
+        texts = [("Q: " + row["question"], "#000000")] if "question" in row else []
+        texts += [("reference: " + row.get("answers", row.get("references"))[0], "#000000")]
         texts += [(f"{label}: {caption}", COLORS[i % len(COLORS)])
                   for i, (label, caption) in enumerate(row["predictions"].items())]
         lines = [(line, color) for text, color in texts for line in _wrap(text, font, tile, measure)]

@@ -327,8 +327,10 @@ def _stop_on_nan(out: Path, step: int, what: str) -> None:
 
 
 def _adapter_meta(recipe: Recipe) -> dict:
-    """What a later merge needs to know: the 4-bit layout the adapter was trained on."""
-    quant = recipe.model.quantization
-    return {"quantization": quant.model_dump() if quant.bits == 4 else None}
+    """What a later merge needs to know: the 4-bit layout the adapter was trained on, the pixel budget."""
+    from vlm_lora.train.pixels import pixel_settings
+
+    quant, pixels = recipe.model.quantization, pixel_settings(recipe.data)
+    return {"quantization": quant.model_dump() if quant.bits == 4 else None, **({"processor": pixels} if pixels else {})}
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from vlm_lora.modeling import load_model_and_processor, model_source
 from vlm_lora.recipe import Recipe
+
+
+log = logging.getLogger("vlm_lora")
 
 
 class RunExistsError(ValueError):
@@ -48,8 +52,12 @@ def load_for_recipe(recipe: Recipe, device):
         from vlm_lora.train.tasks import classes_of
 
         num_classes = len(classes_of(_load_data(recipe, recipe.data.train, streaming=False)))
-    return load_model_and_processor(recipe.model.path, recipe.model.dtype, device, num_classes=num_classes,
-                                    trust_remote_code=recipe.model.trust_remote_code)
+    model, processor = load_model_and_processor(recipe.model.path, recipe.model.dtype, device,
+                                                num_classes=num_classes, trust_remote_code=recipe.model.trust_remote_code)
+    from vlm_lora.train.pixels import apply_pixel_budget
+
+    apply_pixel_budget(recipe, model, processor)  # data.min_pixels / max_pixels onto the processor
+    return model, processor
 
 
 def build_task_and_data(recipe: Recipe, model, processor):
@@ -73,6 +81,21 @@ def build_task_and_data(recipe: Recipe, model, processor):
         for dataset in (train_set, eval_set):  # embedded images are not opened here: the collator finds those
             if dataset is not None and hasattr(dataset, "examples") and not dataset.embedded_images:
                 task.collate.check_lengths(dataset)
+    if kind == "caption" and hasattr(train_set, "examples"):
+        from vlm_lora.train.pixels import report_image_tokens
+
+        line = report_image_tokens(recipe, processor, train_set)
+        if line:
+            log.info("%s", line)
+    if kind == "caption" and eval_set is not None:
+        from vlm_lora.eval.tasks import TASK_METRICS, check_task_rows
+
+        metric, valid = recipe.train.metric_for_best, (*TASK_METRICS[recipe.data.task], "eval_loss")
+        if metric and metric not in valid:
+            raise TrainingError(f"train.metric_for_best {metric!r} is not a metric of data.task "
+                                f"{recipe.data.task!r}; valid: {', '.join(valid)}")
+        if recipe.data.task != "caption":  # vqa/choice rows: answers (and options) before training
+            check_task_rows(eval_set, recipe.data.task)
     if eval_set is not None and not hasattr(eval_set, "subset"):
         eval_set.subset = lambda n, data=eval_set: Subset(data, n)
     return task, train_set, eval_set

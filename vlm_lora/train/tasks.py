@@ -15,17 +15,20 @@ from vlm_lora.data.datasets import IGNORE_INDEX
 
 
 class CaptionTask:
-    """Next-token loss on the answer tokens; eval = greedy captions scored with BLEU/ROUGE-L/CIDEr-D."""
+    """Next-token loss on the answer tokens; eval = greedy captions scored with BLEU/ROUGE-L/CIDEr-D,
+    or with ``data.task`` vqa / choice: each question answered and scored (``vlm_lora.eval.tasks``)."""
 
     name = "caption"
-    default_metric = "cider"
 
     def __init__(self, processor, recipe):
         from vlm_lora.data.collate import make_collator
+        from vlm_lora.eval.tasks import DEFAULT_METRIC
 
         self.processor = processor
         self.recipe = recipe
         self.collate = make_collator(processor, recipe)
+        self.eval_task = getattr(recipe.data, "task", "caption")
+        self.default_metric = DEFAULT_METRIC[self.eval_task]
 
     def count_units(self, batch: dict) -> int:
         """Answer tokens the loss averages over (labels are shifted by one inside the model)."""
@@ -37,15 +40,22 @@ class CaptionTask:
 
     def evaluate(self, model, dataset, desc: str = "eval") -> tuple[dict, list[dict]]:
         from vlm_lora.eval.captioning import evaluate_captions
+        from vlm_lora.eval.tasks import evaluate_task
 
         cfg = self.recipe.train
+        if self.eval_task != "caption":
+            return evaluate_task(model, self.processor, dataset, self.eval_task, cfg.eval_batch_size,
+                                 cfg.max_new_tokens, desc)
         return evaluate_captions(model, self.processor, dataset, self.recipe.data.prompt, cfg.eval_batch_size,
                                  cfg.max_new_tokens, desc)
 
     def score(self, rows: list[dict]) -> dict:
         """Metrics of rows as ``evaluate`` returns them (e.g. gathered from several ranks)."""
+        from vlm_lora.eval.tasks import score_rows
         from vlm_lora.metrics import score_captions
 
+        if self.eval_task != "caption":
+            return score_rows(self.eval_task, rows)
         return score_captions([r["prediction"] for r in rows], [r["references"] for r in rows])
 
 
