@@ -40,13 +40,13 @@ class CaptionTask:
 
         cfg = self.recipe.train
         return evaluate_captions(model, self.processor, dataset, self.recipe.data.prompt, cfg.eval_batch_size,
-                                 cfg.max_new_tokens, desc)
+                                 cfg.max_new_tokens, desc, chat_template=self.recipe.data.chat_template)
 
     def score(self, rows: list[dict]) -> dict:
         """Metrics of rows as ``evaluate`` returns them (e.g. gathered from several ranks)."""
-        from vlm_lora.metrics import score_captions
+        from vlm_lora.eval.captioning import score_rows
 
-        return score_captions([r["prediction"] for r in rows], [r["references"] for r in rows])
+        return score_rows(rows)
 
 
 class ClassificationTask:
