@@ -39,7 +39,7 @@ from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
 from vlm_lora.eval.plotting import plot_loss
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
-from vlm_lora.train.output_dir import prepare_output_dir, resume_point
+from vlm_lora.train.output_dir import check_writable, prepare_output_dir, resume_point
 from vlm_lora.train.precision import LossScaling, divergence_error, upcast_trainable, uses_fp16_amp
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
 from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe, make_train_loader
@@ -84,8 +84,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         raise TrainingError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; "
                             f"each would train alone and write the same files. On CPU set ACCELERATE_USE_CPU=1")
     main = accelerator.is_main_process
-    checkpoint = resume_point(out, recipe, resume, overwrite)
-    if main:  # refuses a folder it cannot write before any work
+    checkpoint = resume_point(out, recipe, resume, overwrite)  # every rank decides before the main one writes
+    check_writable(out, accelerator.process_index)  # before any work
+    accelerator.wait_for_everyone()
+    if main:
         prepare_output_dir(out, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), clear=overwrite)
     accelerator.wait_for_everyone()
     seed_everything(cfg.seed)

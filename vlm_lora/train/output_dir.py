@@ -89,21 +89,25 @@ def _flat(tree, prefix: str = "") -> dict:
     return flat
 
 
-def prepare_output_dir(out: Path, recipe_yaml: str, clear: bool) -> None:
-    """Create ``out`` (main process), check it is writable, clear an old run's files when ``clear``
-    (``--overwrite``) and write ``recipe.resolved.yaml``; a folder that cannot be written is one clear error."""
+def check_writable(out: Path, rank: int = 0) -> None:
+    """Create ``out`` and write a file there (every process, before any work); one clear error if it cannot."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".vlm_lora_write_test"
+        probe = out / f".vlm_lora_write_test_{rank}"
         probe.write_text("")
         probe.unlink()
-        if clear:
-            for path in [*out.glob("checkpoint-*"), *out.glob(".tmp-checkpoint-*"), *(out / n for n in RUN_FILES)]:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-        (out / RECIPE_NAME).write_text(recipe_yaml)
     except OSError as error:
         raise TrainingError(f"output_dir {out}: cannot write there ({error.strerror or error}); set output_dir to a "
                             f"writable folder") from None
+
+
+def prepare_output_dir(out: Path, recipe_yaml: str, clear: bool) -> None:
+    """(Main process) clear an old run's files when ``clear`` (``--overwrite``) and write ``recipe.resolved.yaml``."""
+    check_writable(out)
+    if clear:
+        for path in [*out.glob("checkpoint-*"), *out.glob(".tmp-checkpoint-*"), *(out / n for n in RUN_FILES)]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    (out / RECIPE_NAME).write_text(recipe_yaml)
