@@ -181,6 +181,15 @@ def test_fp16_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero():
     torch.testing.assert_close(grads[1], torch.full((8, 8), 4e-9), rtol=1e-2, atol=0)
 
 
+def test_fp16_weights_train_as_amp_and_bf16_autocast_over_them_is_refused():
+    from vlm_lora.train.precision import uses_fp16_amp
+
+    assert uses_fp16_amp("float16", "auto") and uses_fp16_amp("float32", "fp16")
+    assert not uses_fp16_amp("float32", "auto") and not uses_fp16_amp("bfloat16", "bf16")
+    with pytest.raises(TrainingError, match="model.dtype float16.*bf16"):
+        uses_fp16_amp("float16", "bf16")
+
+
 def test_fp16_run_trains_fp32_weights_with_a_finite_loss(tmp_path, caplog):
     data = _recipe(tmp_path, max_steps=3)
     data["model"]["dtype"] = "float16"

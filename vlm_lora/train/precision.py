@@ -15,10 +15,14 @@ from pathlib import Path
 import torch
 
 from vlm_lora.train.checkpoint import list_checkpoints
+from vlm_lora.train.setup import TrainingError
 
 
 def uses_fp16_amp(model_dtype: str, mixed_precision: str) -> bool:
     """Whether the run trains with fp16 autocast and a gradient scaler (see the module docstring)."""
+    if model_dtype == "float16" and mixed_precision == "bf16":
+        raise TrainingError("model.dtype float16 trains as fp16 mixed precision, but train.mixed_precision is bf16; "
+                            "load the model in bfloat16 (model.dtype) or set train.mixed_precision to auto or fp16")
     return model_dtype == "float16" or mixed_precision == "fp16"
 
 

@@ -49,12 +49,15 @@ def eval_split(recipe: Recipe) -> str:
     from vlm_lora.data.sources import split_names
 
     data = recipe.data
+    same = _same_source(data.train, data.eval)
+    if data.eval_split and not same:  # nothing to resolve: no split listing (a hub id may be offline)
+        return data.eval_split
     names = split_names(data.eval, data.format)
     split = data.eval_split or next((s for s in ("validation", "test") if names and s in names), None)
     if names is not None and split is None:
         raise DataError(f"data.eval {data.eval}: no validation or test split (splits: {', '.join(names)}); set "
                         f"data.eval_split")
-    if _same_source(data.train, data.eval) and (names is None or split == data.split):
+    if same and (names is None or split == data.split):
         where = f" split {split!r}" if names is not None else ""
         raise DataError(f"data.eval ({data.eval}{where}, data.eval_split) is the training data, data.train "
                         f"({data.train}{where}, data.split): the run would be scored on the rows it trains on. "
