@@ -221,14 +221,18 @@ def test_the_divergence_message_suggests_only_what_exists(tmp_path):
 def test_an_eval_crash_keeps_the_trained_adapter(tmp_path, monkeypatch, when):
     from vlm_lora.train import tasks
 
+    run = tmp_path / "run"
+    saved_before = []
+
     def broken(self, model, dataset, desc="eval"):
+        saved_before.append((run / "adapter_last" / "adapter_model.safetensors").is_file())
         raise RuntimeError("N must be divisible by block_n")
 
     monkeypatch.setattr(tasks.CaptionTask, "evaluate", broken)
     data = _recipe(tmp_path, eval_rows=2, eval_steps=2 if when == "periodic" else None)
     with pytest.raises(TrainingError, match="eval.* failed .*block_n.*the trained adapter is saved"):
         finetune(validate_recipe(data))
-    run = Path(data["output_dir"])
+    assert saved_before == [True]  # the last step's eval ran with the adapter already on disk
     for name in ("adapter", "adapter_last"):
         assert (run / name / "adapter_model.safetensors").is_file(), name
 

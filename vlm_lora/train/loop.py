@@ -155,6 +155,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
 
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not main)
     window = {"loss": 0.0, "samples": 0, "start": time.time()}
+    last_saved = False
     model.train()
     while step < total_steps:
         batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
@@ -194,6 +195,9 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
             window = {"loss": 0.0, "samples": 0, "start": time.time()}
+        if step == total_steps:  # saved before the last eval, which may fail (a kernel without CPU support)
+            write_adapter(out / "adapter_last")
+            last_saved = True
         if eval_set is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == total_steps):
             def rescue() -> None:  # the eval failed mid-run: keep what was trained
                 write_adapter(out / "adapter_last")
@@ -217,7 +221,8 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         log.warning("skipped %d bad sample(s) while training: %s", len(loader.skipped),
                     "; ".join(map(str, loader.skipped[:20])) + (" ..." if len(loader.skipped) > 20 else ""))
 
-    write_adapter(out / "adapter_last")
+    if not last_saved:  # the loop did not run (resumed at the end)
+        write_adapter(out / "adapter_last")
     if best["step"] is None:  # no eval during training: the last adapter is the one we keep
         write_adapter(out / "adapter")
     elif best["state"] is not None:
