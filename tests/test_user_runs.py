@@ -92,6 +92,10 @@ def test_a_corrupt_eval_image_in_skip_mode_is_skipped_and_counted(tmp_path, capl
     assert metrics["n"] == 2 and metrics["skipped"] == 1
     assert predictions[1]["skipped"] and predictions[1]["prediction"] is None
     assert all(isinstance(p["prediction"], str) for p in (predictions[0], predictions[2]))
+    from vlm_lora.eval.captioning import score_prediction_file, write_predictions
+
+    write_predictions(predictions, tmp_path / "predictions.jsonl")  # `vlm-lora score` reads it back
+    assert score_prediction_file(tmp_path / "predictions.jsonl") == {k: v for k, v in metrics.items() if k != "skipped"}
 
 
 # ---------------------------------------------------------------- 2. output_dir holds another run
@@ -249,7 +253,7 @@ def test_resume_passes_over_a_damaged_checkpoint_and_drops_repeated_metrics_rows
     state = run / "checkpoint-2" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])  # truncated: the newest checkpoint is damaged
     with caplog.at_level(logging.WARNING, logger="vlm_lora"):
-        finetune(validate_recipe(data), resume=True)
+        finetune(validate_recipe(data), resume=True, overwrite=True)  # --resume wins: nothing is cleared
     assert "checkpoint-2 is damaged" in caplog.text
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

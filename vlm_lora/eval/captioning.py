@@ -331,6 +331,8 @@ def read_prediction_rows(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{line_no}: not JSON ({error.msg})") from None
+        if isinstance(row, dict) and row.get("skipped"):  # its image could not be loaded: no prediction
+            continue
         refs = row.get("references") if isinstance(row, dict) else None
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
             raise DataError(f"{path}:{line_no}: 'references' must be a non-empty list of strings")

@@ -88,7 +88,8 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     check_writable(out, accelerator.process_index)  # before any work
     accelerator.wait_for_everyone()
     if main:
-        prepare_output_dir(out, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), clear=overwrite)
+        prepare_output_dir(out, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+                           clear=overwrite and checkpoint is None)  # --resume wins over --overwrite
     accelerator.wait_for_everyone()
     seed_everything(cfg.seed)
 
