@@ -195,7 +195,7 @@ def test_fp16_weights_train_as_amp_and_bf16_autocast_over_them_is_refused():
 
 
 def test_fp16_run_trains_fp32_weights_with_a_finite_loss(tmp_path, caplog):
-    data = _recipe(tmp_path, max_steps=3)
+    data = _recipe(tmp_path, max_steps=3, save_steps=2)
     data["model"]["dtype"] = "float16"
     with caplog.at_level(logging.INFO, logger="vlm_lora"):
         finetune(validate_recipe(data))
@@ -206,6 +206,8 @@ def test_fp16_run_trains_fp32_weights_with_a_finite_loss(tmp_path, caplog):
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
     connector = {k: v for k, v in saved.items() if "multi_modal_projector" in k}
     assert connector and all(v.dtype == torch.float32 for v in saved.values())  # master weights, not fp16
+    scaler = torch.load(run / "checkpoint-2" / "trainer_state.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 1.0  # the loss was scaled (and a resume restores the scale)
 
 
 def test_the_divergence_message_suggests_only_what_exists(tmp_path):
