@@ -125,8 +125,12 @@ def model_on_meta(path: str, trust_remote_code: bool = False) -> torch.nn.Module
 
 
 def load_model_and_processor(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
-                             num_classes: int | None = None, trust_remote_code: bool = False):
+                             num_classes: int | None = None, trust_remote_code: bool = False,
+                             allow_pickle: bool = False):
     """Returns (model, processor) in eval mode on ``device``.
+
+    transformers weights load from safetensors only, unless ``allow_pickle`` (pickle ``.bin`` files can
+    run code when loaded; ``model.allow_pickle: true`` for a trusted model shipped without safetensors).
 
     transformers: ``AutoModelForImageTextToText`` + ``AutoProcessor``. timm: the model (with a
     fresh ``num_classes`` head when given) and its data config dict as the "processor".
@@ -138,7 +142,14 @@ def load_model_and_processor(path: str, dtype: str = "float32", device: str | to
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     resolve_config(path, trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                            use_safetensors=None if allow_pickle else True)
+    except OSError as error:
+        if allow_pickle or "safetensors" not in str(error):
+            raise
+        raise ModelPathError(f"model path {path}: no safetensors weights; vlm-lora loads only safetensors unless "
+                             f"model.allow_pickle: true (pickle .bin files can run code: only for a trusted model)") from None
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), processor
 

@@ -48,6 +48,8 @@ class ModelConfig(_Strict):
     path: str = Field(description="local model folder or hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = Field(default=False, description="run code shipped with a hub model (off unless set)")
+    allow_pickle: bool = Field(default=False, description="also load pickle (.bin) base weights; off: safetensors "
+                                                          "only, as pickle files can run code")
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
 
 
@@ -58,6 +60,8 @@ class DataConfig(_Strict):
     format: Literal["auto", "caption_jsonl", "caption_csv", "llava_json", "imagefolder", "parquet", "hf_dataset",
                     "webdataset"] = Field(default="auto", description="inferred from the path when auto")
     split: str = Field(default="train", description="split of an HF dataset (saved DatasetDict or hub id)")
+    eval_split: str | None = Field(default=None, description="split of data.eval when it is an HF dataset with "
+                                                             "splits; default: validation, else test")
     streaming: Literal["auto"] | bool = Field(
         default="auto", description="stream the data (WebDataset shards only; auto: shards stream, others mmap)")
     num_workers: int | None = Field(default=None, ge=0, description="DataLoader workers per process; default: "

@@ -173,6 +173,37 @@ def read_meta(adapter_dir: str | Path) -> dict:
     return _read_meta(Path(adapter_dir))
 
 
+def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """``AdapterError`` unless the adapter at ``adapter_dir`` fits ``model`` (its base fingerprint, every targeted
+    module present with the shapes of its LoRA pair); changes nothing. Returns (config, sidecar meta, tensors)."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    if not (adapter_dir / WEIGHTS_NAME).is_file():
+        raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
+    origin = config.get("base_model_name_or_path")
+    meta = _read_meta(adapter_dir)
+    check_base(model, meta, origin)
+    state = load_file(str(adapter_dir / WEIGHTS_NAME))
+    sliced, modules, pairs = meta.get("sliced_layers", {}), dict(model.named_modules()), lora_pairs(state)
+    targets = list(sliced) + [t for t in pairs if not any(t == p or t.startswith(p + ".") for p in sliced)]
+    if targets and not any(t in modules for t in targets):
+        raise AdapterError(f"this {type(model).__name__} has none of the {len(targets)} modules the adapter targets "
+                           f"(e.g. {targets[0]!r}); the adapter was made for {origin!r}")
+    for path in targets:
+        if path not in modules:
+            raise AdapterError(f"adapter targets module {path!r}, which this model does not have; "
+                               f"the adapter was made for {origin!r}")
+    for path in targets[len(sliced):]:
+        (lora_a, lora_b, _), module = pairs[path], modules[path]
+        module = module.base_layer if isinstance(module, LoraLayer) else module
+        if not isinstance(module, nn.Linear) or lora_a.shape[1] != module.in_features \
+                or lora_b.shape[0] != module.out_features:
+            shape = (getattr(module, "out_features", "?"), getattr(module, "in_features", "?"))
+            raise AdapterError(f"adapter does not fit {path!r}: its update is ({lora_b.shape[0]}, {lora_a.shape[1]}) "
+                               f"[out, in] but the module is {shape}; the adapter was made for {origin!r}")
+    return config, meta, state
+
+
 def _read_meta(adapter_dir: Path) -> dict:
     meta_file = adapter_dir / META_NAME
     return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
@@ -207,7 +238,7 @@ def _load_full_linears(model: nn.Module, tensors: dict[str, torch.Tensor], adapt
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER,
-                 full_as_delta: bool | None = None) -> list[str]:
+                 full_as_delta: bool | None = None, label: str | None = None) -> list[str]:
     """Inject and load a PEFT-format LoRA adapter into ``model``; returns the adapted paths.
 
     Fails with ``AdapterError`` naming the module when the adapter does not fit this base; with a
@@ -218,44 +249,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     be switched and mixed per sample; otherwise they overwrite the base weights. Default: on for
     any name but ``"default"``. Other fully-trained tensors (norms, embeddings) always overwrite.
     """
-    adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
-    weights_file = adapter_dir / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
+    config, meta, state = check_adapter_fits(model, adapter_dir)
     origin = config.get("base_model_name_or_path")
-    meta = _read_meta(adapter_dir)
-    check_base(model, meta, origin)
-    state = load_file(str(weights_file))
     sliced = meta.get("sliced_layers", {})
     modules = dict(model.named_modules())
-
     pairs = lora_pairs(state)
-    targets = list(sliced) + [t for t in pairs if not any(t == p or t.startswith(p + ".") for p in sliced)]
-    if targets and not any(t in modules for t in targets):
-        raise AdapterError(f"this {type(model).__name__} has none of the {len(targets)} modules the adapter targets "
-                           f"(e.g. {targets[0]!r}); the adapter was made for {origin!r}")
     specs: dict[str, AdapterSpec] = {}
     entries: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for path, info in sliced.items():
-        if path not in modules:
-            raise AdapterError(f"adapter targets module {path!r}, which this model does not have; "
-                               f"the adapter was made for {origin!r}")
         specs[path] = AdapterSpec(rank=info["rank"], alpha=info["alpha"], slices=tuple(info["slices"]),
                                   slice_order=tuple(info["slice_order"]))
         entries[path] = take_layer_entries(pairs, path)
     for path, (lora_a, lora_b, magnitude) in pairs.items():
-        module = modules.get(path)
-        if isinstance(module, LoraLayer):
-            module = module.base_layer
-        if module is None:
-            raise AdapterError(f"adapter targets module {path!r}, which this model does not have; "
-                               f"the adapter was made for {origin!r}")
-        if not isinstance(module, nn.Linear) or lora_a.shape[1] != module.in_features \
-                or lora_b.shape[0] != module.out_features:
-            shape = (getattr(module, "out_features", "?"), getattr(module, "in_features", "?"))
-            raise AdapterError(f"adapter does not fit {path!r}: its update is ({lora_b.shape[0]}, {lora_a.shape[1]}) "
-                               f"[out, in] but the module is {shape}; the adapter was made for {origin!r}")
         rank = _pattern_value(path, config.get("rank_pattern") or {}, config["r"])
         if rank != lora_a.shape[0]:
             raise AdapterError(f"{path}: config says rank {rank} but lora_A has {lora_a.shape[0]} rows")
@@ -280,7 +285,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         specs.update(dict.fromkeys(full_paths))
         if full:
             log.warning("adapter %r: %d fully-trained tensors that are not linears (e.g. %s) overwrite the base "
-                        "for every adapter", adapter_name, len(full), next(iter(full)))
+                        "for every adapter", label or adapter_name, len(full), next(iter(full)))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in full.items():

@@ -125,6 +125,24 @@ def _refuse_compressed(names: list[str]) -> None:
                         "uncompressed .tar files (decompress each with `gunzip -k`, `xz -dk`, ...)")
 
 
+def split_names(path: str, format: str = "auto") -> list[str] | None:
+    """The splits of an HF dataset (a saved ``DatasetDict`` folder or ``hf:`` hub id); None for data without
+    splits (files, parquet, shards, a saved single ``Dataset``)."""
+    if source_format(path, format) != "hf_dataset":
+        return None
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / "dataset_dict.json").is_file():
+            return None
+        return json.loads((folder / "dataset_dict.json").read_text()).get("splits")
+    import datasets
+
+    try:
+        return datasets.get_dataset_split_names(path.removeprefix(HUB_PREFIX))
+    except Exception as error:  # noqa: BLE001 - unreachable hub, unknown id: the loader reports it
+        raise DataError(f"{path}: cannot list its splits: {error}") from None
+
+
 def shard_paths(pattern: str) -> list[Path]:
     """The tar shards of a brace pattern, a single ``.tar`` or a folder of them; all must exist."""
     folder = Path(pattern)

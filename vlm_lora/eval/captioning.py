@@ -15,29 +15,24 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from vlm_lora.data.processors import build_prompt
 from vlm_lora.data.datasets import CaptionDataset, DataError
+from vlm_lora.eval.prompts import example_prompts, render_prompt
 
 log = logging.getLogger("vlm_lora")
 
 
-def render_prompt(processor, prompt: str) -> str:
-    """The full generation prompt: ``prompt`` put into the chat template, or used verbatim as the
-    template when it already contains the image token (e.g. ``"USER: <image>\\nCaption: ASSISTANT:"``)."""
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    image_token = getattr(image_token, "content", image_token)  # BLIP-2 keeps an AddedToken
-    return prompt if image_token in prompt else build_prompt(processor, prompt)
-
-
 @torch.no_grad()
-def generate_captions(model, processor, dataset: CaptionDataset, prompt: str | list[str], batch_size: int = 32,
+def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, batch_size: int = 32,
                       max_new_tokens: int = 32, desc: str = "captioning", num_beams: int = 1,
-                      min_new_tokens: int = 0) -> list[str]:
+                      min_new_tokens: int = 0, chat_template: str | None = None,
+                      prompts: list[tuple[str, str]] | None = None) -> list[str | None]:
     """Captions for every example, batched with left padding; greedy, or beam search if ``num_beams > 1``.
-    ``prompt``: one for all, or a list with each example's own (questions)."""
+
+    Each example is asked ``prompt``, or a chat example its conversation up to the last user turn
+    (``vlm_lora.eval.prompts``; ``prompts``: those already rendered). An example whose image could not be
+    loaded (the data set skips it, ``on_bad_sample: skip``) gets None."""
     tokenizer = processor.tokenizer
-    texts = [render_prompt(processor, p) for p in prompt] if isinstance(prompt, list) else None
-    text = None if texts else render_prompt(processor, prompt)
+    prompts = prompts or example_prompts(processor, dataset.examples, prompt, chat_template)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -49,20 +44,24 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str | l
         decoding["min_new_tokens"] = min_new_tokens
     if is_fsdp_sharded(model):  # every forward gathers weights: ranks that finish keep stepping with the others
         decoding["synced_gpus"] = True
-    captions: list[str] = []
+    captions: list[str | None] = []
     try:
         # disable=None: no bar when stderr is not a terminal, so logs stay free of redraw sequences
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False, disable=None):
-            images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-            # one list per prompt: processors that take several images per sample (Gemma 3, SmolVLM, Mllama)
-            # would read a flat list as all images of the first prompt
-            batch = processor(images=[[image] for image in images], return_tensors="pt", padding=True,
-                              text=texts[start:start + len(images)] if texts else [text] * len(images))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            out = model.generate(**batch, **decoding)
-            new_tokens = out[:, batch["input_ids"].shape[1]:]
-            captions += [c.strip() for c in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            indices = range(start, min(start + batch_size, len(dataset)))
+            loaded = {i: dataset[i][0] for i in indices}
+            found, made = [i for i in indices if loaded[i] is not None], {}
+            if found:
+                # one list per prompt: processors that take several images per sample (Gemma 3, SmolVLM, Mllama)
+                # would read a flat list as all images of the first prompt
+                batch = processor(images=[loaded[i] if isinstance(loaded[i], list) else [loaded[i]] for i in found],
+                                  text=[prompts[i][0] for i in found], return_tensors="pt", padding=True)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                out = model.generate(**batch, **decoding)
+                decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                made = dict(zip(found, (c.strip() for c in decoded)))
+            captions += [made.get(i) for i in indices]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -78,16 +77,33 @@ def is_fsdp_sharded(model) -> bool:
 
 def evaluate_captions(model, processor, dataset: CaptionDataset, prompt: str, batch_size: int = 32,
                       max_new_tokens: int = 32, desc: str = "captioning", num_beams: int = 1,
-                      min_new_tokens: int = 0) -> tuple[dict, list[dict]]:
-    """(metrics, per-sample rows ``{image, prediction, references}``) for ``dataset``."""
+                      min_new_tokens: int = 0, chat_template: str | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, per-sample rows ``{image, prompt, prediction, references}``) for ``dataset``.
+
+    ``prompt`` in a row is the user text the model saw; rows of examples whose image could not be loaded
+    (skipped) carry ``"skipped": true`` and are left out of the metrics, which count them in ``skipped``."""
+    prompts = example_prompts(processor, dataset.examples, prompt, chat_template)
+    predictions = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens, desc,
+                                    num_beams=num_beams, min_new_tokens=min_new_tokens, prompts=prompts)
+    rows = [{"image": str(ex.image_path), "prompt": user, "prediction": p, "references": ex.captions,
+             **({"skipped": True} if p is None else {})}
+            for ex, (_, user), p in zip(dataset.examples, prompts, predictions)]
+    return score_rows(rows), rows
+
+
+def score_rows(rows: list[dict]) -> dict:
+    """Caption metrics of prediction rows, leaving out (and counting in ``skipped``) the skipped ones."""
     from vlm_lora.metrics import score_captions
 
-    predictions = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens, desc,
-                                    num_beams=num_beams, min_new_tokens=min_new_tokens)
-    references = [ex.captions for ex in dataset.examples]
-    rows = [{"image": str(ex.image_path), "prediction": p, "references": ex.captions}
-            for ex, p in zip(dataset.examples, predictions)]
-    return score_captions(predictions, references), rows
+    scored = [r for r in rows if not r.get("skipped")]
+    if not scored:
+        raise DataError(f"no eval sample could be scored: all {len(rows)} were skipped (unreadable images)")
+    metrics = score_captions([r["prediction"] for r in scored], [r["references"] for r in scored])
+    if len(scored) < len(rows):
+        log.warning("eval: skipped %d of %d sample(s) whose image could not be loaded", len(rows) - len(scored),
+                    len(rows))
+        metrics["skipped"] = len(rows) - len(scored)
+    return metrics
 
 
 def write_predictions(rows: list[dict], path: str | Path) -> None:
@@ -153,14 +169,17 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     Returns ``(summary, rows)``: summary ``{label: metrics + "speed"}``, rows one per image
     ``{image, references, predictions: {label: caption}, cider: {label: per-sample CIDEr-D}}``.
     """
-    from vlm_lora.adapters.peft_format import AdapterError, load_adapter
+    from vlm_lora.adapters.peft_format import AdapterError, check_adapter_fits, load_adapter
     from vlm_lora.metrics import score_captions
 
     labels = [base_label] + [label for label, _ in adapters]
     if len(set(labels)) != len(labels):
         raise AdapterError(f"model labels must be unique, got {labels}")
     dirs = [check_adapter_dir(path) for _, path in adapters]
+    for adapter_dir in dirs:  # before captioning the base: a misfit fails in seconds, not after a pass
+        check_adapter_fits(model, adapter_dir)
     saved = _snapshot_overwritten(model, dirs)
+    prompts = example_prompts(processor, dataset.examples, prompt)
     references = [ex.captions for ex in dataset.examples]
     summary: dict = {}
     captions: dict[str, list[str]] = {}
@@ -171,12 +190,12 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
             name = None
             if adapter_dir is not None:
                 name = f"eval_{i}"
-                load_adapter(model, adapter_dir, name)
+                load_adapter(model, adapter_dir, name, label=label)
             activate_adapter(model, name)
             start = time.perf_counter()
             captions[label] = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens,
                                                 desc=f"captioning ({label})", num_beams=num_beams,
-                                                min_new_tokens=min_new_tokens)
+                                                min_new_tokens=min_new_tokens, prompts=prompts)
             seconds = time.perf_counter() - start
             metrics = score_captions(captions[label], references, per_sample=True)
             cider[label] = [sample["cider"] for sample in metrics.pop("per_sample")]
@@ -188,7 +207,7 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     finally:
         _restore(saved)
         activate_adapter(model, None)
-    rows = [{"image": str(ex.image_path), "references": ex.captions,
+    rows = [{"image": str(ex.image_path), "prompt": prompts[i][1], "references": ex.captions,
              "predictions": {label: captions[label][i] for label in labels},
              "cider": {label: cider[label][i] for label in labels}}
             for i, ex in enumerate(dataset.examples)]
@@ -247,8 +266,8 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
     dirs = [check_adapter_dir(path) for _, path in adapters]
     names = [None] + [f"eval_{i}" for i in range(1, len(dirs) + 1)]
     try:
-        for name, adapter_dir in zip(names[1:], dirs):
-            load_adapter(model, adapter_dir, name, full_as_delta=True)
+        for name, label, adapter_dir in zip(names[1:], labels[1:], dirs):
+            load_adapter(model, adapter_dir, name, full_as_delta=True, label=label)
         start = time.perf_counter()
         generated = generate_captions_mixed(model, processor, dataset, names, prompt, batch_size, max_new_tokens,
                                             num_beams, min_new_tokens)
@@ -268,7 +287,7 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
         log.info("%s: %s", label, format_metrics(metrics))
     log.info("mixed batches: %.2f samples/s (%d images x %d models in %.1fs)", speed["samples_per_s"], len(dataset),
              len(names), seconds)
-    rows = [{"image": str(ex.image_path), "references": ex.captions,
+    rows = [{"image": str(ex.image_path), "prompt": prompt, "references": ex.captions,
              "predictions": {label: captions[i] for label, captions in zip(labels, generated)},
              "cider": {label: cider[label][i] for label in labels}}
             for i, ex in enumerate(dataset.examples)]
@@ -314,6 +333,8 @@ def read_prediction_rows(path: str | Path, reference_key: str = "references") ->
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{line_no}: not JSON ({error.msg})") from None
+        if isinstance(row, dict) and row.get("skipped"):  # its image could not be loaded: no prediction
+            continue
         refs = row.get(reference_key, row.get(reference_key[:-1])) if isinstance(row, dict) else None
         refs = [refs] if isinstance(refs, str) and reference_key == "answers" else refs
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):

@@ -74,7 +74,7 @@ def run_eval(args) -> dict:
         from vlm_lora.eval.tasks import run_task_eval
 
         return run_task_eval(args, labels)
-    data = load_caption_data(args.data, args.image_root, args.limit)
+    data = load_caption_data(args.data, args.image_root, args.limit, args.prompt)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log.info("loading %s (%s) on %s; %d images from %s", args.model, args.dtype, device, len(data), args.data)
     model, processor = load_model_and_processor(args.model, args.dtype, device)

@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from vlm_lora.data.datasets import CaptionDataset, CaptionExample, DataError
+from vlm_lora.data.datasets import DEFAULT_PROMPT, CaptionDataset, CaptionExample, DataError
 
 log = logging.getLogger("vlm_lora")
 
@@ -98,9 +98,10 @@ def is_coco_file(path: str | Path) -> bool:
 
 
 def load_caption_data(path: str | Path, image_root: str | Path | None = None,
-                      limit: int | None = None) -> CaptionDataset:
-    """The evaluation set at ``path`` (COCO JSON or JSONL), optionally only its first ``limit`` images."""
-    dataset = CocoCaptionDataset(path, image_root) if is_coco_file(path) else CaptionDataset(path, image_root)
+                      limit: int | None = None, prompt: str = DEFAULT_PROMPT) -> CaptionDataset:
+    """The evaluation set at ``path`` (COCO JSON or JSONL), optionally only its first ``limit`` images;
+    ``prompt`` is what each image is asked."""
+    dataset = CocoCaptionDataset(path, image_root) if is_coco_file(path) else CaptionDataset(path, image_root, prompt)
     return subset(dataset, limit) if limit else dataset
 
 

@@ -105,23 +105,31 @@ def score_rows(task: str, rows: list[dict]) -> dict:
 
 
 def generate_replies(model, processor, dataset, batch_size: int = 32, max_new_tokens: int = 32, desc: str = "answering",
-                     num_beams: int = 1, min_new_tokens: int = 0) -> list[str]:
-    """One reply per sample to its own user turn (batched as ``generate_captions``)."""
+                     num_beams: int = 1, min_new_tokens: int = 0, chat_template: str | None = None) -> list[str | None]:
+    """One reply per sample to its question (a chat sample: its conversation replayed up to the last user turn,
+    ``vlm_lora.eval.prompts``); None where the sample's image could not be loaded (skipped)."""
     from vlm_lora.eval.captioning import generate_captions
 
-    prompts = [example.turns[-1][0] for example in dataset.examples]
-    return generate_captions(model, processor, dataset, prompts, batch_size, max_new_tokens, desc,
-                             num_beams=num_beams, min_new_tokens=min_new_tokens)
+    # every question sample has its own user turn, so no shared prompt is asked
+    return generate_captions(model, processor, dataset, "", batch_size, max_new_tokens, desc,
+                             num_beams=num_beams, min_new_tokens=min_new_tokens, chat_template=chat_template)
 
 
 def evaluate_task(model, processor, dataset, task: str, batch_size: int = 32, max_new_tokens: int = 32,
-                  desc: str = "answering", num_beams: int = 1, min_new_tokens: int = 0) -> tuple[dict, list[dict]]:
-    """(metrics, rows with a per-sample ``score``) of one model on a vqa or choice data set."""
-    replies = generate_replies(model, processor, dataset, batch_size, max_new_tokens, desc, num_beams, min_new_tokens)
-    rows = answer_rows(dataset, replies)
-    metrics, per_sample = score_task(task, replies, [r["answers"] for r in rows], [r.get("options") for r in rows])
-    for row, value in zip(rows, per_sample):
-        row["score"] = value
+                  desc: str = "answering", num_beams: int = 1, min_new_tokens: int = 0,
+                  chat_template: str | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, rows with a per-sample ``score``) of one model on a vqa or choice data set; rows whose image
+    could not be loaded are marked ``skipped`` and not scored."""
+    replies = generate_replies(model, processor, dataset, batch_size, max_new_tokens, desc, num_beams, min_new_tokens,
+                               chat_template)
+    rows = answer_rows(dataset, [r if r is not None else "" for r in replies])
+    kept = [i for i, reply in enumerate(replies) if reply is not None]
+    metrics, per_sample = score_task(task, [replies[i] for i in kept], [rows[i]["answers"] for i in kept],
+                                     [rows[i].get("options") for i in kept])
+    for i, value in zip(kept, per_sample):
+        rows[i]["score"] = value
+    for i in set(range(len(rows))) - set(kept):
+        rows[i]["skipped"] = True
     return metrics, rows
 
 

@@ -9,6 +9,7 @@ killed mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from vlm_lora.lora import iter_lora_layers
 
 STATE_NAME = "trainer_state.pt"
+log = logging.getLogger("vlm_lora")
 
 
 def rng_state() -> dict:
@@ -100,3 +102,24 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def usable_checkpoint(out_dir: Path) -> Path:
+    """The newest checkpoint whose files all read back; damaged newer ones (a truncated ``trainer_state.pt``
+    or safetensors file) are named in a warning and passed over. Raises ``ValueError`` if none is usable."""
+    from safetensors.torch import load_file
+
+    from vlm_lora.adapters.peft_format import WEIGHTS_NAME
+
+    found = list_checkpoints(out_dir)
+    for checkpoint in reversed(found):
+        try:
+            load_trainer_state(checkpoint)
+            load_file(str(checkpoint / WEIGHTS_NAME))
+            return checkpoint
+        except Exception as error:  # noqa: BLE001 - any failure to read it back means: damaged
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log.warning("checkpoint %s is damaged (%s: %s); resuming from the previous complete checkpoint instead",
+                        checkpoint, type(error).__name__, reason[:200])
+    raise ValueError(f"--resume: none of the {len(found)} checkpoint(s) in {out_dir} can be read back "
+                     f"(all damaged); start a new run (--overwrite)")

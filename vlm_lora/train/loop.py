@@ -20,7 +20,9 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,8 +30,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from vlm_lora.adapters.peft_format import save_adapter
-from vlm_lora.train.checkpoint import (list_checkpoints, load_trainer_state, rank_rng_state, restore_weights, rng_state,
-                                       save_checkpoint, set_rng_state)
+from vlm_lora.train.checkpoint import (load_trainer_state, rank_rng_state, restore_weights, rng_state, save_checkpoint,
+                                       set_rng_state)
 from vlm_lora.train import distributed
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
@@ -37,6 +39,8 @@ from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
 from vlm_lora.eval.plotting import plot_loss
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
+from vlm_lora.train.output_dir import check_writable, prepare_output_dir, resume_point
+from vlm_lora.train.precision import LossScaling, divergence_error, upcast_trainable, uses_fp16_amp
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
 from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe, make_train_loader
 from vlm_lora.train.speed import apply_speed_options, packing_rope_positions, packing_row_tokens
@@ -64,13 +68,15 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     AcceleratorState._reset_state(reset_partial_state=False)  # a second finetune() may use another precision
     # LoRA gradients are few and small: no unused-parameter search, no buffer broadcast per forward
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), kwargs_handlers=[ddp])
+    fp16 = uses_fp16_amp(recipe.model.dtype, cfg.mixed_precision)  # our autocast + GradScaler, not accelerate's
+    accelerator = Accelerator(mixed_precision="no" if fp16 else _mixed_precision(cfg.mixed_precision),
+                              kwargs_handlers=[ddp])
     fsdp = cfg.fsdp or accelerator.distributed_type == DistributedType.FSDP
     if fsdp and accelerator.num_processes == 1:
         raise TrainingError("train.fsdp shards the model over several processes, but this run has one; launch with "
                             "`accelerate launch --num_processes N -m vlm_lora finetune ...` (or torchrun), "
                             "or leave train.fsdp false")
-    if fsdp and accelerator.mixed_precision == "fp16":
+    if fsdp and fp16:
         raise TrainingError("train.fsdp: fp16 needs a gradient scaler that FSDP runs do not have; "
                             "set train.mixed_precision to bf16 or no")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,10 +84,13 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         raise TrainingError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; "
                             f"each would train alone and write the same files. On CPU set ACCELERATE_USE_CPU=1")
     main = accelerator.is_main_process
-    checkpoint = _resume_point(out, resume, overwrite)
+    checkpoint = resume_point(out, recipe, resume, overwrite)  # every rank decides before the main one writes
+    check_writable(out, accelerator.process_index)  # before any work
+    accelerator.wait_for_everyone()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        prepare_output_dir(out, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+                           clear=overwrite and checkpoint is None)  # --resume wins over --overwrite
+    accelerator.wait_for_everyone()
     seed_everything(cfg.seed)
 
     model, processor = load_for_recipe(recipe, accelerator.device)
@@ -106,6 +115,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     _quantize_if_asked(recipe, model, plan, fsdp)
     plan.apply(model)
     apply_speed_options(model, cfg, recipe.data.packing)
+    scaling = LossScaling(fp16, accelerator.device)
+    if fp16:
+        log.info("fp16 mixed precision: %d trainable tensors kept in fp32, fp16 autocast, loss scaling",
+                 upcast_trainable(model))
     if recipe.data.packing:
         task.collate = PackingCollator(task.collate, packing_row_tokens(model), packing_rope_positions(model))
     if fsdp:  # after the adapters (and checkpointing, compile) are in, before the optimizer sees the parameters
@@ -125,11 +138,11 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     step, best, saved_data = 0, {"value": None, "step": None, "state": None}, None
     metric = cfg.metric_for_best or task.default_metric
     if checkpoint is not None:
-        step, best, saved_data = _restore(checkpoint, unwrapped, optimizer, scheduler, out, metric,
+        step, best, saved_data = _restore(checkpoint, unwrapped, optimizer, scheduler, scaling, metric,
                                           accelerator.process_index)
         log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
     loader.start(step * per_step, saved_data)
-    writer = MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
+    writer = MetricsWriter(out, cfg.tensorboard, resume_step=step if checkpoint is not None else None) if main else None
 
     def save_gathered(folder: Path) -> None:  # main process, inside distributed.full_trainable
         save_adapter(unwrapped, folder, recipe.model.path, plan.full_prefixes(), never_saved=plan.frozen_paths,
@@ -143,6 +156,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
 
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not main)
     window = {"loss": 0.0, "samples": 0, "start": time.time()}
+    last_saved = False
     model.train()
     while step < total_steps:
         batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
@@ -152,22 +166,24 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         for i, (batch, n) in enumerate(zip(batches, units)):
             sync = i == len(batches) - 1
             with distributed.gradient_sync(model, accelerator, sync):
-                loss, _ = task.loss(model, batch)
+                with scaling.autocast():
+                    loss, _ = task.loss(model, batch)
                 # sum over micro-batches of (mean loss x units) / all units; DDP averages over processes
-                accelerator.backward(loss * (n * world / max(total_units, 1.0)))
+                accelerator.backward(scaling.scale(loss * (n * world / max(total_units, 1.0))))
             step_loss += loss.detach().double() * n  # no host sync per micro-batch
         step_loss = accelerator.reduce(step_loss, "sum").item() / max(total_units, 1.0)
         if not math.isfinite(step_loss):  # the same value on every rank: all stop, before the optimizer step
-            _stop_on_nan(out, step, f"loss {step_loss}")
+            raise TrainingError(divergence_error(out, step, f"loss {step_loss}", recipe))
+        scaling.unscale(optimizer)
         if cfg.max_grad_norm and fsdp:
             distributed.clip_grad_norm(trainable, cfg.max_grad_norm)  # one all-reduce for every shard
         elif cfg.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
+        scaling.step(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if not distributed.all_finite(trainable):
-            _stop_on_nan(out, step, "non-finite weights after the optimizer step")
+            raise TrainingError(divergence_error(out, step, "non-finite weights after the optimizer step", recipe))
         step += 1
         bar.update(1)
         window["loss"] += step_loss
@@ -180,14 +196,22 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
             window = {"loss": 0.0, "samples": 0, "start": time.time()}
+        if step == total_steps:  # saved before the last eval, which may fail (a kernel without CPU support)
+            write_adapter(out / "adapter_last")
+            last_saved = True
         if eval_set is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == total_steps):
-            scores = _periodic_eval(task, unwrapped, eval_set, cfg, step, writer, out)  # every rank
+            def rescue() -> None:  # the eval failed mid-run: keep what was trained
+                write_adapter(out / "adapter_last")
+                if best["step"] is None:
+                    write_adapter(out / "adapter")
+            with _eval_failure(f"eval at step {step}", out / "adapter_last", rescue), scaling.autocast():
+                scores = _periodic_eval(task, unwrapped, eval_set, cfg, step, writer, out)  # every rank
             _track_best(best, scores, metric, step, unwrapped, out / "adapter", write_adapter)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             position = {"step": step, "micro_batches": loader.position, "best": _best_summary(best),
                         "data": loader.state()}
             state = {"optimizer": distributed.optimizer_state(unwrapped, optimizer), "scheduler": scheduler.state_dict(),
-                     "rng": distributed.gather_objects(rng_state()), "position": position}
+                     "rng": distributed.gather_objects(rng_state()), "position": position, "scaler": scaling.state_dict()}
             with distributed.full_trainable(unwrapped):
                 if main:
                     save_checkpoint(out, step, save_gathered, state, cfg.save_total_limit)
@@ -198,7 +222,8 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         log.warning("skipped %d bad sample(s) while training: %s", len(loader.skipped),
                     "; ".join(map(str, loader.skipped[:20])) + (" ..." if len(loader.skipped) > 20 else ""))
 
-    write_adapter(out / "adapter_last")
+    if not last_saved:  # the loop did not run (resumed at the end)
+        write_adapter(out / "adapter_last")
     if best["step"] is None:  # no eval during training: the last adapter is the one we keep
         write_adapter(out / "adapter")
     elif best["state"] is not None:
@@ -208,7 +233,9 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             restore_weights(unwrapped, out / "adapter")
     train_time = time.time() - started
     if eval_set is not None:
-        results["adapted"], rows = distributed.evaluate_split(task, unwrapped, eval_set, desc="scoring adapted")
+        with _eval_failure("the final eval", out / "adapter", writer.close if writer else lambda: None), \
+                scaling.autocast():
+            results["adapted"], rows = distributed.evaluate_split(task, unwrapped, eval_set, desc="scoring adapted")
         if best["step"] is not None:
             results["adapted"]["best_step"] = best["step"]
     if main:
@@ -223,23 +250,23 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     return results
 
 
+@contextmanager
+def _eval_failure(what: str, adapter: Path, before) -> Iterator[None]:
+    """An eval that crashes (a bad image, a kernel without CPU support) becomes one ``TrainingError`` saying
+    where the trained adapter is; ``before()`` first saves what is not saved yet."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - whatever broke the eval, the trained weights are kept
+        before()
+        raise TrainingError(f"{what} failed ({type(error).__name__}: {error}); the trained adapter is saved in "
+                            f"{adapter}: score it with `vlm-lora eval --model MODEL --adapter {adapter} --data EVAL "
+                            f"--out DIR`") from error
+
+
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def _resume_point(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    if resume:
-        found = list_checkpoints(out)
-        if not found:
-            raise RunExistsError(f"--resume: no checkpoint in {out} (checkpoints are written every train.save_steps)")
-        return found[-1]
-    finished = [name for name in ("eval.json", "adapter", "adapter_last") if (out / name).exists()]
-    if finished and not overwrite:
-        raise RunExistsError(f"{out} already holds a run ({', '.join(finished)}); pass --overwrite to replace it, "
-                             f"--resume to continue it, or set output_dir")
-    return None
 
 
 def _check_quantization(recipe: Recipe, plan: Plan) -> None:
@@ -303,7 +330,7 @@ def _best_summary(best: dict) -> dict:
     return {"value": best["value"], "step": best["step"]}
 
 
-def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: str,
+def _restore(checkpoint: Path, model, optimizer, scheduler, scaling: LossScaling, metric: str,
              rank: int) -> tuple[int, dict, dict | None]:
     """Load adapter weights, optimizer, scheduler and this rank's RNG state (every rank); returns (step, best,
     the loader's saved state)."""
@@ -312,18 +339,12 @@ def _restore(checkpoint: Path, model, optimizer, scheduler, out: Path, metric: s
         restore_weights(model, checkpoint)
     distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaling.load_state_dict(state.get("scaler"))
     set_rng_state(rank_rng_state(state, rank))
     saved = state["position"].get("best") or {}
     # the best adapter so far is on disk in out/adapter; it is reloaded at the end if nothing beats it
     return (state["step"], {"value": saved.get("value"), "step": saved.get("step"), "state": None},
             state["position"].get("data"))
-
-
-def _stop_on_nan(out: Path, step: int, what: str) -> None:
-    found = list_checkpoints(out)
-    keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-    raise TrainingError(f"training diverged at step {step + 1} ({what}); stopped without saving. {keep} "
-                        f"(resume with --resume after lowering train.learning_rate or setting train.max_grad_norm)")
 
 
 def _adapter_meta(recipe: Recipe) -> dict:

@@ -12,8 +12,15 @@ log = logging.getLogger("vlm_lora")
 class MetricsWriter:
     """``metrics.jsonl`` rows, mirrored to TensorBoard when it is installed."""
 
-    def __init__(self, out: Path, tensorboard: bool, append: bool):
-        self.file = (out / "metrics.jsonl").open("a" if append else "w")
+    def __init__(self, out: Path, tensorboard: bool, resume_step: int | None = None):
+        """``resume_step``: continue the file of a resumed run, dropping its rows after that step (the
+        killed run logged them past its last checkpoint; this run logs them again)."""
+        path = out / "metrics.jsonl"
+        if resume_step is not None and path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if _step(line) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a" if resume_step is not None else "w")
         self.tb = None
         if tensorboard:
             try:
@@ -35,6 +42,13 @@ class MetricsWriter:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")  # a half-written last line of a killed run: dropped
 
 
 def fmt(metrics: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from vlm_lora.modeling import load_model_and_processor, model_source
 from vlm_lora.recipe import Recipe
@@ -36,13 +37,41 @@ class Subset:
         return Subset(self.dataset, min(n, len(self.examples)))
 
 
-def _load_data(recipe: Recipe, path: str, streaming="auto"):
+def _load_data(recipe: Recipe, path: str, streaming="auto", split: str | None = None):
     from vlm_lora.data.datasets import load_dataset
 
     data = recipe.data
     return load_dataset(path, format=data.format, image_root=data.image_root, prompt=data.prompt,
-                        on_bad_sample=data.on_bad_sample, label_key=data.label_key, split=data.split,
+                        on_bad_sample=data.on_bad_sample, label_key=data.label_key, split=split or data.split,
                         streaming=data.streaming if streaming == "auto" else streaming)
+
+
+def eval_split(recipe: Recipe) -> str:
+    """The split ``data.eval`` is read from: ``data.eval_split``, else ``validation``, else ``test`` (HF datasets
+    with splits); refuses an eval that resolves to the training rows, naming both keys."""
+    from vlm_lora.data.datasets import DataError
+    from vlm_lora.data.sources import split_names
+
+    data = recipe.data
+    same = _same_source(data.train, data.eval)
+    if data.eval_split and not same:  # nothing to resolve: no split listing (a hub id may be offline)
+        return data.eval_split
+    names = split_names(data.eval, data.format)
+    split = data.eval_split or next((s for s in ("validation", "test") if names and s in names), None)
+    if names is not None and split is None:
+        raise DataError(f"data.eval {data.eval}: no validation or test split (splits: {', '.join(names)}); set "
+                        f"data.eval_split")
+    if same and (names is None or split == data.split):
+        where = f" split {split!r}" if names is not None else ""
+        raise DataError(f"data.eval ({data.eval}{where}, data.eval_split) is the training data, data.train "
+                        f"({data.train}{where}, data.split): the run would be scored on the rows it trains on. "
+                        f"Point data.eval at held-out rows" + (" or set data.eval_split" if names else ""))
+    return split or data.split
+
+
+def _same_source(a: str, b: str) -> bool:
+    local = lambda p: "://" not in p and not p.startswith("hf:") and not any(c in p for c in "*?{")
+    return Path(a).resolve() == Path(b).resolve() if local(a) and local(b) else a == b
 
 
 def load_for_recipe(recipe: Recipe, device):
@@ -53,7 +82,8 @@ def load_for_recipe(recipe: Recipe, device):
 
         num_classes = len(classes_of(_load_data(recipe, recipe.data.train, streaming=False)))
     model, processor = load_model_and_processor(recipe.model.path, recipe.model.dtype, device,
-                                                num_classes=num_classes, trust_remote_code=recipe.model.trust_remote_code)
+                                                num_classes=num_classes, trust_remote_code=recipe.model.trust_remote_code,
+                                                allow_pickle=recipe.model.allow_pickle)
     from vlm_lora.train.pixels import apply_pixel_budget
 
     apply_pixel_budget(recipe, model, processor)  # data.min_pixels / max_pixels onto the processor
@@ -66,7 +96,8 @@ def build_task_and_data(recipe: Recipe, model, processor):
     from vlm_lora.train.tasks import CaptionTask, ClassificationTask, ContrastiveTask, classes_of
 
     train_set = _load_data(recipe, recipe.data.train)
-    eval_set = _load_data(recipe, recipe.data.eval, streaming=False) if recipe.data.eval else None  # shards indexed
+    eval_set = (_load_data(recipe, recipe.data.eval, streaming=False, split=eval_split(recipe))  # shards indexed
+                if recipe.data.eval else None)
     kind = detect_architecture(model).task
     if kind == "classify":
         task = ClassificationTask(processor, classes_of(train_set), recipe)

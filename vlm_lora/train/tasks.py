@@ -45,18 +45,18 @@ class CaptionTask:
         cfg = self.recipe.train
         if self.eval_task != "caption":
             return evaluate_task(model, self.processor, dataset, self.eval_task, cfg.eval_batch_size,
-                                 cfg.max_new_tokens, desc)
+                                 cfg.max_new_tokens, desc, chat_template=self.recipe.data.chat_template)
         return evaluate_captions(model, self.processor, dataset, self.recipe.data.prompt, cfg.eval_batch_size,
-                                 cfg.max_new_tokens, desc)
+                                 cfg.max_new_tokens, desc, chat_template=self.recipe.data.chat_template)
 
     def score(self, rows: list[dict]) -> dict:
         """Metrics of rows as ``evaluate`` returns them (e.g. gathered from several ranks)."""
+        from vlm_lora.eval.captioning import score_rows as score_caption_rows
         from vlm_lora.eval.tasks import score_rows
-        from vlm_lora.metrics import score_captions
 
         if self.eval_task != "caption":
-            return score_rows(self.eval_task, rows)
-        return score_captions([r["prediction"] for r in rows], [r["references"] for r in rows])
+            return score_rows(self.eval_task, [r for r in rows if not r.get("skipped")])
+        return score_caption_rows(rows)
 
 
 class ClassificationTask:
