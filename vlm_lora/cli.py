@@ -50,11 +50,12 @@ def cmd_merge(args) -> None:
         if len(args.adapter) > 1:
             raise AdapterError(f"{len(args.adapter)} adapters need --method (linear, cat, svd, ties, dare_linear, "
                                f"dare_ties, magnitude_prune or slerp)")
-        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype)
+        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype, args.force)
     else:
         weights = _float_list(args.weights, "--weights") if args.weights else None
         report = merge_adapters(args.base, args.adapter, args.out, args.method, weights, args.density, args.t,
-                                args.rank, args.seed, args.output, args.dtype, args.allow_mixed_quantization)
+                                args.rank, args.seed, args.output, args.dtype, args.allow_mixed_quantization,
+                                args.force)
     print(json.dumps(report))
 
 
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a PEFT adapter (default) or the merged model")
     p.add_argument("--allow-mixed-quantization", action="store_true",
                    help="merge 4-bit-trained with 16-bit-trained adapters (into the 16-bit base)")
+    p.add_argument("--force", action="store_true",
+                   help="merge even into a base whose weights differ from those the adapter was trained on")
     p.set_defaults(func=cmd_merge)
 
     add_eval_parsers(sub)

@@ -18,6 +18,7 @@ from vlm_lora.adapters.arithmetic import LINEAR_METHODS, METHODS, cat_factors, m
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
                                            read_meta, weight_config)
+from vlm_lora.adapters.fingerprint import weights_mismatch
 from vlm_lora.lora import LoraLayer, iter_lora_layers, unload_lora
 from vlm_lora.lora.mha import OUT_SUFFIX
 from vlm_lora.lora.variants import lora_scaling
@@ -61,15 +62,29 @@ def _quantize_like_training(model, quant: dict, modules_to_save: list[str]) -> N
             log.warning("%s was trained in full but lies in a quantized component", prefix)
 
 
-def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> dict:
+def refuse_other_weights(model: nn.Module, adapter_dirs: list, metas: list[dict], force: bool) -> None:
+    """AdapterError when an adapter's base weight hashes say ``model`` is another checkpoint than the one
+    it was trained on (unless ``force``: then loading it only warns)."""
+    for adapter_dir, meta in zip(adapter_dirs, metas):
+        mismatch = weights_mismatch(model, meta)
+        if mismatch and not force:
+            raise AdapterError(f"adapter {str(adapter_dir)!r}: {mismatch} Merging would fold it into a base it was "
+                               f"not trained on; pass --force to merge anyway")
+
+
+def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+                  force: bool = False) -> dict:
     """Load ``base``, apply ``adapter_dir``, merge in fp32 and save a plain model to ``out_dir``.
 
+    Refuses a base whose weights differ from those the adapter was trained on, unless ``force``.
     Returns ``{"max_logit_diff": float}``: adapter model vs merged model on a probe input.
     """
     model, processor = load_model_and_processor(base, "float32")
-    quant = read_meta(adapter_dir).get("quantization")
+    meta = read_meta(adapter_dir)
+    quant = meta.get("quantization")
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
         _quantize_like_training(model, quant, read_adapter_config(adapter_dir).get("modules_to_save") or [])
+    refuse_other_weights(model, [adapter_dir], [meta], force)
     load_adapter(model, adapter_dir)
     layers = len(list(iter_lora_layers(model)))
     before = _probe_logits(model, processor)
@@ -259,8 +274,9 @@ def _write_merged_adapter(model, merged: dict[str, DeltaPart], adapter_dirs: lis
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     base_config = weight_config(model)
-    meta = {"sliced_layers": {}, **extra_meta,
-            "base_fingerprint": base_fingerprint(model, sorted(ranks), base_config), "base_config": base_config}
+    fingerprint = base_fingerprint(model, sorted(ranks), base_config,  # a dequantized 4-bit base: no hashes
+                                   hash_weights="quantization" not in extra_meta)
+    meta = {"sliced_layers": {}, **extra_meta, "base_fingerprint": fingerprint, "base_config": base_config}
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file({k: v.cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
 
@@ -268,7 +284,7 @@ def _write_merged_adapter(model, merged: dict[str, DeltaPart], adapter_dirs: lis
 def merge_adapters(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, method: str,
                    weights: list[float] | None = None, density: float = 1.0, t: float = 0.5, rank: int | None = None,
                    seed: int = 0, output: str = "adapter", dtype: str = "float32",
-                   allow_mixed_quantization: bool = False) -> dict:
+                   allow_mixed_quantization: bool = False, force: bool = False) -> dict:
     """Merge several adapters of one base by ``method`` (see :mod:`vlm_lora.adapters.arithmetic`) and
     write a PEFT adapter (``output="adapter"``) or the merged model (``"model"``, exact dense result).
 
@@ -294,6 +310,7 @@ def merge_adapters(base: str, adapter_dirs: list[str | Path], out_dir: str | Pat
     for adapter_dir, meta in zip(adapter_dirs, metas):
         check_base(model, meta, str(adapter_dir))
     quant = _check_quantization(model, adapter_dirs, metas, allow_mixed_quantization)
+    refuse_other_weights(model, adapter_dirs, metas, force)
     parts = [adapter_deltas(model, d) for d in adapter_dirs]
     params = dict(model.named_parameters())
     merged, errors = merge_parts(parts, weights, method, density, t, rank, seed, output == "adapter",
