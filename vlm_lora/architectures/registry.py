@@ -65,6 +65,9 @@ class Architecture:
     # multi-axis rope (Qwen-VL): model config -> function of a padded batch giving each sample's rope positions
     # (see qwen2_vl.mrope_positions); packing needs them per sample. None: 1-D positions
     rope_positions: Callable | None = None
+    # strategy -> {component: why}: components a strategy also adapts on this family (default policy), e.g.
+    # Mllama's cross-attention layers under `both`; the plan prints the reason
+    strategy_extras: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def matches(self, model: nn.Module) -> bool:
         if not any(cls.__name__ in self.model_classes for cls in type(model).__mro__):
