@@ -42,6 +42,18 @@ def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int
             "tie_word_embeddings": tie, "rope_theta": 1000000.0, **extra}
 
 
+def _gemma3(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int,
+            query_scalar: int) -> tuple[str, dict]:
+    """A Gemma 3 image-text checkpoint: its decoder, SigLIP-400M at 896 px, 256 image tokens."""
+    text = {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": 262208, "sliding_window": 1024,
+            "query_pre_attn_scalar": query_scalar, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    return ("Gemma3Config", {"text_config": text,
+                             "vision_config": {**_SIGLIP_SO400M, "image_size": 896, "vision_use_head": False},
+                             "mm_tokens_per_image": 256, "image_token_index": 262144, "boi_token_index": 255999,
+                             "eoi_token_index": 256000})
+
+
 PUBLISHED_CONFIGS: dict[str, tuple[str, dict]] = {
     # ---- LLaVA (llava entry): 1.5, NeXT, OneVision
     "llava-hf/llava-1.5-7b-hf": ("LlavaConfig", {
@@ -108,30 +120,9 @@ PUBLISHED_CONFIGS: dict[str, tuple[str, dict]] = {
         "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
         "tie_word_embeddings": False}),
     # ---- Gemma 3, PaliGemma
-    "google/gemma-3-4b-it": ("Gemma3Config", {
-        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
-                        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208,
-                        "sliding_window": 1024, "query_pre_attn_scalar": 256,
-                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
-        "vision_config": {**_SIGLIP_SO400M, "image_size": 896, "vision_use_head": False},
-        "mm_tokens_per_image": 256, "image_token_index": 262144, "boi_token_index": 255999,
-        "eoi_token_index": 256000}),
-    "google/gemma-3-12b-it": ("Gemma3Config", {
-        "text_config": {"hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
-                        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 262208,
-                        "sliding_window": 1024, "query_pre_attn_scalar": 256,
-                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
-        "vision_config": {**_SIGLIP_SO400M, "image_size": 896, "vision_use_head": False},
-        "mm_tokens_per_image": 256, "image_token_index": 262144, "boi_token_index": 255999,
-        "eoi_token_index": 256000}),
-    "google/gemma-3-27b-it": ("Gemma3Config", {
-        "text_config": {"hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
-                        "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128, "vocab_size": 262208,
-                        "sliding_window": 1024, "query_pre_attn_scalar": 168,
-                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
-        "vision_config": {**_SIGLIP_SO400M, "image_size": 896, "vision_use_head": False},
-        "mm_tokens_per_image": 256, "image_token_index": 262144, "boi_token_index": 255999,
-        "eoi_token_index": 256000}),
+    "google/gemma-3-4b-it": _gemma3(2560, 10240, 34, 8, 4, 256, 256),
+    "google/gemma-3-12b-it": _gemma3(3840, 15360, 48, 16, 8, 256, 256),
+    "google/gemma-3-27b-it": _gemma3(5376, 21504, 62, 32, 16, 128, 168),
     "google/paligemma2-3b-pt-224": ("PaliGemmaConfig", {
         "text_config": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
                         "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
