@@ -47,7 +47,8 @@ def _gemma3(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim:
     """A Gemma 3 image-text checkpoint: its decoder, SigLIP-400M at 896 px, 256 image tokens."""
     text = {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
             "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": 262208,
-            "sliding_window": 1024,            "query_pre_attn_scalar": query_scalar, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+            "sliding_window": 1024, "query_pre_attn_scalar": query_scalar,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
     return ("Gemma3Config", {"text_config": text,
                              "vision_config": {**_SIGLIP_SO400M, "image_size": 896, "vision_use_head": False},
                              "mm_tokens_per_image": 256, "image_token_index": 262144, "boi_token_index": 255999,
