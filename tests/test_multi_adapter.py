@@ -160,6 +160,8 @@ def test_fewer_names_than_rows_is_an_error_not_a_repeat(tiny_llava, tiny_batch):
         with pytest.raises(ValueError, match="got 2 adapter names for a batch of 4 rows"):
             tiny_llava.generate(**batch, max_new_tokens=2, do_sample=False)
         beams = tiny_llava.generate(**tiny_batch, max_new_tokens=3, do_sample=False, num_beams=2)
+    with vlm_lora.adapter_per_sample(tiny_llava, ["default"]), vlm_lora.adapter_per_sample(tiny_llava, [None]):
+        pass  # nested blocks put back what they found
     assert "generate" not in vars(tiny_llava)
     with torch.no_grad():
         alone = tiny_llava.generate(**{k: v[:1] for k, v in tiny_batch.items()}, max_new_tokens=3, do_sample=False,

@@ -126,6 +126,7 @@ def _checked_calls(model: nn.Module, routing: SampleRouting, positional: bool) -
 
     handle = model.register_forward_pre_hook(check_forward, with_kwargs=True)
     original = getattr(model, "generate", None)
+    shadowed = vars(model).get("generate")  # an instance attribute (an outer adapter_per_sample's wrapper)
 
     def generate(*args, **kwargs):
         routing.check_batch(_batch_rows(args, kwargs, positional=True))
@@ -141,7 +142,9 @@ def _checked_calls(model: nn.Module, routing: SampleRouting, positional: bool) -
         yield
     finally:
         handle.remove()
-        if original is not None:
+        if shadowed is not None:
+            model.generate = shadowed
+        elif original is not None:
             del model.generate
 
 
