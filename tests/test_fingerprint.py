@@ -9,8 +9,8 @@ from transformers import LlavaForConditionalGeneration
 
 import vlm_lora
 from conftest import randomize_adapters, tiny_llava_config
-from vlm_lora.adapters.fingerprint import (config_differences, hashable_weight, weight_hashes, weight_sha256,
-                                           weights_mismatch)
+from vlm_lora.adapters.base_weights import hashable_weight, weight_records, weight_sha256, weights_mismatch
+from vlm_lora.adapters.fingerprint import config_differences
 from vlm_lora.adapters.peft_format import AdapterError
 
 Q_PROJ = "model.language_model.layers.0.self_attn.q_proj"
@@ -141,9 +141,15 @@ def test_weight_hashes_cover_first_and_last_adapted_modules_in_any_dtype(adapter
     as_bf16 = weight.to(torch.bfloat16)  # a bfloat16 checkpoint loaded in bfloat16, float16 or float32
     assert weight_sha256(as_bf16) == weight_sha256(as_bf16.to(torch.float16)) == weight_sha256(as_bf16.float())
     assert weight_sha256(weight * (1 + 2 ** -6)) != hashes[Q_PROJ]
-    other = _other_checkpoint()
-    assert weights_mismatch(model, json.loads((adapter_dir / "vlm_lora.json").read_text())) is None
-    assert Q_PROJ in weights_mismatch(other, json.loads((adapter_dir / "vlm_lora.json").read_text()))
+    meta = json.loads((adapter_dir / "vlm_lora.json").read_text())
+    assert weights_mismatch(model, meta) is None and Q_PROJ in weights_mismatch(_other_checkpoint(), meta)
+    # a float32 checkpoint loaded in float16 rounds twice: another hash, but the sampled values agree
+    half = _llava().half()
+    assert weight_sha256(half.get_submodule(Q_PROJ).weight) != hashes[Q_PROJ]
+    assert weights_mismatch(half, meta) is None
+    with torch.no_grad():  # a light fine-tune (1% per weight) is another checkpoint
+        half.get_submodule(Q_PROJ).weight.mul_(1.01)
+    assert Q_PROJ in weights_mismatch(half, meta)
 
 
 def test_other_checkpoint_warns_on_load_and_merge_refuses_unless_forced(adapter_dir, tmp_path, caplog, capsys):
@@ -199,7 +205,7 @@ def test_4bit_layers_are_not_hashed():
     quantize_linears(model, plan.prefixes_of(["language_decoder"]), compute_dtype="float32")
     plan.apply(model)
     paths = list(plan.adapter_specs())
-    hashes = weight_hashes(model, paths)
+    hashes = weight_records(model, paths)["weights_sha256"]
     vision = [p for p in paths if "vision_tower" in p]
     assert list(hashes) == [vision[0], vision[-1]]  # the 4-bit decoder layers are skipped
     assert all(hashable_weight(model.get_submodule(p)) is None for p in paths if "language_model" in p)

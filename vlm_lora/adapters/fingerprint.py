@@ -1,19 +1,15 @@
 """The base fingerprint: which base an adapter was trained on, and whether a model is that base.
 
 ``base_fingerprint`` = ``{model_class, config_sha256, module_shapes: {path: [out, in]}, weights_sha256:
-{path: sha256}}``, written to the ``vlm_lora.json`` sidecar with ``base_config`` (the config without keys
-that do not affect the weights). ``check_base`` runs before anything is injected: a different shape of an
+{path: sha256}, weights_sample: {path: [64 values]}}``, written to the ``vlm_lora.json`` sidecar with
+``base_config`` (the config without keys that do not affect the weights). ``check_base`` runs before anything is injected: a different shape of an
 adapted module is an error naming the module and both shapes; a config difference that changes no adapted
 shape (``vocab_size``, ...) is a warning.
 
-``weights_sha256`` hashes the base weights of the first and last adapted modules, so that another
-checkpoint of the same architecture (same config, other weights) is noticed: ``weights_mismatch`` says
-which differs; load and eval warn, merge refuses unless forced. The hash is taken over the weight rounded
-to bfloat16 (values below float16's smallest normal as 0), so a bfloat16 or float16 checkpoint hashes
-the same loaded in float32, bfloat16 or float16 (a float32 checkpoint loaded in float16 does not: double
-rounding). Not hashed, so not checked: 4-bit layers (their packed weights depend on the quantizer),
-FSDP-sharded weights, and base weights that PiSSA/OLoRA or a merge changed. Adapters without hashes
-(older ones, PEFT's) are not checked.
+``weights_sha256`` / ``weights_sample`` identify the base weights of the first and last adapted modules
+(:mod:`vlm_lora.adapters.base_weights`), so that another checkpoint of the same architecture (same
+config, other weights) is noticed: load and eval warn, merge refuses unless forced. Adapters without
+them (older ones, PEFT's) are not checked.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from vlm_lora.adapters.base_weights import weight_records, weights_mismatch
 from vlm_lora.lora import LoraLayer
 
 log = logging.getLogger("vlm_lora")
@@ -82,64 +79,16 @@ def module_shape(module: nn.Module) -> list[int] | None:
     return list(weight.shape) if isinstance(weight, torch.Tensor) else None
 
 
-FLOAT16_TINY = 2.0 ** -14  # float16's smallest normal: below it float16 loses bits, so the hash reads 0
-
-
-def hashable_weight(module: nn.Module) -> torch.Tensor | None:
-    """The base weight an adapted module's update applies to (``in_proj_weight`` of an MHA), or None where
-    it cannot be hashed: 4-bit, FSDP-sharded or meta weights, a base changed by PiSSA/OLoRA or a merge."""
-    if isinstance(module, LoraLayer):
-        if module.merged_adapters or getattr(module, "initial_lora", None):
-            return None
-        module = module.base_layer
-    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else getattr(module, "weight", None)
-    if (not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.is_meta
-            or type(weight).__name__ == "DTensor" or getattr(weight, "quant_state", None) is not None):
-        return None
-    return weight
-
-
-def weight_sha256(weight: torch.Tensor) -> str:
-    """sha256 of ``weight``'s shape and its values rounded to bfloat16 (|x| < 2^-14 as 0): the same for a
-    bfloat16 or float16 checkpoint loaded in float32, bfloat16 or float16."""
-    values = weight.detach().float()
-    values = torch.where(values.abs() < FLOAT16_TINY, torch.zeros_like(values), values)
-    digest = hashlib.sha256(json.dumps(list(values.shape)).encode())
-    digest.update(values.to(torch.bfloat16).view(torch.int16).cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def weight_hashes(model: nn.Module, paths: list[str]) -> dict[str, str]:
-    """``{path: weight_sha256}`` for the first and last of ``paths`` whose base weight can be hashed."""
-    modules = dict(model.named_modules())
-    hashable = [(path, w) for path in paths if (w := hashable_weight(modules[path])) is not None]
-    chosen = hashable[:1] + hashable[-1:] if len(hashable) > 1 else hashable
-    return {path: weight_sha256(weight) for path, weight in chosen}
-
-
 def base_fingerprint(model: nn.Module, paths: list[str], config: dict | None = None,
                      hash_weights: bool = True) -> dict:
     """What an adapter needs of its base: class name, config hash, the shapes of ``paths`` and the hashes
-    of two of their base weights (``hash_weights=False``: none, e.g. for a dequantized 4-bit base)."""
+    and samples of two of their base weights (``hash_weights=False``: none, e.g. for a dequantized 4-bit
+    base; see :mod:`vlm_lora.adapters.base_weights`)."""
     modules = dict(model.named_modules())
     return {"model_class": type(model).__name__,
             "config_sha256": _config_sha256(config if config is not None else weight_config(model)),
             "module_shapes": {path: module_shape(modules[path]) for path in paths},
-            "weights_sha256": weight_hashes(model, paths) if hash_weights else {}}
-
-
-def weights_mismatch(model: nn.Module, meta: dict) -> str | None:
-    """Which adapted module's base weights differ from those the adapter was trained on, as a sentence;
-    None when they agree or cannot be compared (no hashes, 4-bit or missing modules)."""
-    hashes = (meta.get("base_fingerprint") or {}).get("weights_sha256") or {}
-    modules = dict(model.named_modules())
-    for path, theirs in hashes.items():
-        weight = hashable_weight(modules[path]) if path in modules else None
-        ours = weight_sha256(weight) if weight is not None else theirs
-        if ours != theirs:
-            return (f"the base weights of {path} differ from those the adapter was trained on (sha256 "
-                    f"{theirs[:12]} vs {ours[:12]}): the same architecture, another checkpoint?")
-    return None
+            **(weight_records(model, paths) if hash_weights else {"weights_sha256": {}, "weights_sample": {}})}
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:

@@ -18,7 +18,7 @@ from vlm_lora.adapters.arithmetic import LINEAR_METHODS, cat_factors, merge_delt
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
                                            read_meta, weight_config)
-from vlm_lora.adapters.fingerprint import weights_mismatch
+from vlm_lora.adapters.base_weights import weights_mismatch
 from vlm_lora.adapters.merge_options import check_merge_request
 from vlm_lora.lora import LoraLayer, iter_lora_layers, unload_lora
 from vlm_lora.lora.mha import OUT_SUFFIX
@@ -70,7 +70,7 @@ def refuse_other_weights(model: nn.Module, adapter_dirs: list, metas: list[dict]
         mismatch = weights_mismatch(model, meta)
         if mismatch and not force:
             raise AdapterError(f"adapter {str(adapter_dir)!r}: {mismatch} Merging would fold it into a base it was "
-                               f"not trained on; pass --force to merge anyway")
+                               f"not trained on; pass --force (force=True) to merge anyway")
 
 
 def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
