@@ -237,3 +237,57 @@ def test_refusals(frozen_connector_adapters, tmp_path, capsys):
     assert main(args + ["--adapter", str(folder / "a"), "--adapter", str(folder / "b"), "--method", "ties",
                         "--weights", "0.5", "--density", "0.5"]) == 2
     assert "1 weight(s) for 2 adapter(s)" in capsys.readouterr().err
+
+
+def test_lossy_adapter_merges_warn_with_the_truncation_error(base, frozen_connector_adapters, tmp_path, caplog):
+    """linear (= svd) at the default rank drops part of the merged delta: a WARNING with the error; cat of
+    plain LoRA inputs is exact (no warning); cat with a DoRA input says which tensors are not exact."""
+    import logging
+
+    folder = frozen_connector_adapters
+    with caplog.at_level(logging.INFO, logger="vlm_lora"):
+        report = merge_adapters(BASE, [folder / "a", folder / "b"], tmp_path / "linear", "linear", [1.0, 1.0])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert report["max_relative_truncation_error"] > 0.01
+    assert len(warnings) == 1 and "linear --as adapter is lossy" in warnings[0]
+    assert f"max {report['max_relative_truncation_error']:.3g}" in warnings[0] and "--as model is exact" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vlm_lora"):
+        report = merge_adapters(BASE, [folder / "a", folder / "b"], tmp_path / "cat", "cat", [0.5, 0.5])
+    assert report["max_relative_truncation_error"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    _save(base[0], tmp_path / "dora", 4, language_decoder={"rank": 2, "variant": "dora", "targets": ["q"]},
+          connector={"mode": "frozen"})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vlm_lora"):
+        report = merge_adapters(BASE, [folder / "a", tmp_path / "dora"], tmp_path / "cat_dora", "cat")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cat is exact for plain LoRA inputs, but 4 tensors have a DoRA input" in warnings[0]
+    assert "q_proj" in warnings[0] and report["max_relative_truncation_error"] > 0
+
+
+def test_merge_refuses_out_on_an_input_bad_t_and_ignored_options_in_one_error(frozen_connector_adapters, tmp_path,
+                                                                             capsys):
+    folder = frozen_connector_adapters
+    two = ["merge", "--base", BASE, "--adapter", str(folder / "a"), "--adapter", str(folder / "b")]
+    assert main(two + ["--method", "linear", "--density", "0.5", "--t", "0.2", "--out", str(folder / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n  - ") == 3
+    assert f"--out {folder / 'b'} is the --adapter folder" in err
+    assert "--density has no effect with --method linear; it is read only by: ties, dare_linear" in err
+    assert "--t has no effect with --method linear; it is read only by: slerp" in err
+    assert main(two + ["--method", "slerp", "--t", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--t must be in [0, 1] (0 = the first adapter, 1 = the second), got 1.5" in capsys.readouterr().err
+    assert main(two + ["--method", "ties", "--t", "0.3", "--out", str(tmp_path / "x")]) == 2
+    assert "--t has no effect with --method ties; it is read only by: slerp" in capsys.readouterr().err
+    assert main(two + ["--method", "cat", "--rank", "4", "--seed", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--rank has no effect with --method cat" in err and "--seed has no effect with --method cat" in err
+    assert main(two + ["--method", "svd", "--rank", "4", "--as", "model", "--out", str(tmp_path / "x")]) == 2
+    assert "--rank has no effect with --as model" in capsys.readouterr().err
+    one = ["merge", "--base", BASE, "--adapter", str(folder / "a")]
+    assert main(one + ["--out", BASE]) == 2
+    assert "is the --base folder" in capsys.readouterr().err
+    assert main(one + ["--density", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--density has no effect with a plain merge (no --method)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -9,6 +9,7 @@ from transformers import LlavaForConditionalGeneration
 
 import vlm_lora
 from conftest import randomize_adapters, tiny_llava_config
+from vlm_lora.adapters.base_weights import hashable_weight, weight_records, weight_sha256, weights_mismatch
 from vlm_lora.adapters.fingerprint import config_differences
 from vlm_lora.adapters.peft_format import AdapterError
 
@@ -118,3 +119,93 @@ def test_config_differences_are_dotted_keys():
     ours = {"a": 1, "text_config": {"hidden_size": 64}, "b": "new"}
     assert config_differences(theirs, ours) == ["text_config.hidden_size 48 vs 64",
                                                 "text_config.x null vs (missing)", 'b (missing) vs "new"']
+
+
+# ---------------------------------------------------------------- base weight hashes: another checkpoint
+
+
+def _other_checkpoint():
+    """The same architecture and config as ``_llava()``, other weights (another seed)."""
+    config = tiny_llava_config()
+    torch.manual_seed(1)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def test_weight_hashes_cover_first_and_last_adapted_modules_in_any_dtype(adapter_dir):
+    hashes = json.loads((adapter_dir / "vlm_lora.json").read_text())["base_fingerprint"]["weights_sha256"]
+    shapes = json.loads((adapter_dir / "vlm_lora.json").read_text())["base_fingerprint"]["module_shapes"]
+    assert list(hashes) == [Q_PROJ, list(shapes)[-1]] and list(shapes)[-1].endswith("layers.1.mlp.down_proj")
+    model = _llava()
+    weight = model.get_submodule(Q_PROJ).weight
+    assert weight_sha256(weight) == hashes[Q_PROJ]
+    as_bf16 = weight.to(torch.bfloat16)  # a bfloat16 checkpoint loaded in bfloat16, float16 or float32
+    assert weight_sha256(as_bf16) == weight_sha256(as_bf16.to(torch.float16)) == weight_sha256(as_bf16.float())
+    assert weight_sha256(weight * (1 + 2 ** -6)) != hashes[Q_PROJ]
+    meta = json.loads((adapter_dir / "vlm_lora.json").read_text())
+    assert weights_mismatch(model, meta) is None and Q_PROJ in weights_mismatch(_other_checkpoint(), meta)
+    # a float32 checkpoint loaded in float16 rounds twice: another hash, but the sampled values agree
+    half = _llava().half()
+    assert weight_sha256(half.get_submodule(Q_PROJ).weight) != hashes[Q_PROJ]
+    assert weights_mismatch(half, meta) is None
+    with torch.no_grad():  # a light fine-tune (1% per weight) is another checkpoint
+        half.get_submodule(Q_PROJ).weight.mul_(1.01)
+    assert Q_PROJ in weights_mismatch(half, meta)
+
+
+def test_other_checkpoint_warns_on_load_and_merge_refuses_unless_forced(adapter_dir, tmp_path, caplog, capsys):
+    from conftest import ASSET_MODEL
+    from vlm_lora.cli import main
+    from vlm_lora.modeling import load_model_and_processor
+
+    other = _other_checkpoint()
+    with caplog.at_level(logging.WARNING, logger="vlm_lora"):
+        vlm_lora.load_adapter(other, adapter_dir)
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"the base weights of {Q_PROJ} differ from those the adapter was trained on" in warning
+    assert "config differs" not in warning  # the config is the same: only the hash tells
+    # through the CLI: an adapter of the embedded tiny LLaVA, merged into a retrained copy of it
+    base, processor = load_model_and_processor(str(ASSET_MODEL))
+    plan = vlm_lora.plan(base, strategy="language_only", connector={"mode": "frozen"})
+    plan.apply(base)
+    randomize_adapters(base)
+    vlm_lora.save_adapter(base, tmp_path / "adapter", str(ASSET_MODEL), [])
+    retrained, _ = load_model_and_processor(str(ASSET_MODEL))
+    with torch.no_grad():
+        for param in retrained.parameters():
+            param.mul_(1.01)
+    retrained.save_pretrained(tmp_path / "retrained")
+    processor.save_pretrained(tmp_path / "retrained")
+    args = ["merge", "--base", str(tmp_path / "retrained"), "--adapter", str(tmp_path / "adapter"), "--out"]
+    assert main(args + [str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "differ from those the adapter was trained on" in err and "--force" in err
+    assert not (tmp_path / "merged").exists()
+    assert main(args + [str(tmp_path / "multi"), "--adapter", str(tmp_path / "adapter"), "--method", "linear",
+                        "--as", "model"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(args + [str(tmp_path / "merged"), "--force"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert main(["merge", "--base", str(ASSET_MODEL), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "merged_same")]) == 0
+    meta = json.loads((adapter_dir / "vlm_lora.json").read_text())
+    del meta["base_fingerprint"]["weights_sha256"]  # an adapter from before the hashes: not checked
+    (adapter_dir / "vlm_lora.json").write_text(json.dumps(meta))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlm_lora"):
+        vlm_lora.load_adapter(_other_checkpoint(), adapter_dir)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_4bit_layers_are_not_hashed():
+    pytest.importorskip("bitsandbytes")
+    from vlm_lora.quantize import quantize_linears
+
+    model = _llava()
+    plan = vlm_lora.plan(model, strategy="both", connector={"mode": "frozen"})
+    quantize_linears(model, plan.prefixes_of(["language_decoder"]), compute_dtype="float32")
+    plan.apply(model)
+    paths = list(plan.adapter_specs())
+    hashes = weight_records(model, paths)["weights_sha256"]
+    vision = [p for p in paths if "vision_tower" in p]
+    assert list(hashes) == [vision[0], vision[-1]]  # the 4-bit decoder layers are skipped
+    assert all(hashable_weight(model.get_submodule(p)) is None for p in paths if "language_model" in p)

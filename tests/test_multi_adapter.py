@@ -138,6 +138,37 @@ def test_packed_and_multi_image_rows_route_to_their_sample():
         routing.rows(torch.Size([5, 2]), torch.device("cpu"), "text")
 
 
+def test_fewer_names_than_rows_is_an_error_not_a_repeat(tiny_llava, tiny_batch):
+    """2 names for 4 rows used to run rows 0-1 with the first name and 2-3 with the second (read as
+    2 beams); forward and generate now refuse, naming both counts. One name serves every row; beam
+    search on one name per row still routes (the beams of row i run names[i])."""
+    model = _linear_model()
+    x = torch.randn(4, 5, 12)
+    with torch.no_grad():
+        with pytest.raises(RoutingError, match="got 2 adapter names for a batch of 4 rows"):
+            with vlm_lora.adapter_per_sample(model, ["a", "b"]):
+                model(x)
+        with vlm_lora.adapter_per_sample(model, ["b"]):
+            torch.testing.assert_close(model(x), _single(model, "b", x), atol=1e-6, rtol=0)
+    plan = vlm_lora.plan(tiny_llava, "language_only", connector={"mode": "frozen"})
+    plan.apply(tiny_llava)
+    randomize_adapters(tiny_llava, seed=3)
+    batch = {k: torch.cat([v, v]) for k, v in tiny_batch.items()}  # 4 rows
+    with torch.no_grad(), vlm_lora.adapter_per_sample(tiny_llava, ["default", None]):
+        with pytest.raises(ValueError, match="got 2 adapter names for a batch of 4 rows"):
+            tiny_llava(**batch)
+        with pytest.raises(ValueError, match="got 2 adapter names for a batch of 4 rows"):
+            tiny_llava.generate(**batch, max_new_tokens=2, do_sample=False)
+        beams = tiny_llava.generate(**tiny_batch, max_new_tokens=3, do_sample=False, num_beams=2)
+    with vlm_lora.adapter_per_sample(tiny_llava, ["default"]), vlm_lora.adapter_per_sample(tiny_llava, [None]):
+        pass  # nested blocks put back what they found
+    assert "generate" not in vars(tiny_llava)
+    with torch.no_grad():
+        alone = tiny_llava.generate(**{k: v[:1] for k, v in tiny_batch.items()}, max_new_tokens=3, do_sample=False,
+                                    num_beams=2)
+    assert torch.equal(beams[:1], alone)
+
+
 def test_tiny_llava_named_adapters_with_full_connectors_mix_per_sample(tiny_llava, tiny_batch, tmp_path):
     """Two saved adapters (different components and ranks, each with its own trained connector) loaded
     by name: every row of a mixed forward and of a mixed generate equals that adapter loaded alone."""

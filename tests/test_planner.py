@@ -72,3 +72,23 @@ def test_strategies_have_descriptions():
     names = vlm_lora.strategies()
     assert {"language_only", "vision_only", "both", "cross_attention", "mm_lora", "connector_only"} <= set(names)
     assert all(isinstance(d, str) and len(d) > 10 for d in names.values())
+
+
+def test_plan_names_overrides_family_extras_and_drops_unmatched_targets():
+    from vlm_lora.architectures.tiny_families import tiny_family_model
+
+    mllama = tiny_family_model("mllama")
+    plan = vlm_lora.plan(mllama, "both", vision_encoder={"mode": "frozen"}, language_decoder={"rank": 16})
+    text = str(plan)
+    assert "strategy both: vision_encoder overridden by components.vision_encoder (mode: frozen)" in text
+    assert "language_decoder overridden" not in text  # rank 16 is the strategy's own value
+    assert "strategy both: cross_attention adapted too on mllama" in text
+    cross = [p for p in plan.adapter_specs() if ".cross_attn." in p]
+    layers = mllama.config.text_config.cross_attention_layers
+    assert sorted(cross) == sorted(f"model.language_model.layers.{i}.cross_attn.{t}_proj" for i in layers for t in "qkv")
+    assert plan.to_dict()["notes"] == plan.notes
+    gemma = tiny_family_model("gemma3")  # as the released checkpoints: no vision pooling head
+    plan = vlm_lora.plan(gemma, "both", vision_encoder={"targets": ["q", "v", "pool"]})
+    vision = next(c for c in plan.components if c.component == "vision_encoder")
+    assert vision.policy.targets == ["q", "v"] and "x q,v " in str(plan) and "q,v,pool" not in str(plan).split("\n")[-6]
+    assert "components.vision_encoder.targets: pool matches no module" in str(plan)

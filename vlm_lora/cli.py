@@ -50,17 +50,21 @@ def _load_for_plan(recipe):
 
 def cmd_merge(args) -> None:
     from vlm_lora.adapters.merge import merge_adapter, merge_adapters
+    from vlm_lora.adapters.merge_options import check_merge_request
     from vlm_lora.adapters.peft_format import AdapterError
 
+    weights = _float_list(args.weights, "--weights") if args.weights else None
     if args.method is None:
         if len(args.adapter) > 1:
             raise AdapterError(f"{len(args.adapter)} adapters need --method (linear, cat, svd, ties, dare_linear, "
                                f"dare_ties, magnitude_prune or slerp)")
-        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype)
+        check_merge_request(args.base, args.adapter, args.out, None, weights, args.density, args.t, args.rank,
+                            args.seed, args.output)
+        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype, args.force)
     else:
-        weights = _float_list(args.weights, "--weights") if args.weights else None
         report = merge_adapters(args.base, args.adapter, args.out, args.method, weights, args.density, args.t,
-                                args.rank, args.seed, args.output, args.dtype, args.allow_mixed_quantization)
+                                args.rank, args.seed, args.output, args.dtype, args.allow_mixed_quantization,
+                                args.force)
     print(json.dumps(report))
 
 
@@ -100,14 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune",
                                         "slerp"], help="how to combine several adapters (on the dense deltas)")
     p.add_argument("--weights", help="one weight per adapter, comma-separated (default 1 each)")
-    p.add_argument("--density", type=float, default=1.0, help="fraction kept by ties, dare_*, magnitude_prune")
-    p.add_argument("--t", type=float, default=0.5, help="slerp: 0 = first adapter, 1 = second")
+    p.add_argument("--density", type=float, help="fraction kept by ties, dare_*, magnitude_prune (default 1)")
+    p.add_argument("--t", type=float, help="slerp: 0 = first adapter, 1 = second (default 0.5)")
     p.add_argument("--rank", type=int, help="rank of the re-factored adapter (default: the largest input rank)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
-    p.add_argument("--as", dest="output", choices=["adapter", "model"], default="adapter",
+    p.add_argument("--seed", type=int, help="seed of the DARE masks (default 0)")
+    p.add_argument("--as", dest="output", choices=["adapter", "model"],
                    help="write a PEFT adapter (default) or the merged model")
     p.add_argument("--allow-mixed-quantization", action="store_true",
                    help="merge 4-bit-trained with 16-bit-trained adapters (into the 16-bit base)")
+    p.add_argument("--force", action="store_true",
+                   help="merge even into a base whose weights differ from those the adapter was trained on")
     p.set_defaults(func=cmd_merge)
 
     add_export_parser(sub)

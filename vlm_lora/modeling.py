@@ -106,6 +106,11 @@ def _reachable(endpoint: str) -> bool:
         return False
 
 
+def _looks_like_hub_id(path: str) -> bool:
+    """org/name, not a local path."""
+    return path.count("/") == 1 and not path.startswith(("/", ".", "~")) and not Path(path).exists()
+
+
 def model_on_meta(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model at ``path`` built from its config alone on the meta device: no weights, any size, seconds.
     Hub ids of ``PUBLISHED_CONFIGS`` that cannot be resolved are built from that table (with a warning)."""
@@ -117,6 +122,9 @@ def model_on_meta(path: str, trust_remote_code: bool = False) -> torch.nn.Module
         config = resolve_config(path, trust_remote_code)
     except ModelPathError as error:
         config = published_config(path)
+        if config is None and _looks_like_hub_id(path):
+            raise ModelPathError(f"{error}; for plan --meta a folder holding just its config.json is enough "
+                                 f"(hf download {path} config.json --local-dir DIR)") from None
         if config is None:
             raise
         log.warning("%s; planning from vlm-lora's table of its published hyperparameters instead", error)

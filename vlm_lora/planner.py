@@ -43,6 +43,7 @@ class Plan:
     total_params: int
     frozen_paths: list[str] = field(default_factory=list)  # never-adapted modules, kept frozen
     shared_inputs: list[tuple[str, ...]] = field(default_factory=list)  # sibling leaves sharing one A matmul
+    notes: list[str] = field(default_factory=list)  # what differs from the strategy, printed under the table
 
     @property
     def trainable_params(self) -> int:
@@ -97,7 +98,7 @@ class Plan:
                 "component": c.component, **c.policy.model_dump(),
                 "modules": c.lora_paths or c.full_prefixes, "trainable_params": c.trainable_params,
             } for c in self.components],
-            "never_adapted": self.frozen_paths,
+            "never_adapted": self.frozen_paths, "notes": self.notes,
         }
 
     def __str__(self) -> str:
@@ -116,7 +117,8 @@ class Plan:
                      f"{100 * self.trainable_params / self.total_params:.3f}"))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-        out = [f"plan: {self.architecture}, strategy {self.strategy}, {self.total_params:,} params", line(header),
+        out = [f"plan: {self.architecture}, strategy {self.strategy}, {self.total_params:,} params", *self.notes,
+               line(header),
                line(["-" * w for w in widths]), *map(line, rows)]
         if self.frozen_paths:
             out.append("never adapted: " + ", ".join(self.frozen_paths))
@@ -124,8 +126,9 @@ class Plan:
 
 
 def _resolve_policies(arch: Architecture, strategy: str, overrides: dict[str, ComponentPolicy],
-                      errors: list[str]) -> dict[str, ComponentPolicy]:
-    """Strategy defaults with overrides applied, for each component the architecture has."""
+                      errors: list[str], notes: list[str]) -> dict[str, ComponentPolicy]:
+    """Strategy defaults with overrides applied, for each component the architecture has; ``notes``
+    get the components the family adds to the strategy and those an override changes."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     for name in overrides:
@@ -136,7 +139,10 @@ def _resolve_policies(arch: Architecture, strategy: str, overrides: dict[str, Co
             errors.append(f"components.{name}: unknown component; valid: {', '.join(COMPONENTS)}")
         elif name not in arch.components:
             errors.append(f"components.{name}: {arch.name} has no {name}; it has {', '.join(arch.components)}")
-    wanted = STRATEGIES[strategy].modes
+    wanted = dict(STRATEGIES[strategy].modes)
+    for name, why in arch.strategy_extras.get(strategy, {}).items():  # e.g. Mllama's cross-attention layers
+        wanted[name] = DEFAULT_POLICY[name]
+        notes.append(f"strategy {strategy}: {name} adapted too on {arch.name} ({why})")
     missing = [c for c in wanted if c not in arch.components]
     if missing:
         errors.append(f"strategy {strategy!r} needs {', '.join(missing)}, which {arch.name} does not have; "
@@ -148,6 +154,12 @@ def _resolve_policies(arch: Architecture, strategy: str, overrides: dict[str, Co
         if override is not None and override.mode == "lora" and base.mode != "lora":
             base = DEFAULT_POLICY.get(name, base).model_copy(update={"mode": "lora"})
         policies[name] = base.merged_with(override)
+        default = wanted.get(name, FROZEN).model_dump()
+        given = override.model_dump(exclude_none=True) if override is not None else {}
+        changed = {k: v for k, v in given.items() if default[k] != v}
+        if changed:
+            keys = ", ".join(f"{k}: {v}" for k, v in changed.items())
+            notes.append(f"strategy {strategy}: {name} overridden by components.{name} ({keys})")
     return policies
 
 
@@ -165,7 +177,8 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     raw = {**(components or {}), **overrides}
     parsed = {k: v if isinstance(v, ComponentPolicy) else ComponentPolicy(**v) for k, v in raw.items()}
     errors: list[str] = []
-    policies = _resolve_policies(arch, strategy, parsed, errors)
+    notes: list[str] = []
+    policies = _resolve_policies(arch, strategy, parsed, errors, notes)
 
     never = [p for p in arch.never_adapted if has_module(model, p)]
     modules = dict(model.named_modules())
@@ -183,9 +196,14 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
             if bad:
                 errors.append(f"components.{name}.targets: {bad} not valid for {arch.name}; valid: {', '.join(valid)}")
                 continue
-            _plan_lora(cp, cmap, modules)
+            matched = _plan_lora(cp, cmap, modules)
             if not cp.lora_specs:
                 errors.append(f"components.{name}: no nn.Linear matched targets {policy.targets}")
+            elif policy.targets and set(policy.targets) - matched:
+                unmatched = [t for t in policy.targets if t not in matched]
+                cp.policy = policy.model_copy(update={"targets": [t for t in policy.targets if t in matched]})
+                notes.append(f"components.{name}.targets: {', '.join(unmatched)} matches no module of this "
+                             f"{type(model).__name__} ({', '.join(cmap.targets[t] for t in unmatched)}); left out")
         elif policy.mode == "full":
             cp.full_prefixes = [p for p in cmap.prefixes if named_params_at(model, p)]
             seen = set()
@@ -203,12 +221,12 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     shared = [group for c in comp_plans if c.policy.mode == "lora"
               for group in arch.components[c.component].shared_inputs]
     return Plan(architecture=arch.name, strategy=strategy, components=comp_plans, total_params=total,
-                frozen_paths=never, shared_inputs=shared)
+                frozen_paths=never, shared_inputs=shared, notes=notes)
 
 
-def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Module]) -> None:
+def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Module]) -> set[str]:
     """Fill ``cp.lora_specs`` and its parameter count: one spec per targeted module, with the
-    chosen slices for fused modules (``q``, ``v`` of a ``qkv``)."""
+    chosen slices for fused modules (``q``, ``v`` of a ``qkv``). Returns the target names that matched."""
     policy = cp.policy
     spec = AdapterSpec(rank=policy.rank, alpha=policy.alpha, dropout=policy.dropout or 0.0,
                        variant=policy.variant or "lora", init=policy.init or "kaiming", rslora=bool(policy.rslora))
@@ -218,6 +236,7 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
         leaves: dict[str, list[str]] = {}
         for target in policy.targets or []:
             leaves.setdefault(cmap.targets[target], []).append(target)
+    matched: set[str] = set()
     for path, module in modules.items():
         if not cmap.owns(path):
             continue
@@ -234,6 +253,7 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
             if isinstance(module, nn.Linear):
                 cp.lora_specs[path] = spec
                 cp.trainable_params += _linear_lora_params(module, spec)
+                matched.update(leaves[leaf])
             continue
         if spec.variant != "lora" or spec.init not in ("kaiming", "gaussian"):
             raise PlanError(f"components.{cp.component}: variant {spec.variant!r} with init {spec.init!r} is not "
@@ -243,6 +263,8 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
         slices = order if any(t not in order for t in named) else tuple(s for s in order if s in named)
         cp.lora_specs[path] = replace(spec, slices=slices, slice_order=order)
         cp.trainable_params += sum(policy.rank * sum(fused_slice_shape(module, s, order)) for s in slices)
+        matched.update(leaves[leaf])
+    return matched
 
 
 def _linear_lora_params(module: nn.Linear, spec: AdapterSpec) -> int:

@@ -35,7 +35,7 @@ from vlm_lora.adapters.engine_rules import (LANGUAGE, PISSA_INITS, TOWER, Engine
 from vlm_lora.adapters.fingerprint import base_fingerprint, check_base, weight_config
 from vlm_lora.adapters.folder import write_complete_folder
 from vlm_lora.adapters.merge import (DeltaPart, _check_quantization, adapter_deltas, apply_trained_pixels, merge_adapter,
-                                     probe_batch)
+                                     probe_batch, refuse_other_weights)
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            load_adapter, lora_pairs, read_adapter_config, read_meta)
 from vlm_lora.lora import unload_lora
@@ -257,8 +257,10 @@ def adapter_names(adapter_dirs: list[Path]) -> list[str]:
 
 
 def export(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, engine: str, dtype: str = "float32",
-           keep_tower: bool = False) -> dict:
+           keep_tower: bool = False, force: bool = False) -> dict:
     """Export ``adapter_dirs`` (PEFT adapters of ``base``) for ``engine`` to ``out_dir``; see the module doc.
+
+    Like ``merge``, refuses a base whose weights differ from those an adapter was trained on, unless ``force``.
 
     Returns a report: per adapter its served rank, modules, what was merged and why, and the largest
     |logit difference| between the adapter model and the served export on a probe input.
@@ -274,7 +276,7 @@ def export(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, engin
         if len(adapter_dirs) > 1:
             raise AdapterError(f"{len(adapter_dirs)} adapters cannot all be merged into one transformers model "
                                f"as they are; combine them with `vlm-lora merge --method ... --as model`")
-        return {"engine": engine, **merge_adapter(base, adapter_dirs[0], out_dir, dtype)}
+        return {"engine": engine, **merge_adapter(base, adapter_dirs[0], out_dir, dtype, force=force)}
     rules = engine_rules(engine)
     if keep_tower and rules.tower_flag is None:
         raise AdapterError(f"--keep-tower-lora: {rules.title} serves no vision-tower / connector LoRA")
@@ -284,6 +286,7 @@ def export(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, engin
     metas = [read_meta(d) for d in adapter_dirs]
     for adapter_dir, meta in zip(adapter_dirs, metas):
         check_base(model, meta, str(adapter_dir))
+    refuse_other_weights(model, adapter_dirs, metas, force)
     if keep_tower:
         from vlm_lora.architectures.registry import detect_architecture
 

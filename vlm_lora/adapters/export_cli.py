@@ -20,6 +20,8 @@ def add_export_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="of the base")
     p.add_argument("--keep-tower-lora", action="store_true",
                    help="vLLM: serve vision-tower / connector LoRA (--enable-tower-connector-lora) instead of merging it")
+    p.add_argument("--force", action="store_true", help="export even if the base's weights differ from those the "
+                   "adapter was trained on (same architecture, another checkpoint)")
     p.add_argument("--check", metavar="DIR", help="check the adapter in DIR against the engine's rules instead")
     p.add_argument("--max-lora-rank", type=int, help="--check: the engine's --max-lora-rank (vLLM default 16)")
     p.set_defaults(func=cmd_export)
@@ -36,7 +38,8 @@ def cmd_export(args) -> None:
         raise AdapterError("export needs --base, --adapter and --out (or --check DIR)")
     from vlm_lora.adapters.export import describe, export
 
-    report = export(args.base, args.adapter, args.out, args.engine, args.dtype, args.keep_tower_lora)
+    report = export(args.base, args.adapter, args.out, args.engine, args.dtype, args.keep_tower_lora,
+                    force=args.force)
     for line in describe(report):
         print(line)
     print(json.dumps(report))

@@ -1,10 +1,15 @@
 """The base fingerprint: which base an adapter was trained on, and whether a model is that base.
 
-``base_fingerprint`` = ``{model_class, config_sha256, module_shapes: {path: [out, in]}}``, written to
-the ``vlm_lora.json`` sidecar with ``base_config`` (the config without keys that do not affect the
-weights). ``check_base`` runs before anything is injected: a different shape of an adapted module
-is an error naming the module and both shapes; a config difference that changes no adapted shape
-(``vocab_size``, ...) is a warning.
+``base_fingerprint`` = ``{model_class, config_sha256, module_shapes: {path: [out, in]}, weights_sha256:
+{path: sha256}, weights_sample: {path: [64 values]}}``, written to the ``vlm_lora.json`` sidecar with
+``base_config`` (the config without keys that do not affect the weights). ``check_base`` runs before anything is injected: a different shape of an
+adapted module is an error naming the module and both shapes; a config difference that changes no adapted
+shape (``vocab_size``, ...) is a warning.
+
+``weights_sha256`` / ``weights_sample`` identify the base weights of the first and last adapted modules
+(:mod:`vlm_lora.adapters.base_weights`), so that another checkpoint of the same architecture (same
+config, other weights) is noticed: load and eval warn, merge refuses unless forced. Adapters without
+them (older ones, PEFT's) are not checked.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from vlm_lora.adapters.base_weights import weight_records, weights_mismatch
 from vlm_lora.lora import LoraLayer
 
 log = logging.getLogger("vlm_lora")
@@ -73,12 +79,16 @@ def module_shape(module: nn.Module) -> list[int] | None:
     return list(weight.shape) if isinstance(weight, torch.Tensor) else None
 
 
-def base_fingerprint(model: nn.Module, paths: list[str], config: dict | None = None) -> dict:
-    """What an adapter needs of its base: class name, config hash and the shapes of ``paths``."""
+def base_fingerprint(model: nn.Module, paths: list[str], config: dict | None = None,
+                     hash_weights: bool = True) -> dict:
+    """What an adapter needs of its base: class name, config hash, the shapes of ``paths`` and the hashes
+    and samples of two of their base weights (``hash_weights=False``: none, e.g. for a dequantized 4-bit
+    base; see :mod:`vlm_lora.adapters.base_weights`)."""
     modules = dict(model.named_modules())
     return {"model_class": type(model).__name__,
             "config_sha256": _config_sha256(config if config is not None else weight_config(model)),
-            "module_shapes": {path: module_shape(modules[path]) for path in paths}}
+            "module_shapes": {path: module_shape(modules[path]) for path in paths},
+            **(weight_records(model, paths) if hash_weights else {"weights_sha256": {}, "weights_sample": {}})}
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -145,6 +155,9 @@ def check_base(model: nn.Module, meta: dict, origin: str | None) -> None:
         raise AdapterError(f"adapter targets module {missing[0]!r}, which this model does not have{more}; "
                            f"the adapter was made for {made_for}{suffix}")
     other_class = fingerprint.get("model_class") not in (None, type(model).__name__)
+    weights = weights_mismatch(model, meta)
+    if weights:
+        log.warning("adapter made for %r: %s; loading it anyway", origin, weights)
     if note or other_class:
         what = note or f"it was made for a {fingerprint['model_class']}, this is a {type(model).__name__}"
         log.warning("adapter made for %r: %s; every adapted module has the shape it was trained on, "

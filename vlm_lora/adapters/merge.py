@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlm_lora.adapters.arithmetic import LINEAR_METHODS, METHODS, cat_factors, merge_deltas, qr_svd_factors, svd_factors
+from vlm_lora.adapters.arithmetic import LINEAR_METHODS, cat_factors, merge_deltas, qr_svd_factors, svd_factors
 from vlm_lora.adapters.folder import write_complete_folder
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
                                            read_meta, weight_config)
+from vlm_lora.adapters.base_weights import weights_mismatch
+from vlm_lora.adapters.merge_options import check_merge_request
 from vlm_lora.lora import LoraLayer, iter_lora_layers, unload_lora
 from vlm_lora.lora.mha import OUT_SUFFIX
 from vlm_lora.lora.variants import lora_scaling
@@ -62,15 +64,30 @@ def _quantize_like_training(model, quant: dict, modules_to_save: list[str]) -> N
             log.warning("%s was trained in full but lies in a quantized component", prefix)
 
 
-def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> dict:
+def refuse_other_weights(model: nn.Module, adapter_dirs: list, metas: list[dict], force: bool) -> None:
+    """AdapterError when an adapter's base weight hashes say ``model`` is another checkpoint than the one
+    it was trained on (unless ``force``: then loading it only warns)."""
+    for adapter_dir, meta in zip(adapter_dirs, metas):
+        mismatch = weights_mismatch(model, meta)
+        if mismatch and not force:
+            raise AdapterError(f"adapter {str(adapter_dir)!r}: {mismatch} Merging would fold it into a base it was "
+                               f"not trained on; pass --force (force=True) to merge anyway")
+
+
+def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+                  force: bool = False) -> dict:
     """Load ``base``, apply ``adapter_dir``, merge in fp32 and save a plain model to ``out_dir``.
 
+    Refuses a base whose weights differ from those the adapter was trained on, unless ``force``.
     Returns ``{"max_logit_diff": float}``: adapter model vs merged model on a probe input.
     """
+    check_merge_request(base, [adapter_dir], out_dir)
     model, processor = load_model_and_processor(base, "float32")
-    quant = read_meta(adapter_dir).get("quantization")
+    meta = read_meta(adapter_dir)
+    quant = meta.get("quantization")
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
         _quantize_like_training(model, quant, read_adapter_config(adapter_dir).get("modules_to_save") or [])
+    refuse_other_weights(model, [adapter_dir], [meta], force)
     load_adapter(model, adapter_dir)
     layers = len(list(iter_lora_layers(model)))
     before = _probe_logits(model, processor)
@@ -269,49 +286,65 @@ def _write_merged_adapter(model, merged: dict[str, DeltaPart], adapter_dirs: lis
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     base_config = weight_config(model)
-    meta = {"sliced_layers": {}, **extra_meta,
-            "base_fingerprint": base_fingerprint(model, sorted(ranks), base_config), "base_config": base_config}
+    fingerprint = base_fingerprint(model, sorted(ranks), base_config,  # a dequantized 4-bit base: no hashes
+                                   hash_weights="quantization" not in extra_meta)
+    meta = {"sliced_layers": {}, **extra_meta, "base_fingerprint": fingerprint, "base_config": base_config}
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file({k: v.cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def merge_adapters(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, method: str,
-                   weights: list[float] | None = None, density: float = 1.0, t: float = 0.5, rank: int | None = None,
-                   seed: int = 0, output: str = "adapter", dtype: str = "float32",
-                   allow_mixed_quantization: bool = False) -> dict:
-    """Merge several adapters of one base by ``method`` (see :mod:`vlm_lora.adapters.arithmetic`) and
-    write a PEFT adapter (``output="adapter"``) or the merged model (``"model"``, exact dense result).
+LOSSY_WARNING = 0.01  # relative truncation error above which --as adapter warns
 
+
+def _report_truncation(method: str, errors: dict[str, float], merged: dict[str, DeltaPart]) -> None:
+    """Log how far the written adapter is from the merged deltas: a WARNING above 1% relative error (or
+    whenever ``cat`` could not be exact), INFO otherwise."""
+    worst_name = max(errors, key=errors.get)
+    worst, mean = errors[worst_name], sum(errors.values()) / len(errors)
+    where = f"worst {merged[worst_name].target or worst_name} at rank {merged[worst_name].rank}"
+    if method == "cat":  # cat only re-factors tensors with a dense (DoRA) input, which is not low-rank
+        log.warning("cat is exact for plain LoRA inputs, but %d tensors have a DoRA input (a dense update, not "
+                    "low-rank) and were re-factored by SVD: relative truncation error max %.3g (%s), mean %.3g; "
+                    "--as model writes the exact merge", len(errors), worst, where, mean)
+    elif worst > LOSSY_WARNING:
+        log.warning("%s --as adapter is lossy: re-factoring %d merged tensors to LoRA pairs drops a relative "
+                    "truncation error of max %.3g (%s), mean %.3g; a larger --rank keeps more, --as model is "
+                    "exact", method, len(errors), worst, where, mean)
+    else:
+        log.info("%s: re-factored %d tensors; relative truncation error max %.3g, mean %.3g", method, len(errors),
+                 worst, mean)
+
+
+def merge_adapters(base: str, adapter_dirs: list[str | Path], out_dir: str | Path, method: str,
+                   weights: list[float] | None = None, density: float | None = None, t: float | None = None,
+                   rank: int | None = None, seed: int | None = None, output: str | None = None,
+                   dtype: str | None = None, allow_mixed_quantization: bool = False, force: bool = False) -> dict:
+    """Merge several adapters of one base by ``method`` (see :mod:`vlm_lora.adapters.arithmetic`) and
+    write a PEFT adapter (``output="adapter"``, the default) or the merged model (``"model"``, exact).
+
+    Options left None take their defaults (density 1, t 0.5, seed 0, rank: the largest input rank,
+    dtype float32); one the method does not read is an error (:mod:`vlm_lora.adapters.merge_options`).
     Returns ``{"method", "tensors", "max_relative_truncation_error", ...}``.
     """
+    check_merge_request(base, adapter_dirs, out_dir, method, weights, density, t, rank, seed, output, dtype)
     adapter_dirs = [Path(d) for d in adapter_dirs]
     weights = list(weights) if weights is not None else [1.0] * len(adapter_dirs)
-    if method not in METHODS:
-        raise AdapterError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
-    if output not in ("adapter", "model"):
-        raise AdapterError(f"--as must be 'adapter' or 'model', got {output!r}")
-    if len(weights) != len(adapter_dirs):
-        raise AdapterError(f"--weights gives {len(weights)} weight(s) for {len(adapter_dirs)} adapter(s)")
-    if method == "slerp" and len(adapter_dirs) != 2:
-        raise AdapterError(f"slerp interpolates between exactly two adapters, got {len(adapter_dirs)}")
-    if not 0 < density <= 1:
-        raise AdapterError(f"--density must be in (0, 1], got {density}")
-    if rank is not None and rank < 1:
-        raise AdapterError(f"--rank must be at least 1, got {rank}")
+    density, t, seed = 1.0 if density is None else density, 0.5 if t is None else t, seed or 0
+    output, dtype = output or "adapter", dtype or "float32"
     metas = [read_meta(d) for d in adapter_dirs]
     _check_same_base(adapter_dirs, metas)
     model, processor = load_model_and_processor(base, "float32")
     for adapter_dir, meta in zip(adapter_dirs, metas):
         check_base(model, meta, str(adapter_dir))
     quant = _check_quantization(model, adapter_dirs, metas, allow_mixed_quantization)
+    refuse_other_weights(model, adapter_dirs, metas, force)
     parts = [adapter_deltas(model, d) for d in adapter_dirs]
     params = dict(model.named_parameters())
     merged, errors = merge_parts(parts, weights, method, density, t, rank, seed, output == "adapter",
                                  {name: params[name].shape for p in parts for name in p})
     worst = max(errors.values(), default=0.0)
     if errors:
-        log.info("%s: re-factored %d tensors; relative truncation error max %.3g, mean %.3g", method, len(errors),
-                 worst, sum(errors.values()) / len(errors))
+        _report_truncation(method, errors, merged)
     out_dir = Path(out_dir)
     settings = {"method": method, "adapters": [str(d) for d in adapter_dirs], "weights": weights, "density": density,
                 "t": t, "rank": rank, "seed": seed}

@@ -11,7 +11,9 @@
 Per-sample routing maps every token (and every vision patch) to its sample once per input
 shape (:mod:`vlm_lora.lora.routing`); layers of the vision tower and connector map rows to
 images (``images_per_sample``, or packed patches with ``rows_per_image``), the language side to
-samples. Which side a layer is on comes from the architecture registry.
+samples. Which side a layer is on comes from the architecture registry. The call's own batch must
+have one row per name (or one name for every row): fewer names than rows is an error, never a
+silent repeat.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from vlm_lora.lora import LoraLayer, iter_lora_layers
@@ -101,6 +104,50 @@ def _layer_sides(model: nn.Module) -> dict[str, str | None]:
     return sides
 
 
+def _batch_rows(args: tuple, kwargs: dict, positional: bool) -> int | None:
+    """Rows of a forward / generate call: ``input_ids`` or ``inputs_embeds``, else (``positional``) the
+    first tensor argument; None when there is none."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    first = args[0] if args else None
+    return first.shape[0] if positional and isinstance(first, torch.Tensor) and first.dim() else None
+
+
+@contextmanager
+def _checked_calls(model: nn.Module, routing: SampleRouting, positional: bool) -> Iterator[None]:
+    """Check each forward's and generate's batch rows against the names (generate before it repeats
+    rows for beams; its inner forwards are not checked)."""
+    generating = []
+
+    def check_forward(module, args, kwargs):
+        if not generating:
+            routing.check_batch(_batch_rows(args, kwargs, positional))
+
+    handle = model.register_forward_pre_hook(check_forward, with_kwargs=True)
+    original = getattr(model, "generate", None)
+    shadowed = vars(model).get("generate")  # an instance attribute (an outer adapter_per_sample's wrapper)
+
+    def generate(*args, **kwargs):
+        routing.check_batch(_batch_rows(args, kwargs, positional=True))
+        generating.append(True)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            generating.pop()
+
+    if original is not None:
+        model.generate = generate
+    try:
+        yield
+    finally:
+        handle.remove()
+        if shadowed is not None:
+            model.generate = shadowed
+        elif original is not None:
+            del model.generate
+
+
 @contextmanager
 def adapter_per_sample(model: nn.Module, names: list[str | None], images_per_sample: list[int] | None = None,
                        rows_per_image: list[int] | None = None) -> Iterator[SampleRouting]:
@@ -108,6 +155,8 @@ def adapter_per_sample(model: nn.Module, names: list[str | None], images_per_sam
 
     images_per_sample: images of each sample when not one each; rows_per_image: packed vision rows
     (patches) per image for towers that flatten all images into one sequence (Qwen2-VL).
+    ``RoutingError`` (a ValueError) when a call's batch has other than ``len(names)`` rows, unless
+    ``names`` is a single name (then every row runs it).
     """
     _check_names(model, names)
     layers = list(iter_lora_layers(model))
@@ -116,8 +165,11 @@ def adapter_per_sample(model: nn.Module, names: list[str | None], images_per_sam
     sides = _layer_sides(model)
     for path, layer in layers:
         layer.routing, layer.routing_side = routing, sides.get(path)
+    # with packed or multi-image inputs only input_ids / inputs_embeds say how many samples a call has
+    positional = images_per_sample is None and rows_per_image is None
     try:
-        yield routing
+        with _checked_calls(model, routing, positional):
+            yield routing
     finally:
         for _, layer in layers:
             layer.routing = layer.routing_side = None

@@ -11,6 +11,9 @@ projector and a Llama decoder that interleaves cross-attention layers (every 5th
   layers), ``layers.{i}.mlp`` and the norms (all layers), embeddings and final norm
 - connector ``model.multi_modal_projector`` (one ``nn.Linear``)
 
+Strategy ``both`` adapts the cross-attention layers too (``strategy_extras``), with the
+cross-attention default policy (q, k, v, r=16).
+
 Prefixes cannot contain wildcards, so the two language-side components list per-layer prefixes for
 layers 0..127 (absent ones are skipped by the planner), as BLIP-2's Q-Former split does.
 """
@@ -47,4 +50,6 @@ register(Architecture(
     never_adapted=("model.vision_model.patch_embedding",),
     fsdp_wrap_classes=("MllamaVisionEncoderLayer", "MllamaSelfAttentionDecoderLayer",
                        "MllamaCrossAttentionDecoderLayer"),
+    strategy_extras={"both": {"cross_attention": "its cross-attention layers are where the language decoder "
+                                                 "reads the image; strategy language_only leaves them frozen"}},
 ))

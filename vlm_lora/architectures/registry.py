@@ -67,6 +67,9 @@ class Architecture:
     rope_positions: Callable | None = None
     # images resized by smart_resize into [min_pixels, max_pixels] (Qwen-VL); data.*_pixels budgets need it
     dynamic_resolution: bool = False
+    # strategy -> {component: why}: components a strategy also adapts on this family (default policy), e.g.
+    # Mllama's cross-attention layers under `both`; the plan prints the reason
+    strategy_extras: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def matches(self, model: nn.Module) -> bool:
         if not any(cls.__name__ in self.model_classes for cls in type(model).__mro__):

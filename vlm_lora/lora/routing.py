@@ -18,6 +18,10 @@ How rows of a layer's input map to samples (``n`` = ``x.shape[0]``, ``B`` sample
 
 Which side a layer is on is the layer's ``routing_side`` ("text", "image"; None tries text, then
 image). Sides only matter when a sample has other than one image.
+
+Whole multiples are how beam search looks from inside a layer, so the layers cannot tell a batch of
+4 rows with 2 names from 2 samples with 2 beams: :meth:`SampleRouting.check_batch` checks the rows
+of the call itself (``adapter_per_sample`` runs it before every forward and generate).
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ class SampleRouting:
             per_sample = [sum(rows_per_image[s:s + c]) for s, c in zip(starts, images)]
             self.segments["image"].append(per_sample)
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def check_batch(self, rows: int | None) -> None:
+        """RoutingError unless a call of ``rows`` batch rows gets one name per row, or one name for all."""
+        if rows is None or len(self.names) in (1, rows):
+            return
+        raise RoutingError(f"adapter_per_sample got {len(self.names)} adapter names for a batch of {rows} rows; "
+                           f"give one name per row ({rows} names, None for the base model) or a single name "
+                           f"for all rows")
 
     def _sample_of_row(self, n: int, side: str | None) -> torch.Tensor:
         """[n] sample index of each of the n rows of a layer input."""
