@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from vlm_lora.lora import AdapterSpec, inject_lora, iter_lora_layers
+from vlm_lora.lora import AdapterSpec, get_variant, inject_lora, iter_lora_layers
+from vlm_lora.lora.base import TRAINABLE_KEYS
 from vlm_lora.lora.shared import link_shared_inputs
 from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
 from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
@@ -72,7 +73,7 @@ class Plan:
         for path in self.frozen_paths:
             model.get_submodule(path).requires_grad_(False)
         for name, param in model.named_parameters():
-            if any(f".{key}." in name for key in ("lora_A", "lora_B", "lora_magnitude_vector")):
+            if any(f".{key}." in name for key in TRAINABLE_KEYS):
                 param.requires_grad_(True)
         for _, layer in iter_lora_layers(model):  # LoRA-FA: A stays a fixed projection
             for adapter, variant in getattr(layer, "variants", {}).items():
@@ -247,6 +248,9 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
 
 def _linear_lora_params(module: nn.Linear, spec: AdapterSpec) -> int:
     """Trainable parameters of one LoRA on a linear: r (in + out); LoRA-FA trains only B; DoRA adds m [out]."""
+    variant = get_variant(spec.variant)
+    if hasattr(variant, "param_count"):  # variants in their own modules count their own
+        return variant.param_count(module.in_features, module.out_features, spec.rank)
     a_params = 0 if spec.variant == "lora_fa" else spec.rank * module.in_features
     return a_params + spec.rank * module.out_features + (module.out_features if spec.variant == "dora" else 0)
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["lora", "full", "frozen"]
-Variant = Literal["lora", "dora", "lora_fa"]
+Variant = Literal["lora", "dora", "lora_fa", "vera", "dylora", "adalora"]
 Init = Literal["kaiming", "gaussian", "pissa", "olora"]
 
 
@@ -22,7 +22,7 @@ class ComponentPolicy(BaseModel):
     targets: list[str] | None = Field(default=None, description="short target names, e.g. [q, v]")
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     lr: float | None = Field(default=None, gt=0, description="learning rate; default: train.learning_rate")
-    variant: Variant | None = Field(default=None, description="lora | dora | lora_fa")
+    variant: Variant | None = Field(default=None, description="lora | dora | lora_fa | vera | dylora | adalora")
     rslora: bool | None = Field(default=None, description="scaling alpha/sqrt(r) instead of alpha/r")
     init: Init | None = Field(default=None, description="adapter initialisation")
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from vlm_lora.lora import AdapterSpec, LoraLayer, PeftEntry, inject_lora, iter_lora_layers
 from vlm_lora.adapters.fingerprint import AdapterError, weight_config, base_fingerprint, check_base
+from vlm_lora.adapters.peft_native import NATIVE_TYPES, native_to_lora, to_native
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
 from vlm_lora.planner import has_module, named_params_at
 
@@ -111,6 +112,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "use_dora": use_dora,
         "inference_mode": True,
     }
+    config, tensors = to_native(model, adapter_name, config, tensors)  # VeRA, AdaLoRA: PEFT's own format
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     base_config = weight_config(model)
     meta = {"sliced_layers": sliced, "inits": inits, **(extra_meta or {}),
@@ -149,8 +151,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not config_file.is_file():
         raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing")
     config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+    if config.get("peft_type") != "LORA" and config.get("peft_type") not in NATIVE_TYPES:
+        raise AdapterError(f"{config_file}: peft_type is {config.get('peft_type')!r}; "
+                           f"valid: LORA, {', '.join(NATIVE_TYPES)}")
     return config
 
 
@@ -227,6 +230,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     meta = _read_meta(adapter_dir)
     check_base(model, meta, origin)
     state = load_file(str(weights_file))
+    if config["peft_type"] != "LORA":  # loaded as the equivalent LoRA (the same update)
+        config, state = native_to_lora(model, config, state)
     sliced = meta.get("sliced_layers", {})
     modules = dict(model.named_modules())
 
