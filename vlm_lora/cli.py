@@ -50,12 +50,18 @@ def cmd_merge(args) -> None:
         if len(args.adapter) > 1:
             raise AdapterError(f"{len(args.adapter)} adapters need --method (linear, cat, svd, ties, dare_linear, "
                                f"dare_ties, magnitude_prune or slerp)")
-        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype)
+        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype, rank=args.rank)
     else:
         weights = _float_list(args.weights, "--weights") if args.weights else None
         report = merge_adapters(args.base, args.adapter, args.out, args.method, weights, args.density, args.t,
                                 args.rank, args.seed, args.output, args.dtype, args.allow_mixed_quantization)
     print(json.dumps(report))
+
+
+def cmd_export(args) -> None:
+    from vlm_lora.adapters.rank_export import export_at_rank
+
+    print(json.dumps(export_at_rank(args.base, args.adapter, args.out, args.rank)))
 
 
 def _float_list(text: str, option: str) -> list[float]:
@@ -96,13 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="one weight per adapter, comma-separated (default 1 each)")
     p.add_argument("--density", type=float, default=1.0, help="fraction kept by ties, dare_*, magnitude_prune")
     p.add_argument("--t", type=float, default=0.5, help="slerp: 0 = first adapter, 1 = second")
-    p.add_argument("--rank", type=int, help="rank of the re-factored adapter (default: the largest input rank)")
+    p.add_argument("--rank", type=int, help="rank of the re-factored adapter (default: the largest input rank); "
+                                            "one DyLoRA adapter: merge its first RANK components")
     p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks")
     p.add_argument("--as", dest="output", choices=["adapter", "model"], default="adapter",
                    help="write a PEFT adapter (default) or the merged model")
     p.add_argument("--allow-mixed-quantization", action="store_true",
                    help="merge 4-bit-trained with 16-bit-trained adapters (into the 16-bit base)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a DyLoRA adapter's first RANK components as a plain LoRA of rank RANK")
+    p.add_argument("--base", required=True, help="base model folder or hub id")
+    p.add_argument("--adapter", required=True, help="DyLoRA adapter folder")
+    p.add_argument("--rank", required=True, type=int)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
 
     add_eval_parsers(sub)
     return parser

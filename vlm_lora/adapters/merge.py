@@ -61,8 +61,10 @@ def _quantize_like_training(model, quant: dict, modules_to_save: list[str]) -> N
             log.warning("%s was trained in full but lies in a quantized component", prefix)
 
 
-def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> dict:
+def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+                  rank: int | None = None) -> dict:
     """Load ``base``, apply ``adapter_dir``, merge in fp32 and save a plain model to ``out_dir``.
+    ``rank``: a DyLoRA adapter's first ``rank`` components only.
 
     Returns ``{"max_logit_diff": float}``: adapter model vs merged model on a probe input.
     """
@@ -70,7 +72,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     quant = read_meta(adapter_dir).get("quantization")
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
         _quantize_like_training(model, quant, read_adapter_config(adapter_dir).get("modules_to_save") or [])
-    load_adapter(model, adapter_dir)
+    load_adapter(model, adapter_dir, rank=rank)
     layers = len(list(iter_lora_layers(model)))
     before = _probe_logits(model, processor)
     if quant:

@@ -30,7 +30,7 @@ from torch import nn
 
 from vlm_lora.lora import AdapterSpec, LoraLayer, PeftEntry, inject_lora, iter_lora_layers
 from vlm_lora.adapters.fingerprint import AdapterError, weight_config, base_fingerprint, check_base
-from vlm_lora.adapters.peft_native import NATIVE_TYPES, native_to_lora, to_native
+from vlm_lora.adapters.peft_native import NATIVE_TYPES, native_to_lora, to_native, use_dylora_rank
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
 from vlm_lora.planner import has_module, named_params_at
 
@@ -58,7 +58,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas, dropouts, sliced, inits = {}, {}, [], {}, {}
+    ranks, alphas, dropouts, sliced, inits, variants = {}, {}, [], {}, {}, {}
     entries: dict[str, PeftEntry] = {}
     adapted: list[str] = []
     for path, layer in iter_lora_layers(model):
@@ -68,6 +68,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         spec = layer.specs[adapter_name]
         dropouts.append(spec.dropout)
         inits[spec.init] = inits.get(spec.init, 0) + 1
+        variants[spec.variant] = variants.get(spec.variant, 0) + 1
         if spec.slices:
             sliced[path] = {"rank": spec.rank, "alpha": spec.alpha, "slices": list(spec.slices),
                             "slice_order": list(spec.slice_order)}
@@ -115,7 +116,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     config, tensors = to_native(model, adapter_name, config, tensors)  # VeRA, AdaLoRA: PEFT's own format
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     base_config = weight_config(model)
-    meta = {"sliced_layers": sliced, "inits": inits, **(extra_meta or {}),
+    meta = {"sliced_layers": sliced, "inits": inits, "variants": variants, **(extra_meta or {}),
             "base_fingerprint": base_fingerprint(model, adapted, base_config), "base_config": base_config}
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -210,7 +211,7 @@ def _load_full_linears(model: nn.Module, tensors: dict[str, torch.Tensor], adapt
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER,
-                 full_as_delta: bool | None = None) -> list[str]:
+                 full_as_delta: bool | None = None, rank: int | None = None) -> list[str]:
     """Inject and load a PEFT-format LoRA adapter into ``model``; returns the adapted paths.
 
     Fails with ``AdapterError`` naming the module when the adapter does not fit this base; with a
@@ -220,6 +221,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     adapter ``adapter_name`` on that layer (their difference to the base), so several adapters can
     be switched and mixed per sample; otherwise they overwrite the base weights. Default: on for
     any name but ``"default"``. Other fully-trained tensors (norms, embeddings) always overwrite.
+
+    rank: a DyLoRA adapter (``variants`` in the sidecar) uses its first ``rank`` components.
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -261,11 +264,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             shape = (getattr(module, "out_features", "?"), getattr(module, "in_features", "?"))
             raise AdapterError(f"adapter does not fit {path!r}: its update is ({lora_b.shape[0]}, {lora_a.shape[1]}) "
                                f"[out, in] but the module is {shape}; the adapter was made for {origin!r}")
-        rank = _pattern_value(path, config.get("rank_pattern") or {}, config["r"])
-        if rank != lora_a.shape[0]:
-            raise AdapterError(f"{path}: config says rank {rank} but lora_A has {lora_a.shape[0]} rows")
+        layer_rank = _pattern_value(path, config.get("rank_pattern") or {}, config["r"])
+        if layer_rank != lora_a.shape[0]:
+            raise AdapterError(f"{path}: config says rank {layer_rank} but lora_A has {lora_a.shape[0]} rows")
         alpha = _pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
-        specs[path] = AdapterSpec(rank=rank, alpha=alpha, rslora=bool(config.get("use_rslora")),
+        specs[path] = AdapterSpec(rank=layer_rank, alpha=alpha, rslora=bool(config.get("use_rslora")),
                                   variant="dora" if config.get("use_dora") else "lora")
         entries[path] = {"": (lora_a, lora_b, magnitude)}
     try:
@@ -277,6 +280,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             model.get_submodule(path).load_peft(adapter_name, layer_entries)
         except (ValueError, RuntimeError) as error:
             raise AdapterError(f"adapter does not fit {path!r}: {error}; the adapter was made for {origin!r}") from None
+    if rank is not None:
+        use_dylora_rank(model, adapter_dir, meta, rank, adapter_name)
 
     full = {key: tensor for key, tensor in state.items()
             if not (".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"))}

@@ -80,6 +80,21 @@ def native_to_lora(model: nn.Module, config: dict,
     return NATIVE_TYPES[config["peft_type"]].read(modules, config, state)
 
 
+def use_dylora_rank(model: nn.Module, adapter_dir, meta: dict, rank: int, name: str) -> None:
+    """After loading: the adapter's layers use their first ``rank`` components (DyLoRA only: the
+    sidecar must say every layer was trained as DyLoRA, otherwise its ranks are not nested)."""
+    from vlm_lora.adapters.fingerprint import AdapterError
+    from vlm_lora.lora.dylora import set_rank
+
+    if set(meta.get("variants", {})) != {"dylora"}:
+        raise AdapterError(f"--rank {rank}: {adapter_dir} is not a DyLoRA adapter (variants "
+                           f"{sorted(meta.get('variants', {})) or 'unknown'}); only DyLoRA ranks are nested")
+    try:
+        set_rank(model, rank, name, as_dylora=True)
+    except ValueError as error:
+        raise AdapterError(f"{adapter_dir}: {error}") from None
+
+
 def lora_config(config: dict, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
     """A PEFT LoRA config over the targets of ``ranks`` (per-target rank and alpha as patterns)."""
     rank = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8

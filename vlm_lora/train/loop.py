@@ -35,6 +35,7 @@ from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
 from vlm_lora.eval.plotting import plot_loss
+from vlm_lora.lora.hooks import attach_step_hooks
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
@@ -129,6 +130,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
                                           accelerator.process_index)
         log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
     loader.start(step * per_step, saved_data)
+    attach_step_hooks(unwrapped, getattr(optimizer, "optimizer", optimizer), step, total_steps)  # DyLoRA's rank sample, AdaLoRA's budget
     writer = MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
 
     def save_gathered(folder: Path) -> None:  # main process, inside distributed.full_trainable
