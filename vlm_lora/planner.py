@@ -15,6 +15,7 @@ from vlm_lora.lora import AdapterSpec, get_variant, inject_lora, iter_lora_layer
 from vlm_lora.lora.base import TRAINABLE_KEYS
 from vlm_lora.lora.shared import link_shared_inputs
 from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
+from vlm_lora.architectures.replication import check_layer_map, decoder_layers_path, replicate_layers
 from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
 
@@ -44,6 +45,7 @@ class Plan:
     total_params: int
     frozen_paths: list[str] = field(default_factory=list)  # never-adapted modules, kept frozen
     shared_inputs: list[tuple[str, ...]] = field(default_factory=list)  # sibling leaves sharing one A matmul
+    replication: dict | None = None  # layer_replication: {"layers": source index per layer, "added_params": n}
 
     @property
     def trainable_params(self) -> int:
@@ -99,6 +101,7 @@ class Plan:
                 "modules": c.lora_paths or c.full_prefixes, "trainable_params": c.trainable_params,
             } for c in self.components],
             "never_adapted": self.frozen_paths,
+            **({"layer_replication": self.replication} if self.replication else {}),
         }
 
     def __str__(self) -> str:
@@ -121,6 +124,9 @@ class Plan:
                line(["-" * w for w in widths]), *map(line, rows)]
         if self.frozen_paths:
             out.append("never adapted: " + ", ".join(self.frozen_paths))
+        if self.replication:
+            out.append(f"language decoder layers (replicated, base weights shared): {self.replication['layers']}; "
+                       f"adapters of the added copies: {self.replication['added_params']:,} params")
         return "\n".join(out)
 
 
@@ -168,6 +174,12 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     errors: list[str] = []
     policies = _resolve_policies(arch, strategy, parsed, errors)
 
+    decoder = policies.get("language_decoder")
+    replication = None
+    errors += [f"components.{name}.layer_replication: only the language_decoder's layers can be replicated"
+               for name, policy in policies.items() if policy.layer_replication and name != "language_decoder"]
+    if decoder is not None and decoder.layer_replication:
+        replication = replicate_decoder(model, arch, decoder.layer_replication, errors)
     never = [p for p in arch.never_adapted if has_module(model, p)]
     modules = dict(model.named_modules())
     comp_plans = []
@@ -203,8 +215,45 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     total += sum(c.trainable_params for c in comp_plans if c.policy.mode == "lora")
     shared = [group for c in comp_plans if c.policy.mode == "lora"
               for group in arch.components[c.component].shared_inputs]
+    if replication:
+        replication["added_params"] = added_copy_params(comp_plans, replication, modules)
     return Plan(architecture=arch.name, strategy=strategy, components=comp_plans, total_params=total,
-                frozen_paths=never, shared_inputs=shared)
+                frozen_paths=never, shared_inputs=shared, replication=replication)
+
+
+def replicate_decoder(model: nn.Module, arch: Architecture, layer_map: list, errors: list[str]) -> dict | None:
+    """Apply ``layer_replication`` to the model (once: the plan is made of the new layer list)."""
+    layer_map = [list(pair) for pair in layer_map]
+    try:
+        path = decoder_layers_path(model, arch.components["language_decoder"].prefixes)
+        done = getattr(model, "layer_replication", None)
+        if done is None:
+            sources = replicate_layers(model, path, layer_map)
+        elif done == layer_map:
+            sources = check_layer_map(layer_map, max(end for _, end in layer_map))
+        else:
+            raise ValueError(f"the model was already replicated with {done}")
+    except ValueError as error:
+        errors.append(f"components.language_decoder.layer_replication: {error}")
+        return None
+    return {"path": path, "layers": sources}
+
+
+def added_copy_params(comp_plans: list[ComponentPlan], replication: dict, modules: dict[str, nn.Module]) -> int:
+    """LoRA params on the layers that repeat an earlier one (what replication adds)."""
+    repeats, seen = set(), set()
+    for index, source in enumerate(replication["layers"]):
+        if source in seen:
+            repeats.add(index)
+        seen.add(source)
+    prefix = replication["path"] + "."
+    total = 0
+    for comp in comp_plans:
+        for path, spec in comp.lora_specs.items():
+            if path.startswith(prefix) and int(path[len(prefix):].split(".")[0]) in repeats \
+                    and isinstance(modules[path], nn.Linear):
+                total += _linear_lora_params(modules[path], spec)
+    return total
 
 
 def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Module]) -> None:

@@ -25,6 +25,9 @@ class ComponentPolicy(BaseModel):
     variant: Variant | None = Field(default=None, description="lora | dora | lora_fa | vera | dylora | adalora")
     rslora: bool | None = Field(default=None, description="scaling alpha/sqrt(r) instead of alpha/r")
     init: Init | None = Field(default=None, description="adapter initialisation")
+    layer_replication: list[tuple[int, int]] | None = Field(
+        default=None, description="language_decoder only: rebuild the layer list from [start, end) ranges, "
+                                  "e.g. [[0, 4], [2, 5]]; copies share base weights, each gets its own LoRA")
 
     def merged_with(self, override: "ComponentPolicy | None") -> "ComponentPolicy":
         """This policy with every field the override sets replaced."""

@@ -61,6 +61,15 @@ def _quantize_like_training(model, quant: dict, modules_to_save: list[str]) -> N
             log.warning("%s was trained in full but lies in a quantized component", prefix)
 
 
+def unshare_replicated(model) -> None:
+    if getattr(model, "layer_replication", None):
+        from vlm_lora.architectures.registry import detect_architecture
+        from vlm_lora.architectures.replication import decoder_layers_path, unshare_layers
+
+        prefixes = detect_architecture(model).components["language_decoder"].prefixes
+        log.info("unshared %d replicated tensors", unshare_layers(model, decoder_layers_path(model, prefixes)))
+
+
 def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                   rank: int | None = None) -> dict:
     """Load ``base``, apply ``adapter_dir``, merge in fp32 and save a plain model to ``out_dir``.
@@ -73,6 +82,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
         _quantize_like_training(model, quant, read_adapter_config(adapter_dir).get("modules_to_save") or [])
     load_adapter(model, adapter_dir, rank=rank)
+    unshare_replicated(model)  # replicated decoder layers: each copy gets its own merged weights
     layers = len(list(iter_lora_layers(model)))
     before = _probe_logits(model, processor)
     if quant:

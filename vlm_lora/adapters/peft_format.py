@@ -114,6 +114,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "inference_mode": True,
     }
     config, tensors = to_native(model, adapter_name, config, tensors)  # VeRA, AdaLoRA: PEFT's own format
+    if getattr(model, "layer_replication", None):  # PEFT rebuilds the layer list before loading
+        config["layer_replication"] = model.layer_replication
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     base_config = weight_config(model)
     meta = {"sliced_layers": sliced, "inits": inits, "variants": variants, **(extra_meta or {}),
@@ -210,6 +212,18 @@ def _load_full_linears(model: nn.Module, tensors: dict[str, torch.Tensor], adapt
     return rest, paths
 
 
+def replicate_for_adapter(model: nn.Module, layer_map: list) -> None:
+    """Rebuild the language decoder's layer list as the adapter was trained (``layer_replication``)."""
+    from vlm_lora.architectures.registry import detect_architecture
+    from vlm_lora.architectures.replication import decoder_layers_path, replicate_layers
+
+    prefixes = detect_architecture(model).components["language_decoder"].prefixes
+    try:
+        replicate_layers(model, decoder_layers_path(model, prefixes), layer_map)
+    except ValueError as error:
+        raise AdapterError(f"adapter layer_replication {layer_map}: {error}") from None
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER,
                  full_as_delta: bool | None = None, rank: int | None = None) -> list[str]:
     """Inject and load a PEFT-format LoRA adapter into ``model``; returns the adapted paths.
@@ -231,6 +245,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
     origin = config.get("base_model_name_or_path")
     meta = _read_meta(adapter_dir)
+    if config.get("layer_replication") and getattr(model, "layer_replication", None) is None:
+        replicate_for_adapter(model, config["layer_replication"])
     check_base(model, meta, origin)
     state = load_file(str(weights_file))
     if config["peft_type"] != "LORA":  # loaded as the equivalent LoRA (the same update)
