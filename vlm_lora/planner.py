@@ -14,7 +14,7 @@ from torch import nn
 from vlm_lora.lora import AdapterSpec, get_variant, inject_lora, iter_lora_layers
 from vlm_lora.lora.base import TRAINABLE_KEYS
 from vlm_lora.lora.shared import link_shared_inputs
-from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
+from vlm_lora.policy import STRATEGIES, AdaLoraOptions, ComponentPolicy, FROZEN, DEFAULT_POLICY
 from vlm_lora.architectures.replication import check_layer_map, decoder_layers_path, replicate_layers
 from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
@@ -261,7 +261,9 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
     chosen slices for fused modules (``q``, ``v`` of a ``qkv``)."""
     policy = cp.policy
     spec = AdapterSpec(rank=policy.rank, alpha=policy.alpha, dropout=policy.dropout or 0.0,
-                       variant=policy.variant or "lora", init=policy.init or "kaiming", rslora=bool(policy.rslora))
+                       variant=policy.variant or "lora", init=policy.init or "kaiming", rslora=bool(policy.rslora),
+                       extra=tuple((policy.adalora or AdaLoraOptions()).model_dump().items())
+                       if policy.variant == "adalora" else ())
     if not cmap.targets:  # the component is a single layer (lm_head): adapt its linears
         leaves = {}
     else:

@@ -161,3 +161,53 @@ class VeraFormat(NativeFormat):
 
 
 register(VeraFormat())
+
+
+class AdaLoraFormat(NativeFormat):
+    """Per layer ``<path>.lora_A`` [k, in], ``.lora_B`` [out, k], ``.lora_E`` [k, 1] (the k kept
+    triplets), and ``rank_pattern`` ``{"<path>.lora_E": [kept?] * init_r}``; PEFT's scaling is
+    ``lora_alpha / (init_r + 1e-5)``."""
+
+    peft_type = "ADALORA"
+
+    def fits(self, layers, name):
+        from vlm_lora.lora.adalora import options
+
+        settings = {(layer.specs[name].rank, layer.specs[name].alpha, layer.specs[name].dropout,
+                     tuple(sorted(options(layer, name).items()))) for layer in layers.values()}
+        return None if len(settings) == 1 else "PEFT's AdaLoRA takes one init_r, alpha and budget per adapter"
+
+    def write(self, layers, name, config):
+        from vlm_lora.lora.adalora import options
+
+        first = next(iter(layers.values()))
+        spec, opts = first.specs[name], options(first, name)
+        tensors, pattern = {}, {}
+        for path, layer in layers.items():
+            for key, tensor in layer.variants[name].native_tensors(layer, name).items():
+                tensors[f"{PREFIX}{path}.{key}"] = tensor
+            pattern[f"{path}.lora_E"] = layer.adalora_mask[name].tolist()
+        total = max(getattr(first, "adalora_total_steps", 0), opts["tinit"] + opts["tfinal"] + 1)
+        native = {**common_config(config), "peft_type": "ADALORA", "init_r": spec.rank, "target_r": opts["target_r"],
+                  "tinit": opts["tinit"], "tfinal": opts["tfinal"], "deltaT": opts["delta_t"], "beta1": opts["beta1"],
+                  "beta2": opts["beta2"], "orth_reg_weight": opts["orth_reg_weight"], "total_step": total,
+                  "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "rank_pattern": pattern,
+                  "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+        return native, tensors
+
+    def read(self, modules, config, state):
+        scale = config["lora_alpha"] / (config["init_r"] + 1e-5)
+        out = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B", ".lora_E"))}
+        ranks = {}
+        for key in state:
+            if not key.endswith(".lora_E") or state[key].shape[0] == 0:
+                continue  # a module pruned to rank 0 adds nothing
+            path = key[len(PREFIX):-len(".lora_E")]
+            lora_e = state[key].float()
+            out[f"{PREFIX}{path}.lora_A.weight"] = state[f"{PREFIX}{path}.lora_A"].float() * lora_e
+            out[f"{PREFIX}{path}.lora_B.weight"] = state[f"{PREFIX}{path}.lora_B"].float() * scale
+            ranks[path] = lora_e.shape[0]
+        return lora_config(config, ranks, {p: float(r) for p, r in ranks.items()}), out
+
+
+register(AdaLoraFormat())

@@ -31,6 +31,7 @@ class AdapterSpec:
     rslora: bool = False       # scaling alpha / sqrt(r) instead of alpha / r
     slices: tuple[str, ...] = ()
     slice_order: tuple[str, ...] = ()
+    extra: tuple[tuple[str, object], ...] = ()  # variant settings as (key, value) pairs (AdaLoRA's budget)
 
 
 @dataclass(frozen=True)

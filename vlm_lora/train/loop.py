@@ -35,6 +35,7 @@ from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
 from vlm_lora.eval.plotting import plot_loss
+from vlm_lora.lora.adalora import final_ranks_note
 from vlm_lora.lora.hooks import attach_step_hooks
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
@@ -214,6 +215,11 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         if best["step"] is not None:
             results["adapted"]["best_step"] = best["step"]
     if main:
+        note = final_ranks_note(unwrapped)  # AdaLoRA: the ranks the budget left, appended to the plan
+        if note:
+            log.info("%s", note)
+            with open(out / "plan.txt", "a") as plan_file:
+                plan_file.write(note)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         if eval_set is not None:
             write_predictions(rows, out / "predictions_adapted.jsonl")
