@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["lora", "full", "frozen"]
 Variant = Literal["lora", "dora", "lora_fa", "vera", "dylora", "adalora"]
-Init = Literal["kaiming", "gaussian", "pissa", "olora"]
+Init = Literal["kaiming", "gaussian", "pissa", "olora", "loftq"]
 
 
 class AdaLoraOptions(BaseModel):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlm_lora.adapters.loftq_report import rebuild_loftq_base
 from vlm_lora.adapters.arithmetic import LINEAR_METHODS, METHODS, cat_factors, merge_deltas, qr_svd_factors, svd_factors
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
@@ -22,6 +23,7 @@ from vlm_lora.lora import LoraLayer, iter_lora_layers, unload_lora
 from vlm_lora.lora.mha import OUT_SUFFIX
 from vlm_lora.lora.variants import lora_scaling
 from vlm_lora.modeling import load_model_and_processor
+
 
 log = logging.getLogger("vlm_lora")
 
@@ -78,8 +80,10 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     Returns ``{"max_logit_diff": float}``: adapter model vs merged model on a probe input.
     """
     model, processor = load_model_and_processor(base, "float32")
-    quant = read_meta(adapter_dir).get("quantization")
+    meta = read_meta(adapter_dir)
+    quant = meta.get("quantization")
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
+        rebuild_loftq_base(model, meta)  # init loftq: the base was the LoftQ residual
         _quantize_like_training(model, quant, read_adapter_config(adapter_dir).get("modules_to_save") or [])
     load_adapter(model, adapter_dir, rank=rank)
     unshare_replicated(model)  # replicated decoder layers: each copy gets its own merged weights

@@ -119,6 +119,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     base_config = weight_config(model)
     meta = {"sliced_layers": sliced, "inits": inits, "variants": variants, **(extra_meta or {}),
+            **({"loftq": model.loftq} if getattr(model, "loftq", None) else {}),  # the LoftQ base (loftq_report)
             "base_fingerprint": base_fingerprint(model, adapted, base_config), "base_config": base_config}
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -12,7 +12,7 @@ from vlm_lora.lora.inject import inject_lora, iter_lora_layers, register_layer_t
 from vlm_lora.lora.linear import LoraLinear
 from vlm_lora.lora.variants import LoraVariant, get_variant
 from vlm_lora.lora import fused, mha  # noqa: E402,F401  (register the fused-qkv and MHA layer types)
-from vlm_lora.lora import adalora, dylora, vera  # noqa: E402,F401  (register the variants kept in their own modules)
+from vlm_lora.lora import adalora, dylora, loftq, vera  # noqa: E402,F401  (register the variants kept in their own modules)
 from vlm_lora.lora.fused import FusedLinearLora  # noqa: E402
 from vlm_lora.lora.mha import LoraMultiheadAttention  # noqa: E402
 
