@@ -58,6 +58,15 @@ def cmd_merge(args) -> None:
     print(json.dumps(report))
 
 
+def cmd_compare(args) -> None:
+    from vlm_lora.recipe import load_recipe
+    from vlm_lora.train.compare import compare_variants
+
+    recipe = load_recipe(args.recipe, args.set, check_paths=True)
+    out = args.out or f"{recipe.output_dir}/compare"
+    compare_variants(recipe, [v.strip() for v in args.variants.split(",") if v.strip()], args.steps, out)
+
+
 def cmd_export(args) -> None:
     from vlm_lora.adapters.rank_export import export_at_rank
 
@@ -110,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed-quantization", action="store_true",
                    help="merge 4-bit-trained with 16-bit-trained adapters (into the 16-bit base)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("compare", help="train a recipe with several LoRA variants; table and plot side by side")
+    p.add_argument("recipe")
+    p.add_argument("--variants", default="lora,dora,vera,adalora,dylora", help="comma-separated variants")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per variant")
+    p.add_argument("--out", help="folder for the runs, compare.md/json and compare.png (default: OUTPUT_DIR/compare)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="write a DyLoRA adapter's first RANK components as a plain LoRA of rank RANK")
     p.add_argument("--base", required=True, help="base model folder or hub id")
