@@ -129,3 +129,12 @@ def test_finetune_ends_at_the_target_budget(tmp_path):
     assert sum(kept) == 2 * len(kept) and len(kept) > 0
     note = (tmp_path / "run" / "plan.txt").read_text()
     assert f"adalora final ranks (total {sum(kept)} over {len(kept)} modules)" in note
+
+
+def test_settings_a_variant_would_ignore_are_errors(tiny_llava):
+    from vlm_lora.planner import PlanError
+
+    with pytest.raises(PlanError, match="language_decoder.adalora: set only with variant adalora"):
+        vlm_lora.plan(tiny_llava, "language_only", language_decoder={"adalora": {"target_r": 2}})
+    with pytest.raises(PlanError, match="language_decoder.init: pissa does not apply to variant vera"):
+        vlm_lora.plan(tiny_llava, "language_only", language_decoder={"variant": "vera", "init": "pissa"})

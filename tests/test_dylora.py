@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vlm_lora
-from conftest import ASSET_MODEL, randomize_adapters
+from conftest import ASSET_DATA, ASSET_MODEL, randomize_adapters
 from vlm_lora.adapters.peft_format import AdapterError
 from vlm_lora.lora import iter_lora_layers, unload_lora
 from vlm_lora.lora.dylora import set_rank
@@ -100,3 +100,18 @@ def test_export_cli_writes_a_rank_k_lora(tmp_path):
     assert config["r"] == 3 and config["modules_to_save"] == ["model.multi_modal_projector"]
     assert main(["export", "--base", str(ASSET_MODEL), "--adapter", str(tmp_path / "full"), "--rank", "9",
                  "--out", str(tmp_path / "k9")]) == 2
+    # eval scores several ranks of one DyLoRA adapter in one table; rank 3 is the exported rank-3 LoRA
+    rows = [json.loads(line) for line in (ASSET_DATA / "microscopy" / "eval.jsonl").read_text().splitlines()[:2]]
+    for row in rows:
+        row["image"] = str(ASSET_DATA / "microscopy" / row["image"])
+    (tmp_path / "gt.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--data", str(tmp_path / "gt.jsonl"), "--max-new-tokens", "6", "--batch-size", "2"]
+    assert main(["eval", "--model", str(ASSET_MODEL), "--adapter", str(tmp_path / "full"), "--rank", "1,5",
+                 *common, "--out", str(tmp_path / "eval")]) == 2  # rank 5 > r = 4
+    assert main(["eval", "--model", str(ASSET_MODEL), "--adapter", str(tmp_path / "full"), "--names", "dy",
+                 "--rank", "1,3", *common, "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert {"base", "dy@r1", "dy@r3"} <= set(summary)
+    assert main(["eval", "--model", str(ASSET_MODEL), "--adapter", str(tmp_path / "k3"), *common,
+                 "--out", str(tmp_path / "k3.json")]) == 0
+    assert json.loads((tmp_path / "k3.json").read_text())["cider"] == summary["dy@r3"]["cider"]

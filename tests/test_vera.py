@@ -82,3 +82,16 @@ def test_vera_grads_reach_only_the_scaling_vectors(tiny_llava, tiny_batch):
     trained = {n for n, p in tiny_llava.named_parameters() if p.grad is not None}
     assert trained and all("vera_lambda" in n or "multi_modal_projector" in n for n in trained)
     assert any("vera_lambda_b" in n for n in trained)
+
+
+def test_adapter_arithmetic_reads_vera_files_as_their_lora_equivalent(tiny_llava, tmp_path):
+    from vlm_lora.adapters.merge import adapter_deltas
+    from vlm_lora.lora import iter_lora_layers
+
+    base = copy.deepcopy(tiny_llava)
+    vlm_lora.plan(tiny_llava, "language_only", language_decoder={"variant": "vera", "rank": 4}).apply(tiny_llava)
+    randomize_adapters(tiny_llava)
+    vlm_lora.save_adapter(tiny_llava, tmp_path, "tiny", [])
+    parts = adapter_deltas(base, tmp_path)
+    for path, layer in iter_lora_layers(tiny_llava):
+        torch.testing.assert_close(parts[f"{path}.weight"].to_dense(), layer.delta_weight("default"))

@@ -196,6 +196,7 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
             if bad:
                 errors.append(f"components.{name}.targets: {bad} not valid for {arch.name}; valid: {', '.join(valid)}")
                 continue
+            errors += variant_errors(name, policy)
             _plan_lora(cp, cmap, modules)
             if not cp.lora_specs:
                 errors.append(f"components.{name}: no nn.Linear matched targets {policy.targets}")
@@ -219,6 +220,22 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
         replication["added_params"] = added_copy_params(comp_plans, replication, modules)
     return Plan(architecture=arch.name, strategy=strategy, components=comp_plans, total_params=total,
                 frozen_paths=never, shared_inputs=shared, replication=replication)
+
+
+# inits each variant can start from (VeRA and AdaLoRA have their own; DyLoRA keeps the order of an SVD init)
+VARIANT_INITS = {"vera": ("kaiming",), "adalora": ("kaiming",), "dylora": ("kaiming", "gaussian", "loftq")}
+
+
+def variant_errors(name: str, policy: ComponentPolicy) -> list[str]:
+    """Settings that a variant would silently ignore or break."""
+    errors = []
+    allowed = VARIANT_INITS.get(policy.variant)
+    if allowed and (policy.init or "kaiming") not in allowed:
+        errors.append(f"components.{name}.init: {policy.init} does not apply to variant {policy.variant}; "
+                      f"valid: {', '.join(allowed)}")
+    if policy.adalora is not None and policy.variant != "adalora":
+        errors.append(f"components.{name}.adalora: set only with variant adalora (variant is {policy.variant})")
+    return errors
 
 
 def replicate_decoder(model: nn.Module, arch: Architecture, layer_map: list, errors: list[str]) -> dict | None:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlm_lora.adapters.loftq_report import rebuild_loftq_base
+from vlm_lora.adapters.peft_native import native_to_lora
 from vlm_lora.adapters.arithmetic import LINEAR_METHODS, METHODS, cat_factors, merge_deltas, qr_svd_factors, svd_factors
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
@@ -148,6 +149,8 @@ def adapter_deltas(model: nn.Module, adapter_dir: str | Path) -> dict[str, Delta
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     state = load_file(str(adapter_dir / WEIGHTS_NAME))
+    if config["peft_type"] != "LORA":  # VeRA, AdaLoRA: their exact LoRA equivalent
+        config, state = native_to_lora(model, config, state)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     parts: dict[str, DeltaPart] = {}

@@ -154,22 +154,23 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     from vlm_lora.adapters.peft_format import AdapterError, load_adapter
     from vlm_lora.metrics import score_captions
 
-    labels = [base_label] + [label for label, _ in adapters]
+    labels = [base_label] + [label for label, *_ in adapters]
     if len(set(labels)) != len(labels):
         raise AdapterError(f"model labels must be unique, got {labels}")
-    dirs = [check_adapter_dir(path) for _, path in adapters]
+    dirs = [check_adapter_dir(path) for _, path, *_ in adapters]
+    ranks = [rest[0] if rest else None for _, _, *rest in adapters]  # (label, dir, DyLoRA rank) entries
     saved = _snapshot_overwritten(model, dirs)
     references = [ex.captions for ex in dataset.examples]
     summary: dict = {}
     captions: dict[str, list[str]] = {}
     cider: dict[str, list[float]] = {}
     try:
-        for i, (label, adapter_dir) in enumerate([(base_label, None), *zip(labels[1:], dirs)]):
+        for i, (label, adapter_dir, rank) in enumerate([(base_label, None, None), *zip(labels[1:], dirs, ranks)]):
             _restore(saved)
             name = None
             if adapter_dir is not None:
                 name = f"eval_{i}"
-                load_adapter(model, adapter_dir, name)
+                load_adapter(model, adapter_dir, name, rank=rank)
             activate_adapter(model, name)
             start = time.perf_counter()
             captions[label] = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens,
@@ -239,10 +240,11 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
     from vlm_lora.adapters.peft_format import AdapterError, load_adapter
     from vlm_lora.metrics import score_captions
 
-    labels = [base_label] + [label for label, _ in adapters]
+    labels = [base_label] + [label for label, *_ in adapters]
     if len(set(labels)) != len(labels):
         raise AdapterError(f"model labels must be unique, got {labels}")
-    dirs = [check_adapter_dir(path) for _, path in adapters]
+    dirs = [check_adapter_dir(path) for _, path, *_ in adapters]
+    ranks = [rest[0] if rest else None for _, _, *rest in adapters]  # (label, dir, DyLoRA rank) entries
     names = [None] + [f"eval_{i}" for i in range(1, len(dirs) + 1)]
     try:
         for name, adapter_dir in zip(names[1:], dirs):
