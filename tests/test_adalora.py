@@ -138,3 +138,33 @@ def test_settings_a_variant_would_ignore_are_errors(tiny_llava):
         vlm_lora.plan(tiny_llava, "language_only", language_decoder={"adalora": {"target_r": 2}})
     with pytest.raises(PlanError, match="language_decoder.init: pissa does not apply to variant vera"):
         vlm_lora.plan(tiny_llava, "language_only", language_decoder={"variant": "vera", "init": "pissa"})
+
+
+@pytest.mark.parametrize("decoder,vision", [("adalora", "frozen"), ("vera", "lora")])
+def test_checkpoints_restore_the_trainable_state(tiny_llava, tiny_batch, tmp_path, decoder, vision):
+    """PEFT's AdaLoRA files are pruned and mixed adapters hold LoRA equivalents: resuming reads
+    vlm-lora's own copy of the VeRA/AdaLoRA state (vlm_lora_state.safetensors)."""
+    from vlm_lora.train.checkpoint import restore_weights
+
+    fresh = copy.deepcopy(tiny_llava)
+    overrides = {"language_decoder": {"variant": decoder, "rank": 4}}
+    if vision == "lora":
+        overrides["vision_encoder"] = {"rank": 2}
+    strategy = "both" if vision == "lora" else "language_only"
+    plan = vlm_lora.plan(tiny_llava, strategy, **overrides)
+    plan.apply(tiny_llava)
+    randomize_adapters(tiny_llava)
+    for _, layer in iter_lora_layers(tiny_llava):
+        if decoder in getattr(layer, "variants", {}).get("default").name:
+            if decoder == "adalora":
+                layer.adalora_mask["default"] = torch.tensor([True, False, True, False])
+    vlm_lora.save_adapter(tiny_llava, tmp_path, "tiny", plan.full_prefixes())
+    assert (tmp_path / "vlm_lora_state.safetensors").is_file()
+    vlm_lora.plan(fresh, strategy, **overrides).apply(fresh)
+    restore_weights(fresh, tmp_path)
+    trained = dict(tiny_llava.named_parameters())
+    for name, param in fresh.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, trained[name], msg=name)
+    if decoder == "adalora":
+        assert final_ranks(fresh) == final_ranks(tiny_llava)

@@ -30,7 +30,8 @@ from torch import nn
 
 from vlm_lora.lora import AdapterSpec, LoraLayer, PeftEntry, inject_lora, iter_lora_layers
 from vlm_lora.adapters.fingerprint import AdapterError, weight_config, base_fingerprint, check_base
-from vlm_lora.adapters.peft_native import NATIVE_TYPES, native_to_lora, to_native, use_dylora_rank
+from vlm_lora.adapters.peft_native import (NATIVE_TYPES, STATE_NAME, native_to_lora, to_native, training_state,
+                                           use_dylora_rank)
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
 from vlm_lora.planner import has_module, named_params_at
 
@@ -123,6 +124,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
             "base_fingerprint": base_fingerprint(model, adapted, base_config), "base_config": base_config}
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    state = training_state(model, adapter_name)  # VeRA/AdaLoRA layers: what resuming needs
+    if state:
+        save_file(state, str(out_dir / STATE_NAME), metadata={"format": "pt"})
     return out_dir
 
 

@@ -73,6 +73,40 @@ def to_native(model: nn.Module, name: str, config: dict,
     return native_config, {**kept, **native_tensors}
 
 
+STATE_NAME = "vlm_lora_state.safetensors"  # trainable state of VeRA/AdaLoRA layers, for resuming (PEFT ignores it)
+
+
+def training_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The trainable tensors of the adapter's layers whose variant has its own form (VeRA, AdaLoRA),
+    under the model's parameter names, plus AdaLoRA's masks: what a resumed run needs, which
+    neither PEFT's format nor a LoRA equivalent holds (AdaLoRA's files are pruned)."""
+    state = {}
+    for path, layer in _adapted_layers(model, name).items():
+        if not hasattr(getattr(layer, "variants", {}).get(name), "native_tensors"):
+            continue
+        for pname, param in layer.named_parameters():
+            if name in pname.split(".") and not pname.startswith("base_layer."):
+                state[f"{path}.{pname}"] = param.detach().contiguous().cpu()
+        if name in getattr(layer, "adalora_mask", {}):
+            state[f"{path}.adalora_mask.{name}"] = layer.adalora_mask[name].to(torch.uint8)
+    return state
+
+
+def restore_training_state(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """Inverse of :func:`training_state`; returns the paths of the layers it filled."""
+    params = dict(model.named_parameters())
+    filled = set()
+    with torch.no_grad():
+        for key, value in state.items():
+            path, _, rest = key.partition(".adalora_mask.")
+            if rest:
+                model.get_submodule(path).adalora_mask[rest] = value.bool()
+                continue
+            params[key].copy_(value)
+            filled.add(next(p for p, _ in iter_lora_layers(model) if key.startswith(p + ".")))
+    return filled
+
+
 def native_to_lora(model: nn.Module, config: dict,
                    state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """A native adapter's config and tensors as the equivalent LoRA ones."""
