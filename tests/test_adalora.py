@@ -168,3 +168,22 @@ def test_checkpoints_restore_the_trainable_state(tiny_llava, tiny_batch, tmp_pat
             torch.testing.assert_close(param, trained[name], msg=name)
     if decoder == "adalora":
         assert final_ranks(fresh) == final_ranks(tiny_llava)
+
+
+def test_adalora_decoder_with_lora_vision_saves_one_peft_lora(tiny_llava, tiny_batch, tmp_path):
+    base = copy.deepcopy(tiny_llava)
+    plan = vlm_lora.plan(tiny_llava, "both", vision_encoder={"rank": 2},
+                         language_decoder={"variant": "adalora", "rank": 4, "adalora": {"target_r": 2}})
+    plan.apply(tiny_llava)
+    randomize_adapters(tiny_llava)
+    for _, layer in iter_lora_layers(tiny_llava):
+        if "default" in getattr(layer, "adalora_mask", {}):
+            layer.adalora_mask["default"] = torch.tensor([True, False, True, True])
+            with torch.no_grad():
+                layer.lora_E["default"][1] = 0.0
+    vlm_lora.save_adapter(tiny_llava, tmp_path, "tiny", plan.full_prefixes())
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and 3 in {config["r"], *config["rank_pattern"].values()}  # 3 kept
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+        torch.testing.assert_close(theirs(**tiny_batch).logits, tiny_llava(**tiny_batch).logits, atol=1e-4, rtol=0)

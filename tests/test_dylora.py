@@ -98,6 +98,15 @@ def test_export_cli_writes_a_rank_k_lora(tmp_path):
                  "--out", str(tmp_path / "k3")]) == 0
     config = json.loads((tmp_path / "k3" / "adapter_config.json").read_text())
     assert config["r"] == 3 and config["modules_to_save"] == ["model.multi_modal_projector"]
+    assert main(["merge", "--base", str(ASSET_MODEL), "--adapter", str(tmp_path / "full"), "--rank", "3",
+                 "--out", str(tmp_path / "merged3")]) == 0
+    from vlm_lora.adapters.merge import _probe_logits
+
+    merged, processor = load_model_and_processor(str(tmp_path / "merged3"))
+    at_3, _ = load_model_and_processor(str(ASSET_MODEL))
+    vlm_lora.load_adapter(at_3, tmp_path / "k3")
+    with torch.no_grad():
+        torch.testing.assert_close(_probe_logits(merged, processor), _probe_logits(at_3, processor), atol=1e-4, rtol=0)
     assert main(["export", "--base", str(ASSET_MODEL), "--adapter", str(tmp_path / "full"), "--rank", "9",
                  "--out", str(tmp_path / "k9")]) == 2
     # eval scores several ranks of one DyLoRA adapter in one table; rank 3 is the exported rank-3 LoRA

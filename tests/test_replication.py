@@ -90,3 +90,22 @@ def test_replication_errors_name_the_key(tiny_llava):
         vlm_lora.plan(tiny_llava, "language_only", language_decoder={"layer_replication": [[0, 5]]})
     with pytest.raises(PlanError, match="vision_encoder.layer_replication: only the language_decoder"):
         vlm_lora.plan(tiny_llava, "both", vision_encoder={"layer_replication": [[0, 1]]})
+
+
+def test_merged_export_of_a_replicated_adapter_is_a_deeper_plain_model(tmp_path):
+    from vlm_lora.adapters.merge import _probe_logits, merge_adapter
+    from vlm_lora.modeling import load_model_and_processor
+
+    from conftest import ASSET_MODEL
+
+    model, processor = load_model_and_processor(str(ASSET_MODEL))
+    n_layers = len(model.model.language_model.layers)
+    plan = vlm_lora.plan(model, "language_only", language_decoder={"rank": 2, "layer_replication": [[0, n_layers], [1, 2]]})
+    plan.apply(model)
+    randomize_adapters(model)
+    vlm_lora.save_adapter(model, tmp_path / "adapter", str(ASSET_MODEL), plan.full_prefixes())
+    assert merge_adapter(str(ASSET_MODEL), tmp_path / "adapter", tmp_path / "merged")["max_logit_diff"] < 1e-4
+    merged, _ = load_model_and_processor(str(tmp_path / "merged"))
+    assert len(merged.model.language_model.layers) == n_layers + 1
+    with torch.no_grad():
+        torch.testing.assert_close(_probe_logits(merged, processor), _probe_logits(model, processor), atol=1e-4, rtol=0)
