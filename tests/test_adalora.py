@@ -187,3 +187,11 @@ def test_adalora_decoder_with_lora_vision_saves_one_peft_lora(tiny_llava, tiny_b
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
         torch.testing.assert_close(theirs(**tiny_batch).logits, tiny_llava(**tiny_batch).logits, atol=1e-4, rtol=0)
+
+
+def test_a_schedule_longer_than_the_run_is_a_clear_error(tiny_llava):
+    vlm_lora.plan(tiny_llava, "language_only", language_decoder={
+        "variant": "adalora", "rank": 4, "adalora": {"tinit": 3, "tfinal": 2}}).apply(tiny_llava)
+    optimizer = torch.optim.SGD([p for p in tiny_llava.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ValueError, match=r"tinit \(3\) \+ tfinal \(2\) .* run of 5 steps"):
+        attach_step_hooks(tiny_llava, optimizer, 0, 5)

@@ -143,6 +143,8 @@ def add_orthogonality_grad(model: nn.Module, step: int, total: int) -> None:
     if not layers:
         return
     weight = options(layers[0][1], layers[0][2])["orth_reg_weight"]
+    if weight == 0:
+        return
     with torch.enable_grad():
         loss = orthogonality_loss(model)
         params = [m for _, layer, name in layers for m in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
@@ -169,10 +171,15 @@ def allocate(model: nn.Module, steps_done: int, total: int) -> None:
     layers = list(adalora_layers(model))
     for _, layer, _ in layers:
         layer.adalora_total_steps = total  # PEFT's total_step, saved in the adapter config
-    if not layers or steps_done == 0 or layers[0][1].lora_E[layers[0][2]].grad is None:
+    if not layers:
+        return
+    opts = options(layers[0][1], layers[0][2])
+    if opts["tinit"] >= total - opts["tfinal"]:
+        raise ValueError(f"adalora: tinit ({opts['tinit']}) + tfinal ({opts['tfinal']}) leave no steps for the "
+                         f"budget schedule in this run of {total} steps; lower them or train longer")
+    if steps_done == 0 or layers[0][1].lora_E[layers[0][2]].grad is None:
         return  # at attach time (no gradients yet)
     step = steps_done - 1
-    opts = options(layers[0][1], layers[0][2])
     final = total - opts["tfinal"]
     if step <= final:
         betas = (opts["beta1"], opts["beta2"])

@@ -133,7 +133,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
                                           accelerator.process_index)
         log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
     loader.start(step * per_step, saved_data)
-    attach_step_hooks(unwrapped, getattr(optimizer, "optimizer", optimizer), step, total_steps)  # DyLoRA's rank sample, AdaLoRA's budget
+    try:  # DyLoRA's rank sample, AdaLoRA's budget
+        attach_step_hooks(unwrapped, getattr(optimizer, "optimizer", optimizer), step, total_steps)
+    except ValueError as error:
+        raise PlanError(str(error)) from None
     writer = MetricsWriter(out, cfg.tensorboard, append=checkpoint is not None) if main else None
 
     def save_gathered(folder: Path) -> None:  # main process, inside distributed.full_trainable
