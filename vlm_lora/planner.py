@@ -15,7 +15,7 @@ from vlm_lora.lora import AdapterSpec, get_variant, inject_lora, iter_lora_layer
 from vlm_lora.lora.base import TRAINABLE_KEYS
 from vlm_lora.lora.shared import link_shared_inputs
 from vlm_lora.policy import STRATEGIES, AdaLoraOptions, ComponentPolicy, FROZEN, DEFAULT_POLICY
-from vlm_lora.architectures.replication import check_layer_map, decoder_layers_path, replicate_layers
+from vlm_lora.architectures.replication import replicate_decoder
 from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
 
@@ -179,7 +179,11 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     errors += [f"components.{name}.layer_replication: only the language_decoder's layers can be replicated"
                for name, policy in policies.items() if policy.layer_replication and name != "language_decoder"]
     if decoder is not None and decoder.layer_replication:
-        replication = replicate_decoder(model, arch, decoder.layer_replication, errors)
+        try:  # structural: the plan is made of the new layer list
+            replication = replicate_decoder(model, arch.components["language_decoder"].prefixes,
+                                            decoder.layer_replication)
+        except ValueError as error:
+            errors.append(f"components.language_decoder.layer_replication: {error}")
     never = [p for p in arch.never_adapted if has_module(model, p)]
     modules = dict(model.named_modules())
     comp_plans = []
@@ -236,24 +240,6 @@ def variant_errors(name: str, policy: ComponentPolicy) -> list[str]:
     if policy.adalora is not None and policy.variant != "adalora":
         errors.append(f"components.{name}.adalora: set only with variant adalora (variant is {policy.variant})")
     return errors
-
-
-def replicate_decoder(model: nn.Module, arch: Architecture, layer_map: list, errors: list[str]) -> dict | None:
-    """Apply ``layer_replication`` to the model (once: the plan is made of the new layer list)."""
-    layer_map = [list(pair) for pair in layer_map]
-    try:
-        path = decoder_layers_path(model, arch.components["language_decoder"].prefixes)
-        done = getattr(model, "layer_replication", None)
-        if done is None:
-            sources = replicate_layers(model, path, layer_map)
-        elif done == layer_map:
-            sources = check_layer_map(layer_map, max(end for _, end in layer_map))
-        else:
-            raise ValueError(f"the model was already replicated with {done}")
-    except ValueError as error:
-        errors.append(f"components.language_decoder.layer_replication: {error}")
-        return None
-    return {"path": path, "layers": sources}
 
 
 def added_copy_params(comp_plans: list[ComponentPlan], replication: dict, modules: dict[str, nn.Module]) -> int:

@@ -220,11 +220,10 @@ def _load_full_linears(model: nn.Module, tensors: dict[str, torch.Tensor], adapt
 def replicate_for_adapter(model: nn.Module, layer_map: list) -> None:
     """Rebuild the language decoder's layer list as the adapter was trained (``layer_replication``)."""
     from vlm_lora.architectures.registry import detect_architecture
-    from vlm_lora.architectures.replication import decoder_layers_path, replicate_layers
+    from vlm_lora.architectures.replication import replicate_decoder
 
-    prefixes = detect_architecture(model).components["language_decoder"].prefixes
     try:
-        replicate_layers(model, decoder_layers_path(model, prefixes), layer_map)
+        replicate_decoder(model, detect_architecture(model).components["language_decoder"].prefixes, layer_map)
     except ValueError as error:
         raise AdapterError(f"adapter layer_replication {layer_map}: {error}") from None
 

@@ -70,6 +70,19 @@ def replicate_layers(model: nn.Module, path: str, layer_map: list[list[int]]) ->
     return sources
 
 
+def replicate_decoder(model: nn.Module, prefixes, layer_map: list) -> dict:
+    """Apply ``layer_map`` to the language decoder under ``prefixes`` once (a model already
+    replicated with the same map is left as is); returns ``{"path", "layers"}`` (source per layer)."""
+    layer_map = [list(pair) for pair in layer_map]
+    path = decoder_layers_path(model, prefixes)
+    done = getattr(model, "layer_replication", None)
+    if done is None:
+        return {"path": path, "layers": replicate_layers(model, path, layer_map)}
+    if done != layer_map:
+        raise ValueError(f"the model was already replicated with {done}")
+    return {"path": path, "layers": check_layer_map(layer_map, max(end for _, end in layer_map))}
+
+
 def _text_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None:
