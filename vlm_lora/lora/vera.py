@@ -125,16 +125,6 @@ def link_projections(model: nn.Module, adapter_name: str) -> None:
         layer.vera_projection[adapter_name] = shared
 
 
-def load_projection(model: nn.Module, adapter_name: str, vera_a: torch.Tensor, vera_b: torch.Tensor) -> None:
-    """Put a saved pair into the adapter's shared projection (the file wins over the PRNG)."""
-    for _, layer in iter_lora_layers(model):
-        if adapter_name in getattr(layer, "vera_projection", {}):
-            shared = layer.vera_projection[adapter_name]
-            shared.A = vera_a.to(shared.A)
-            shared.B = vera_b.to(shared.B)
-            return
-
-
 VARIANTS["vera"] = VeraVariant
 TRAINABLE_KEYS += ["vera_lambda_b", "vera_lambda_d"]
 POST_INJECT.append(link_projections)
