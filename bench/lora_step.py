@@ -12,6 +12,7 @@ Every variant trains the same LLaVA-shaped (or, ``--preset qwen2.5-vl-7b``, Qwen
                    *_gcsel every second layer (selective), *_gcoff full with saved inputs in pinned CPU memory (offload)
   *_compile        each decoder layer compiled (train.compile: regional torch.compile), after the eager variants
   *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
+  *_vera, vlm_lora_dylora, vlm_lora_adalora   the other variants (r=16), on request only (--variants)
 
 Prints one JSON line per variant (step_s = median of timed steps after warm-up) and a final
 line of ratios to the matching floor. Examples::
@@ -50,6 +51,7 @@ ARCH = {
 }
 ALL_VARIANTS = ["floor", "peft", "vlm_lora", "floor_vision", "peft_vision", "vlm_lora_vision",
                 "peft_dora", "vlm_lora_dora", "floor_gc", "peft_gc", "vlm_lora_gc", "peft_qlora", "vlm_lora_qlora"]
+FAMILY_VARIANTS = ["peft_vera", "vlm_lora_vera", "vlm_lora_dylora", "vlm_lora_adalora"]  # not in the default run
 CHECKPOINT_VARIANTS = ["floor_gc", "peft_gc", "vlm_lora_gc", "floor_gcsel", "vlm_lora_gcsel", "floor_gcoff",
                        "vlm_lora_gcoff"]
 CHECKPOINTING = {"gc": "full", "gcsel": "selective", "gcoff": "offload"}  # variant kind -> train.gradient_checkpointing
@@ -177,6 +179,13 @@ def setup_variant(model, variant: str, arch: dict):
         if kind == "vision":
             targets = rf"({LM_TARGETS})|({arch['vision_qv']})"
             ranks = {arch["vision_rank"]: 64}
+        if kind == "vera":
+            from peft import VeraConfig
+
+            peft_model = get_peft_model(model, VeraConfig(r=16, target_modules=targets, save_projection=True))
+            model.model.get_submodule(arch["connector"]).requires_grad_(True)  # PEFT VeRA: modules_to_save fails here
+            undo.append(lambda: peft_model.unload())
+            return peft_model, undo
         config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, rank_pattern=ranks,
                             alpha_pattern={k: 2 * v for k, v in ranks.items()}, lora_dropout=0.0,
                             modules_to_save=[arch["connector"].split(".")[-1]], use_dora=kind == "dora")
@@ -188,16 +197,19 @@ def setup_variant(model, variant: str, arch: dict):
 
     strategy = "both" if kind == "vision" else "language_only"
     overrides = {"vision_encoder": {"rank": 64, "targets": ["q", "v"]}} if kind == "vision" else {}
-    if kind == "dora":
-        overrides["language_decoder"] = {"variant": "dora"}
+    if kind in ("dora", "vera", "dylora", "adalora"):
+        overrides["language_decoder"] = {"variant": kind}
     vlm_lora.plan(model, strategy, **overrides).apply(model)
     undo.append(lambda: unload_lora(model, merge=False))
     return model, undo
 
 
 def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: int) -> dict:
+    from vlm_lora.lora.hooks import attach_step_hooks
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda" or None)  # same for every variant
+    attach_step_hooks(model, optimizer, 0, 10 ** 6)  # DyLoRA's rank sample, AdaLoRA's budget (no-ops otherwise)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.empty_cache()

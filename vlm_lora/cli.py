@@ -58,14 +58,24 @@ def cmd_merge(args) -> None:
         if len(args.adapter) > 1:
             raise AdapterError(f"{len(args.adapter)} adapters need --method (linear, cat, svd, ties, dare_linear, "
                                f"dare_ties, magnitude_prune or slerp)")
-        check_merge_request(args.base, args.adapter, args.out, None, weights, args.density, args.t, args.rank,
+        # --rank on a plain merge picks a DyLoRA adapter's first K components (load_adapter refuses other adapters)
+        check_merge_request(args.base, args.adapter, args.out, None, weights, args.density, args.t, None,
                             args.seed, args.output)
-        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype, args.force)
+        report = merge_adapter(args.base, args.adapter[0], args.out, args.dtype, args.force, rank=args.rank)
     else:
         report = merge_adapters(args.base, args.adapter, args.out, args.method, weights, args.density, args.t,
                                 args.rank, args.seed, args.output, args.dtype, args.allow_mixed_quantization,
                                 args.force)
     print(json.dumps(report))
+
+
+def cmd_compare(args) -> None:
+    from vlm_lora.recipe import load_recipe
+    from vlm_lora.train.compare import compare_variants
+
+    recipe = load_recipe(args.recipe, args.set, check_paths=True)
+    out = args.out or f"{recipe.output_dir}/compare"
+    compare_variants(recipe, [v.strip() for v in args.variants.split(",") if v.strip()], args.steps, out)
 
 
 def _float_list(text: str, option: str) -> list[float]:
@@ -106,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="one weight per adapter, comma-separated (default 1 each)")
     p.add_argument("--density", type=float, help="fraction kept by ties, dare_*, magnitude_prune (default 1)")
     p.add_argument("--t", type=float, help="slerp: 0 = first adapter, 1 = second (default 0.5)")
-    p.add_argument("--rank", type=int, help="rank of the re-factored adapter (default: the largest input rank)")
+    p.add_argument("--rank", type=int, help="rank of the re-factored adapter (default: the largest input rank); "
+                                            "one DyLoRA adapter: merge its first RANK components")
     p.add_argument("--seed", type=int, help="seed of the DARE masks (default 0)")
     p.add_argument("--as", dest="output", choices=["adapter", "model"],
                    help="write a PEFT adapter (default) or the merged model")
@@ -117,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     add_export_parser(sub)
+
+    p = sub.add_parser("compare", help="train a recipe with several LoRA variants; table and plot side by side")
+    p.add_argument("recipe")
+    p.add_argument("--variants", default="lora,dora,vera,adalora,dylora", help="comma-separated variants")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per variant")
+    p.add_argument("--out", help="folder for the runs, compare.md/json and compare.png (default: OUTPUT_DIR/compare)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(func=cmd_compare)
+
     add_eval_parsers(sub)
     return parser
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from vlm_lora.lora import AdapterSpec, inject_lora, iter_lora_layers
+from vlm_lora.lora import AdapterSpec, get_variant, inject_lora, iter_lora_layers
+from vlm_lora.lora.base import TRAINABLE_KEYS
 from vlm_lora.lora.shared import link_shared_inputs
-from vlm_lora.policy import STRATEGIES, ComponentPolicy, FROZEN, DEFAULT_POLICY
+from vlm_lora.policy import STRATEGIES, AdaLoraOptions, ComponentPolicy, FROZEN, DEFAULT_POLICY
+from vlm_lora.architectures.replication import replicate_decoder
 from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED, Architecture, ComponentMap, detect_architecture
 
 
@@ -44,6 +46,7 @@ class Plan:
     frozen_paths: list[str] = field(default_factory=list)  # never-adapted modules, kept frozen
     shared_inputs: list[tuple[str, ...]] = field(default_factory=list)  # sibling leaves sharing one A matmul
     notes: list[str] = field(default_factory=list)  # what differs from the strategy, printed under the table
+    replication: dict | None = None  # layer_replication: {"layers": source index per layer, "added_params": n}
 
     @property
     def trainable_params(self) -> int:
@@ -73,7 +76,7 @@ class Plan:
         for path in self.frozen_paths:
             model.get_submodule(path).requires_grad_(False)
         for name, param in model.named_parameters():
-            if any(f".{key}." in name for key in ("lora_A", "lora_B", "lora_magnitude_vector")):
+            if any(f".{key}." in name for key in TRAINABLE_KEYS):
                 param.requires_grad_(True)
         for _, layer in iter_lora_layers(model):  # LoRA-FA: A stays a fixed projection
             for adapter, variant in getattr(layer, "variants", {}).items():
@@ -99,6 +102,7 @@ class Plan:
                 "modules": c.lora_paths or c.full_prefixes, "trainable_params": c.trainable_params,
             } for c in self.components],
             "never_adapted": self.frozen_paths, "notes": self.notes,
+            **({"layer_replication": self.replication} if self.replication else {}),
         }
 
     def __str__(self) -> str:
@@ -122,6 +126,9 @@ class Plan:
                line(["-" * w for w in widths]), *map(line, rows)]
         if self.frozen_paths:
             out.append("never adapted: " + ", ".join(self.frozen_paths))
+        if self.replication:
+            out.append(f"language decoder layers (replicated, base weights shared): {self.replication['layers']}; "
+                       f"adapters of the added copies: {self.replication['added_params']:,} params")
         return "\n".join(out)
 
 
@@ -180,6 +187,16 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     notes: list[str] = []
     policies = _resolve_policies(arch, strategy, parsed, errors, notes)
 
+    decoder = policies.get("language_decoder")
+    replication = None
+    errors += [f"components.{name}.layer_replication: only the language_decoder's layers can be replicated"
+               for name, policy in policies.items() if policy.layer_replication and name != "language_decoder"]
+    if decoder is not None and decoder.layer_replication:
+        try:  # structural: the plan is made of the new layer list
+            replication = replicate_decoder(model, arch.components["language_decoder"].prefixes,
+                                            decoder.layer_replication)
+        except ValueError as error:
+            errors.append(f"components.language_decoder.layer_replication: {error}")
     never = [p for p in arch.never_adapted if has_module(model, p)]
     modules = dict(model.named_modules())
     comp_plans = []
@@ -196,6 +213,7 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
             if bad:
                 errors.append(f"components.{name}.targets: {bad} not valid for {arch.name}; valid: {', '.join(valid)}")
                 continue
+            errors += variant_errors(name, policy)
             matched = _plan_lora(cp, cmap, modules)
             if not cp.lora_specs:
                 errors.append(f"components.{name}: no nn.Linear matched targets {policy.targets}")
@@ -220,8 +238,43 @@ def plan(model: nn.Module, strategy: str = "language_only", components: dict | N
     total += sum(c.trainable_params for c in comp_plans if c.policy.mode == "lora")
     shared = [group for c in comp_plans if c.policy.mode == "lora"
               for group in arch.components[c.component].shared_inputs]
+    if replication:
+        replication["added_params"] = added_copy_params(comp_plans, replication, modules)
     return Plan(architecture=arch.name, strategy=strategy, components=comp_plans, total_params=total,
-                frozen_paths=never, shared_inputs=shared, notes=notes)
+                frozen_paths=never, shared_inputs=shared, notes=notes, replication=replication)
+
+
+# inits each variant can start from (VeRA and AdaLoRA have their own; DyLoRA keeps the order of an SVD init)
+VARIANT_INITS = {"vera": ("kaiming",), "adalora": ("kaiming",), "dylora": ("kaiming", "gaussian", "loftq")}
+
+
+def variant_errors(name: str, policy: ComponentPolicy) -> list[str]:
+    """Settings that a variant would silently ignore or break."""
+    errors = []
+    allowed = VARIANT_INITS.get(policy.variant)
+    if allowed and (policy.init or "kaiming") not in allowed:
+        errors.append(f"components.{name}.init: {policy.init} does not apply to variant {policy.variant}; "
+                      f"valid: {', '.join(allowed)}")
+    if policy.adalora is not None and policy.variant != "adalora":
+        errors.append(f"components.{name}.adalora: set only with variant adalora (variant is {policy.variant})")
+    return errors
+
+
+def added_copy_params(comp_plans: list[ComponentPlan], replication: dict, modules: dict[str, nn.Module]) -> int:
+    """LoRA params on the layers that repeat an earlier one (what replication adds)."""
+    repeats, seen = set(), set()
+    for index, source in enumerate(replication["layers"]):
+        if source in seen:
+            repeats.add(index)
+        seen.add(source)
+    prefix = replication["path"] + "."
+    total = 0
+    for comp in comp_plans:
+        for path, spec in comp.lora_specs.items():
+            if path.startswith(prefix) and int(path[len(prefix):].split(".")[0]) in repeats \
+                    and isinstance(modules[path], nn.Linear):
+                total += _linear_lora_params(modules[path], spec)
+    return total
 
 
 def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Module]) -> set[str]:
@@ -229,7 +282,9 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
     chosen slices for fused modules (``q``, ``v`` of a ``qkv``). Returns the target names that matched."""
     policy = cp.policy
     spec = AdapterSpec(rank=policy.rank, alpha=policy.alpha, dropout=policy.dropout or 0.0,
-                       variant=policy.variant or "lora", init=policy.init or "kaiming", rslora=bool(policy.rslora))
+                       variant=policy.variant or "lora", init=policy.init or "kaiming", rslora=bool(policy.rslora),
+                       extra=tuple((policy.adalora or AdaLoraOptions()).model_dump().items())
+                       if policy.variant == "adalora" else ())
     if not cmap.targets:  # the component is a single layer (lm_head): adapt its linears
         leaves = {}
     else:
@@ -269,6 +324,9 @@ def _plan_lora(cp: ComponentPlan, cmap: ComponentMap, modules: dict[str, nn.Modu
 
 def _linear_lora_params(module: nn.Linear, spec: AdapterSpec) -> int:
     """Trainable parameters of one LoRA on a linear: r (in + out); LoRA-FA trains only B; DoRA adds m [out]."""
+    variant = get_variant(spec.variant)
+    if hasattr(variant, "param_count"):  # variants in their own modules count their own
+        return variant.param_count(module.in_features, module.out_features, spec.rank)
     a_params = 0 if spec.variant == "lora_fa" else spec.rank * module.in_features
     return a_params + spec.rank * module.out_features + (module.out_features if spec.variant == "dora" else 0)
 

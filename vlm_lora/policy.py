@@ -7,8 +7,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["lora", "full", "frozen"]
-Variant = Literal["lora", "dora", "lora_fa"]
-Init = Literal["kaiming", "gaussian", "pissa", "olora"]
+Variant = Literal["lora", "dora", "lora_fa", "vera", "dylora", "adalora"]
+Init = Literal["kaiming", "gaussian", "pissa", "olora", "loftq"]
+
+
+class AdaLoraOptions(BaseModel):
+    """AdaLoRA's budget (variant: adalora; the component's rank is init_r). Steps are optimizer steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_r: int = Field(default=4, gt=0, description="average rank per module at the end")
+    tinit: int = Field(default=0, ge=0, description="steps at the initial budget")
+    tfinal: int = Field(default=0, ge=0, description="last steps at the final budget")
+    delta_t: int = Field(default=1, ge=1, description="steps between budget allocations")
+    beta1: float = Field(default=0.85, gt=0, lt=1)
+    beta2: float = Field(default=0.85, gt=0, lt=1)
+    orth_reg_weight: float = Field(default=0.5, ge=0)
 
 
 class ComponentPolicy(BaseModel):
@@ -22,9 +36,13 @@ class ComponentPolicy(BaseModel):
     targets: list[str] | None = Field(default=None, description="short target names, e.g. [q, v]")
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     lr: float | None = Field(default=None, gt=0, description="learning rate; default: train.learning_rate")
-    variant: Variant | None = Field(default=None, description="lora | dora | lora_fa")
+    variant: Variant | None = Field(default=None, description="lora | dora | lora_fa | vera | dylora | adalora")
     rslora: bool | None = Field(default=None, description="scaling alpha/sqrt(r) instead of alpha/r")
     init: Init | None = Field(default=None, description="adapter initialisation")
+    adalora: AdaLoraOptions | None = Field(default=None, description="variant adalora: the budget schedule")
+    layer_replication: list[tuple[int, int]] | None = Field(
+        default=None, description="language_decoder only: rebuild the layer list from [start, end) ranges, "
+                                  "e.g. [[0, 4], [2, 5]]; copies share base weights, each gets its own LoRA")
 
     def merged_with(self, override: "ComponentPolicy | None") -> "ComponentPolicy":
         """This policy with every field the override sets replaced."""

@@ -42,6 +42,8 @@ def quantize_linears(model: nn.Module, prefixes: list[str], quant_type: str = "n
         if module.bias is not None:
             quantized.bias = nn.Parameter(module.bias.data, requires_grad=False)
         quantized = quantized.to(device)
+        if hasattr(module, "loftq_init"):  # LoftQ's adapter init, computed before quantizing (lora/loftq.py)
+            quantized.loftq_init = module.loftq_init
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, quantized)
         replaced.append(path)

@@ -16,6 +16,8 @@ from torch import nn
 
 from vlm_lora.adapters.arithmetic import LINEAR_METHODS, cat_factors, merge_deltas, qr_svd_factors, svd_factors
 from vlm_lora.adapters.folder import write_complete_folder
+from vlm_lora.adapters.loftq_report import rebuild_loftq_base
+from vlm_lora.adapters.peft_native import native_to_lora
 from vlm_lora.adapters.peft_format import (CONFIG_NAME, META_NAME, PREFIX, WEIGHTS_NAME, AdapterError, _pattern_value,
                                            base_fingerprint, check_base, load_adapter, lora_pairs, read_adapter_config,
                                            read_meta, weight_config)
@@ -25,6 +27,7 @@ from vlm_lora.lora import LoraLayer, iter_lora_layers, unload_lora
 from vlm_lora.lora.mha import OUT_SUFFIX
 from vlm_lora.lora.variants import lora_scaling
 from vlm_lora.modeling import load_model_and_processor
+
 
 log = logging.getLogger("vlm_lora")
 
@@ -64,6 +67,15 @@ def _quantize_like_training(model, quant: dict, modules_to_save: list[str]) -> N
             log.warning("%s was trained in full but lies in a quantized component", prefix)
 
 
+def unshare_replicated(model) -> None:
+    if getattr(model, "layer_replication", None):
+        from vlm_lora.architectures.registry import detect_architecture
+        from vlm_lora.architectures.replication import decoder_layers_path, unshare_layers
+
+        prefixes = detect_architecture(model).components["language_decoder"].prefixes
+        log.info("unshared %d replicated tensors", unshare_layers(model, decoder_layers_path(model, prefixes)))
+
+
 def refuse_other_weights(model: nn.Module, adapter_dirs: list, metas: list[dict], force: bool) -> None:
     """AdapterError when an adapter's base weight hashes say ``model`` is another checkpoint than the one
     it was trained on (unless ``force``: then loading it only warns)."""
@@ -75,8 +87,9 @@ def refuse_other_weights(model: nn.Module, adapter_dirs: list, metas: list[dict]
 
 
 def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                  force: bool = False) -> dict:
+                  force: bool = False, rank: int | None = None) -> dict:
     """Load ``base``, apply ``adapter_dir``, merge in fp32 and save a plain model to ``out_dir``.
+    ``rank``: a DyLoRA adapter's first ``rank`` components only.
 
     Refuses a base whose weights differ from those the adapter was trained on, unless ``force``.
     Returns ``{"max_logit_diff": float}``: adapter model vs merged model on a probe input.
@@ -86,9 +99,11 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     meta = read_meta(adapter_dir)
     quant = meta.get("quantization")
     if quant:  # trained on a 4-bit base: merge into the same dequantized weights it saw
+        rebuild_loftq_base(model, meta)  # init loftq: the base was the LoftQ residual
         _quantize_like_training(model, quant, read_adapter_config(adapter_dir).get("modules_to_save") or [])
     refuse_other_weights(model, [adapter_dir], [meta], force)
-    load_adapter(model, adapter_dir)
+    load_adapter(model, adapter_dir, rank=rank)
+    unshare_replicated(model)  # replicated decoder layers: each copy gets its own merged weights
     layers = len(list(iter_lora_layers(model)))
     before = _probe_logits(model, processor)
     if quant:
@@ -159,6 +174,8 @@ def adapter_deltas(model: nn.Module, adapter_dir: str | Path) -> dict[str, Delta
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     state = load_file(str(adapter_dir / WEIGHTS_NAME))
+    if config["peft_type"] != "LORA":  # VeRA, AdaLoRA: their exact LoRA equivalent
+        config, state = native_to_lora(model, config, state)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     parts: dict[str, DeltaPart] = {}

@@ -30,6 +30,8 @@ from torch import nn
 
 from vlm_lora.lora import AdapterSpec, LoraLayer, PeftEntry, inject_lora, iter_lora_layers
 from vlm_lora.adapters.fingerprint import AdapterError, weight_config, base_fingerprint, check_base
+from vlm_lora.adapters.peft_native import (NATIVE_TYPES, STATE_NAME, native_to_lora, to_native, training_state,
+                                           use_dylora_rank)
 from vlm_lora.lora.inject import DEFAULT_ADAPTER
 from vlm_lora.planner import has_module, named_params_at
 
@@ -57,7 +59,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas, dropouts, sliced, inits = {}, {}, [], {}, {}
+    ranks, alphas, dropouts, sliced, inits, variants = {}, {}, [], {}, {}, {}
     entries: dict[str, PeftEntry] = {}
     adapted: list[str] = []
     for path, layer in iter_lora_layers(model):
@@ -67,6 +69,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         spec = layer.specs[adapter_name]
         dropouts.append(spec.dropout)
         inits[spec.init] = inits.get(spec.init, 0) + 1
+        variants[spec.variant] = variants.get(spec.variant, 0) + 1
         if spec.slices:
             sliced[path] = {"rank": spec.rank, "alpha": spec.alpha, "slices": list(spec.slices),
                             "slice_order": list(spec.slice_order)}
@@ -111,12 +114,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "use_dora": use_dora,
         "inference_mode": True,
     }
+    config, tensors = to_native(model, adapter_name, config, tensors)  # VeRA, AdaLoRA: PEFT's own format
+    if getattr(model, "layer_replication", None):  # PEFT rebuilds the layer list before loading
+        config["layer_replication"] = model.layer_replication
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     base_config = weight_config(model)
-    meta = {"sliced_layers": sliced, "inits": inits, **(extra_meta or {}),
+    meta = {"sliced_layers": sliced, "inits": inits, "variants": variants, **(extra_meta or {}),
+            **({"loftq": model.loftq} if getattr(model, "loftq", None) else {}),  # the LoftQ base (loftq_report)
             "base_fingerprint": base_fingerprint(model, adapted, base_config), "base_config": base_config}
     (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    state = training_state(model, adapter_name)  # VeRA/AdaLoRA layers: what resuming needs
+    if state:
+        save_file(state, str(out_dir / STATE_NAME), metadata={"format": "pt"})
     return out_dir
 
 
@@ -149,8 +159,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not config_file.is_file():
         raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing")
     config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_file}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+    if config.get("peft_type") != "LORA" and config.get("peft_type") not in NATIVE_TYPES:
+        raise AdapterError(f"{config_file}: peft_type is {config.get('peft_type')!r}; "
+                           f"valid: LORA, {', '.join(NATIVE_TYPES)}")
     return config
 
 
@@ -184,6 +195,10 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> tuple[dict,
     meta = _read_meta(adapter_dir)
     check_base(model, meta, origin)
     state = load_file(str(adapter_dir / WEIGHTS_NAME))
+    if config["peft_type"] != "LORA":  # VeRA, AdaLoRA: checked and loaded as the equivalent LoRA (the same update)
+        config, state = native_to_lora(model, config, state)
+    if config.get("layer_replication") and getattr(model, "layer_replication", None) is None:
+        return config, meta, state  # its copied layers exist once load_adapter replicates the decoder
     sliced, modules, pairs = meta.get("sliced_layers", {}), dict(model.named_modules()), lora_pairs(state)
     targets = list(sliced) + [t for t in pairs if not any(t == p or t.startswith(p + ".") for p in sliced)]
     if targets and not any(t in modules for t in targets):
@@ -237,8 +252,19 @@ def _load_full_linears(model: nn.Module, tensors: dict[str, torch.Tensor], adapt
     return rest, paths
 
 
+def replicate_for_adapter(model: nn.Module, layer_map: list) -> None:
+    """Rebuild the language decoder's layer list as the adapter was trained (``layer_replication``)."""
+    from vlm_lora.architectures.registry import detect_architecture
+    from vlm_lora.architectures.replication import replicate_decoder
+
+    try:
+        replicate_decoder(model, detect_architecture(model).components["language_decoder"].prefixes, layer_map)
+    except ValueError as error:
+        raise AdapterError(f"adapter layer_replication {layer_map}: {error}") from None
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = DEFAULT_ADAPTER,
-                 full_as_delta: bool | None = None, label: str | None = None) -> list[str]:
+                 full_as_delta: bool | None = None, label: str | None = None, rank: int | None = None) -> list[str]:
     """Inject and load a PEFT-format LoRA adapter into ``model``; returns the adapted paths.
 
     Fails with ``AdapterError`` naming the module when the adapter does not fit this base; with a
@@ -248,7 +274,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     adapter ``adapter_name`` on that layer (their difference to the base), so several adapters can
     be switched and mixed per sample; otherwise they overwrite the base weights. Default: on for
     any name but ``"default"``. Other fully-trained tensors (norms, embeddings) always overwrite.
+
+    rank: a DyLoRA adapter (``variants`` in the sidecar) uses its first ``rank`` components.
     """
+    config = read_adapter_config(adapter_dir)
+    if config.get("layer_replication") and getattr(model, "layer_replication", None) is None:
+        replicate_for_adapter(model, config["layer_replication"])
     config, meta, state = check_adapter_fits(model, adapter_dir)
     origin = config.get("base_model_name_or_path")
     sliced = meta.get("sliced_layers", {})
@@ -261,11 +292,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                                   slice_order=tuple(info["slice_order"]))
         entries[path] = take_layer_entries(pairs, path)
     for path, (lora_a, lora_b, magnitude) in pairs.items():
-        rank = _pattern_value(path, config.get("rank_pattern") or {}, config["r"])
-        if rank != lora_a.shape[0]:
-            raise AdapterError(f"{path}: config says rank {rank} but lora_A has {lora_a.shape[0]} rows")
+        layer_rank = _pattern_value(path, config.get("rank_pattern") or {}, config["r"])
+        if layer_rank != lora_a.shape[0]:
+            raise AdapterError(f"{path}: config says rank {layer_rank} but lora_A has {lora_a.shape[0]} rows")
         alpha = _pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
-        specs[path] = AdapterSpec(rank=rank, alpha=alpha, rslora=bool(config.get("use_rslora")),
+        specs[path] = AdapterSpec(rank=layer_rank, alpha=alpha, rslora=bool(config.get("use_rslora")),
                                   variant="dora" if config.get("use_dora") else "lora")
         entries[path] = {"": (lora_a, lora_b, magnitude)}
     try:
@@ -277,6 +308,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             model.get_submodule(path).load_peft(adapter_name, layer_entries)
         except (ValueError, RuntimeError) as error:
             raise AdapterError(f"adapter does not fit {path!r}: {error}; the adapter was made for {origin!r}") from None
+    if rank is not None:
+        use_dylora_rank(model, adapter_dir, meta, rank, adapter_name)
 
     full = {key: tensor for key, tensor in state.items()
             if not (".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector"))}

@@ -172,10 +172,11 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     from vlm_lora.adapters.peft_format import AdapterError, check_adapter_fits, load_adapter
     from vlm_lora.metrics import score_captions
 
-    labels = [base_label] + [label for label, _ in adapters]
+    labels = [base_label] + [label for label, *_ in adapters]
     if len(set(labels)) != len(labels):
         raise AdapterError(f"model labels must be unique, got {labels}")
-    dirs = [check_adapter_dir(path) for _, path in adapters]
+    dirs = [check_adapter_dir(path) for _, path, *_ in adapters]
+    ranks = [rest[0] if rest else None for _, _, *rest in adapters]  # (label, dir, DyLoRA rank) entries
     for adapter_dir in dirs:  # before captioning the base: a misfit fails in seconds, not after a pass
         check_adapter_fits(model, adapter_dir)
     saved = _snapshot_overwritten(model, dirs)
@@ -185,12 +186,12 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     captions: dict[str, list[str]] = {}
     cider: dict[str, list[float]] = {}
     try:
-        for i, (label, adapter_dir) in enumerate([(base_label, None), *zip(labels[1:], dirs)]):
+        for i, (label, adapter_dir, rank) in enumerate([(base_label, None, None), *zip(labels[1:], dirs, ranks)]):
             _restore(saved)
             name = None
             if adapter_dir is not None:
                 name = f"eval_{i}"
-                load_adapter(model, adapter_dir, name, label=label)
+                load_adapter(model, adapter_dir, name, label=label, rank=rank)
             activate_adapter(model, name)
             start = time.perf_counter()
             captions[label] = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens,
@@ -260,10 +261,11 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
     from vlm_lora.adapters.peft_format import AdapterError, load_adapter
     from vlm_lora.metrics import score_captions
 
-    labels = [base_label] + [label for label, _ in adapters]
+    labels = [base_label] + [label for label, *_ in adapters]
     if len(set(labels)) != len(labels):
         raise AdapterError(f"model labels must be unique, got {labels}")
-    dirs = [check_adapter_dir(path) for _, path in adapters]
+    dirs = [check_adapter_dir(path) for _, path, *_ in adapters]
+    ranks = [rest[0] if rest else None for _, _, *rest in adapters]  # (label, dir, DyLoRA rank) entries
     names = [None] + [f"eval_{i}" for i in range(1, len(dirs) + 1)]
     try:
         for name, label, adapter_dir in zip(names[1:], labels[1:], dirs):

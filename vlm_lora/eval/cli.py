@@ -70,7 +70,12 @@ def run_eval(args) -> dict:
     labels = model_labels(args.adapter, args.names)
     for adapter in args.adapter:
         check_adapter_dir(adapter)
+    ranks = [int(k) for k in args.rank.split(",")] if getattr(args, "rank", None) else []
+    if ranks and (args.mixed_batch or not args.adapter or (single_file and len(ranks) > 1)):
+        raise AdapterError("--rank needs DyLoRA --adapter(s), without --mixed-batch; several ranks need an output folder")
     if args.task != "caption":
+        if ranks:
+            raise AdapterError("--rank (DyLoRA ranks) is supported with --task caption only")
         from vlm_lora.eval.tasks import run_task_eval
 
         return run_task_eval(args, labels)
@@ -83,7 +88,7 @@ def run_eval(args) -> dict:
 
     if single_file:
         if args.adapter:
-            load_adapter(model, args.adapter[0])
+            load_adapter(model, args.adapter[0], rank=ranks[0] if ranks else None)
         start = time.perf_counter()
         metrics, rows = evaluate_captions(model, processor, data, **decoding)
         seconds = time.perf_counter() - start
@@ -99,7 +104,10 @@ def run_eval(args) -> dict:
     from vlm_lora.eval.report import write_outputs
 
     compare = compare_models_mixed if args.mixed_batch else compare_models
-    summary, rows = compare(model, processor, data, list(zip(labels, args.adapter)), **decoding)
+    models = list(zip(labels, args.adapter))
+    if ranks:  # DyLoRA: every adapter at every rank, one table
+        models = [(f"{label}@r{k}", path, k) for label, path in models for k in ranks]
+    summary, rows = compare(model, processor, data, models, **decoding)
     settings = {
         "model": args.model,
         **{f"adapter {label}": path for label, path in zip(labels, args.adapter)},
@@ -144,6 +152,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter folder; repeat to compare several (the base model is always scored)")
     p.add_argument("--names", nargs="+", action="extend", metavar="LABEL", help="one label per --adapter")
+    p.add_argument("--rank", metavar="K[,K...]", help="DyLoRA adapters: score each at these ranks (first K components)")
     p.add_argument("--data", required=True,
                    help="ground truth: COCO caption JSON ({images, annotations}) or JSONL ({image, caption(s)}); "
                         "--task vqa/choice: JSONL {image, question, answers | answer, options?} or chat rows")

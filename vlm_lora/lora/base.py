@@ -10,6 +10,10 @@ from torch import nn
 from vlm_lora.lora.routing import routed_update
 
 
+# Parameter-name keys that Plan.apply makes trainable; variants in their own modules add theirs.
+TRAINABLE_KEYS: list[str] = ["lora_A", "lora_B", "lora_magnitude_vector"]
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """What one adapter on one module looks like.
@@ -22,11 +26,12 @@ class AdapterSpec:
     rank: int
     alpha: float
     dropout: float = 0.0
-    variant: str = "lora"      # lora | lora_fa | dora
+    variant: str = "lora"      # lora | lora_fa | dora | vera | dylora | adalora
     init: str = "kaiming"      # kaiming | gaussian | pissa | olora
     rslora: bool = False       # scaling alpha / sqrt(r) instead of alpha / r
     slices: tuple[str, ...] = ()
     slice_order: tuple[str, ...] = ()
+    extra: tuple[tuple[str, object], ...] = ()  # variant settings as (key, value) pairs (AdaLoRA's budget)
 
 
 @dataclass(frozen=True)

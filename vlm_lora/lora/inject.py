@@ -18,6 +18,11 @@ LAYER_TYPES: list[tuple[Callable[[nn.Module, AdapterSpec], bool], type[LoraLayer
 ]
 
 
+# Called as hook(model, adapter_name) after every inject_lora, for variants whose layers share
+# state across the model (VeRA's projections).
+POST_INJECT: list[Callable[[nn.Module, str], None]] = []
+
+
 def register_layer_type(predicate: Callable[[nn.Module, AdapterSpec], bool], layer_class: type[LoraLayer]) -> None:
     LAYER_TYPES.insert(0, (predicate, layer_class))
 
@@ -43,6 +48,8 @@ def inject_lora(model: nn.Module, specs: dict[str, AdapterSpec], adapter_name: s
                             + (f" with slices {spec.slices}" if spec.slices else ""))
         parent, child = _parent_and_name(model, path)
         setattr(parent, child, layer_class(module, adapter_name, spec))
+    for hook in POST_INJECT:
+        hook(model, adapter_name)
     return list(specs)
 
 

@@ -43,7 +43,7 @@ class LoraLinear(LoraLayer):
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
         self.variants[name] = variant = get_variant(spec.variant)
-        if variant.name == "full":  # a fully-trained module held as a dense delta (no A, B)
+        if variant.name == "full" or not getattr(variant, "uses_lora_ab", True):  # own state (dense delta, VeRA)
             self.scaling[name] = 1.0
         else:
             weight = self.base_layer.weight
@@ -85,6 +85,8 @@ class LoraLinear(LoraLayer):
         for the original (pre-initialisation) base: s (B A - B0 A0) = s [B, -B0] [A; A0]."""
         if name in self.full_delta:
             raise ValueError(f"adapter {name!r} trained this module in full; it has no LoRA pair to export")
+        if hasattr(self.variants[name], "peft_entries"):  # variants in their own modules (VeRA, DyLoRA, AdaLoRA)
+            return self.variants[name].peft_entries(self, name)
         spec, lora_a, lora_b = self.specs[name], self.lora_A[name].weight, self.lora_B[name].weight
         magnitude = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
         if name in self.initial_lora:

@@ -85,15 +85,18 @@ def restore_weights(model, adapter_dir: Path) -> None:
     from safetensors.torch import load_file
 
     from vlm_lora.adapters.peft_format import PREFIX, WEIGHTS_NAME, lora_pairs, take_layer_entries
+    from vlm_lora.adapters.peft_native import STATE_NAME, restore_training_state
 
     state = load_file(str(adapter_dir / WEIGHTS_NAME))
+    own_form = adapter_dir / STATE_NAME  # VeRA/AdaLoRA layers, in vlm-lora's own names
+    filled = restore_training_state(model, load_file(str(own_form))) if own_form.is_file() else set()
     pairs = lora_pairs(state)
     for path, layer in sorted(iter_lora_layers(model), key=lambda item: -len(item[0])):
         entries = take_layer_entries(pairs, path)
-        if entries:
+        if entries and path not in filled:
             layer.load_peft("default", entries)
-    lora_keys = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
-    load_trainable(model, {k[len(PREFIX):]: v for k, v in state.items() if not any(t in k for t in lora_keys)})
+    adapter_keys = (".lora_A", ".lora_B", ".lora_E", ".lora_magnitude_vector", ".vera_lambda_", "base_model.vera_")
+    load_trainable(model, {k[len(PREFIX):]: v for k, v in state.items() if not any(t in k for t in adapter_keys)})
 
 
 def load_trainable(model, state: dict[str, torch.Tensor]) -> None:

@@ -37,6 +37,9 @@ from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
 from vlm_lora.eval.plotting import plot_loss
+from vlm_lora.lora.adalora import final_ranks_note
+from vlm_lora.adapters.loftq_report import run_loftq
+from vlm_lora.lora.hooks import attach_step_hooks
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 from vlm_lora.train.output_dir import check_writable, prepare_output_dir, resume_point
@@ -96,6 +99,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     model, processor = load_for_recipe(recipe, accelerator.device)
     plan = make_plan(model, recipe.strategy, recipe.components)
     _check_quantization(recipe, plan)
+    _check_loftq(recipe, plan)
     task, train_set, eval_set = build_task_and_data(recipe, model, processor)
     if main:
         (out / "plan.txt").write_text(str(plan) + "\n")
@@ -142,6 +146,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
                                           accelerator.process_index)
         log.info("resuming from %s (step %d of %d)", checkpoint, step, total_steps)
     loader.start(step * per_step, saved_data)
+    try:  # DyLoRA's rank sample, AdaLoRA's budget
+        attach_step_hooks(unwrapped, getattr(optimizer, "optimizer", optimizer), step, total_steps)
+    except ValueError as error:
+        raise PlanError(str(error)) from None
     writer = MetricsWriter(out, cfg.tensorboard, resume_step=step if checkpoint is not None else None) if main else None
 
     def save_gathered(folder: Path) -> None:  # main process, inside distributed.full_trainable
@@ -239,6 +247,11 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         if best["step"] is not None:
             results["adapted"]["best_step"] = best["step"]
     if main:
+        note = final_ranks_note(unwrapped)  # AdaLoRA: the ranks the budget left, appended to the plan
+        if note:
+            log.info("%s", note)
+            with open(out / "plan.txt", "a") as plan_file:
+                plan_file.write(note)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         if eval_set is not None:
             write_predictions(rows, out / "predictions_adapted.jsonl")
@@ -280,11 +293,21 @@ def _check_quantization(recipe: Recipe, plan: Plan) -> None:
                             f"leave {comp.component} out of model.quantization.components")
 
 
+def _check_loftq(recipe: Recipe, plan: Plan) -> None:
+    quant = recipe.model.quantization
+    for comp in plan.components:
+        if comp.policy.mode == "lora" and comp.policy.init == "loftq" and not (
+                quant.bits == 4 and comp.component in quant.components):
+            raise PlanError(f"components.{comp.component}.init: loftq initialises an adapter for a 4-bit base; set "
+                            f"model.quantization.bits: 4 with {comp.component} in model.quantization.components")
+
+
 def _quantize_if_asked(recipe: Recipe, model, plan: Plan, sharded: bool) -> None:
     quant = recipe.model.quantization
     if quant.bits != 4:
         return
     prefixes = plan.prefixes_of([c for c in quant.components if plan.mode_of(c) != "full"])
+    run_loftq(model, plan, quant.type, quant.double_quant)  # init: loftq, before the base goes 4-bit
     storage = quant.compute_dtype if sharded else None  # FSDP shards 4-bit weights packed in the compute dtype
     n = len(quantize_linears(model, prefixes, quant.type, quant.double_quant, quant.compute_dtype, storage))
     log.info("QLoRA: %d linears of %s in 4-bit %s (compute %s)", n, ", ".join(quant.components), quant.type,
