@@ -201,10 +201,7 @@ def _arrow_samples(table, name: str, root: Path, prompt: str, label_key: str) ->
     for row, record in enumerate(texts):
         where = f"{name} row {row}"
         image = None
-        if images is not None:
-            if not present[row] or not counts[row]:
-                problems.append(Problem(row, where, "no image"))
-                continue
+        if images is not None and present[row] and counts[row]:  # else a text-only row
             image = [ArrowImage(images, row, root, i) for i in range(counts[row])]
         item = record_sample(record, row, where, root, prompt, label_key, image=image)
         (problems if isinstance(item, Problem) else samples).append(item)

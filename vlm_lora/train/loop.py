@@ -88,6 +88,8 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     plan = make_plan(model, recipe.strategy, recipe.components)
     _check_quantization(recipe, plan)
     task, train_set, eval_set = build_task_and_data(recipe, model, processor)
+    if accelerator.num_processes > 1 and hasattr(task.collate, "vision_dummy"):
+        task.collate.vision_dummy = True  # a text-only batch still runs the vision tower on its rank
     if main:
         (out / "plan.txt").write_text(str(plan) + "\n")
         log.info("\n%s", plan)
