@@ -139,7 +139,20 @@ def one_process_text_first(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("text_one")
     result = _cli("finetune", str(_text_first_recipe(tmp, "one", "single", grad_accum=2)))
     assert result.returncode == 0, result.stderr[-2000:]
+    _check_memory_rows(tmp / "one", result.stderr, ranks=1)
     return tmp / "one"
+
+
+def _check_memory_rows(run, stderr: str, ranks: int) -> None:
+    """Every training row carries one peak per rank; the done line prints the largest of the last row."""
+    import re
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    peaks = [row["peak_mem_mib"] for row in rows if "loss" in row]
+    assert len(peaks) == 2 and all(len(p) == ranks and min(p) > 50 for p in peaks), peaks  # > the interpreter alone
+    assert f"peak memory {max(peaks[-1]):.0f} MiB (largest rank)" in stderr
+    ratio = re.search(r"measured / estimate = ([0-9.]+)", stderr)
+    assert ratio and float(ratio.group(1)) > 0
 
 
 @pytest.mark.slow
@@ -149,6 +162,7 @@ def test_rank_with_a_text_only_batch_keeps_in_step(mode, one_process_text_first,
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlm_lora",
                              "finetune", str(recipe)], capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    _check_memory_rows(tmp_path / "two", result.stderr, ranks=2)
     ours, theirs = _adapter(tmp_path / "two"), _adapter(one_process_text_first)
     assert ours.keys() == theirs.keys() and any("vision_tower" in k for k in ours)
     for key in ours:

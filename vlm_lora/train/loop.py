@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from vlm_lora.adapters.peft_format import save_adapter
 from vlm_lora.train.checkpoint import (list_checkpoints, load_trainer_state, rank_rng_state, restore_weights, rng_state,
                                        save_checkpoint, set_rng_state)
-from vlm_lora.train import distributed
+from vlm_lora.train import distributed, memory
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
@@ -145,6 +145,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
 
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not main)
     window = {"loss": 0.0, "samples": 0, "start": time.time()}
+    peaks: list[float] = []
     model.train()
     while step < total_steps:
         batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
@@ -174,11 +175,13 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         bar.update(1)
         window["loss"] += step_loss
         window["samples"] += n_samples * world
+        if step % cfg.log_steps == 0 or step == total_steps:
+            peaks = memory.rank_peaks(accelerator.device)  # collective: every rank
         if main and (step % cfg.log_steps == 0 or step == total_steps):
             n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
             row = {"step": step, "epoch": loader.epoch(), "loss": window["loss"] / n_steps,
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"]),
-                   "data_wait": loader.waited() / (time.time() - window["start"])}
+                   "data_wait": loader.waited() / (time.time() - window["start"]), "peak_mem_mib": peaks}
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
             window = {"loss": 0.0, "samples": 0, "start": time.time()}
@@ -219,7 +222,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             write_predictions(rows, out / "predictions_adapted.jsonl")
             (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         writer.close()
-        summary(out, results, train_time, time.time() - started, step, metric, best)
+        if peaks:
+            memory.log_against_estimate(peaks, memory.estimate_memory(unwrapped, plan, recipe, world),
+                                        accelerator.device)
+        summary(out, results, train_time, time.time() - started, step, metric, best, max(peaks, default=None))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
