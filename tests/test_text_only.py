@@ -1,5 +1,6 @@
 """Text-only rows: read from caption, chat, LLaVA, parquet and HF data; mixed into image batches; a
-text-only batch on one rank of a 2-process DDP or FSDP run neither hangs nor changes the adapter."""
+text-only batch on one rank of a 2-process DDP or FSDP run (or of 2 nodes x 1 process) neither hangs nor
+changes the adapter; the runs' metrics carry the peak memory of every rank."""
 
 import json
 import subprocess
@@ -166,4 +167,25 @@ def test_rank_with_a_text_only_batch_keeps_in_step(mode, one_process_text_first,
     ours, theirs = _adapter(tmp_path / "two"), _adapter(one_process_text_first)
     assert ours.keys() == theirs.keys() and any("vision_tower" in k for k in ours)
     for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each(one_process_text_first, tmp_path):
+    """torchrun --nnodes 2 (one process per node, rendezvous on localhost, gloo): the same adapter."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = _text_first_recipe(tmp_path, "nodes", "ddp")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "vlm_lora", "finetune", str(recipe)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+             for rank in (0, 1)]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    ours, theirs = _adapter(tmp_path / "nodes"), _adapter(one_process_text_first)
+    for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=0, msg=key)
