@@ -164,6 +164,7 @@ def test_rank_with_a_text_only_batch_keeps_in_step(mode, one_process_text_first,
                              "finetune", str(recipe)], capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     _check_memory_rows(tmp_path / "two", result.stderr, ranks=2)
+    assert ("sharded loading: 82 tensors read slice by slice" in result.stderr) == (mode == "fsdp")
     ours, theirs = _adapter(tmp_path / "two"), _adapter(one_process_text_first)
     assert ours.keys() == theirs.keys() and any("vision_tower" in k for k in ours)
     for key in ours:

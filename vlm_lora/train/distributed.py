@@ -252,6 +252,11 @@ def gathered_for_eval(model: nn.Module):
     for unit in units:
         unit.set_reshard_after_forward(False)
     if units:
+        from torch.distributed.fsdp import fully_shard
+
+        # before any forward (base eval after sharded loading) the root must set up its units first, or a
+        # unit reached outside the root's forward (the vision tower in generate) claims to be a root
+        fully_shard.state(model)._lazy_init()
         model.unshard()
     try:
         yield

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from vlm_lora.adapters.peft_format import save_adapter
 from vlm_lora.train.checkpoint import (list_checkpoints, load_trainer_state, rank_rng_state, restore_weights, rng_state,
                                        save_checkpoint, set_rng_state)
-from vlm_lora.train import distributed, memory
+from vlm_lora.train import distributed, memory, sharded_load
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
@@ -84,8 +84,15 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     seed_everything(cfg.seed)
 
-    model, processor = load_for_recipe(recipe, accelerator.device)
-    plan = make_plan(model, recipe.strategy, recipe.components)
+    why_whole = sharded_load.refusal(recipe) if fsdp else "no FSDP"
+    if why_whole is None:  # meta model, adapters in, sharded, each rank reads its shards: nothing else to apply
+        model, processor, plan = sharded_load.load_sharded(recipe, accelerator.mixed_precision,
+                                                           _plugin_wrap_classes(accelerator), accelerator.device)
+    else:
+        if fsdp:
+            log.info("train.fsdp: every rank loads the whole base before sharding (%s)", why_whole)
+        model, processor = load_for_recipe(recipe, accelerator.device)
+        plan = make_plan(model, recipe.strategy, recipe.components)
     _check_quantization(recipe, plan)
     task, train_set, eval_set = build_task_and_data(recipe, model, processor)
     if accelerator.num_processes > 1 and hasattr(task.collate, "vision_dummy"):
@@ -105,12 +112,13 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     if main and "base" in results:
         (out / "eval_base.json").write_text(json.dumps(results["base"], indent=2) + "\n")
 
-    _quantize_if_asked(recipe, model, plan, fsdp)
-    plan.apply(model)
-    apply_speed_options(model, cfg, recipe.data.packing)
+    if why_whole is not None:  # (sharded loading did this before sharding; its base eval ran with zero-B adapters)
+        _quantize_if_asked(recipe, model, plan, fsdp)
+        plan.apply(model)
+        apply_speed_options(model, cfg, recipe.data.packing)
     if recipe.data.packing:
         task.collate = PackingCollator(task.collate, packing_row_tokens(model), packing_rope_positions(model))
-    if fsdp:  # after the adapters (and checkpointing, compile) are in, before the optimizer sees the parameters
+    if fsdp and why_whole is not None:  # after the adapters (and checkpointing, compile), before the optimizer
         model = distributed.shard_model(model, accelerator.mixed_precision, _plugin_wrap_classes(accelerator))
     groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
