@@ -68,6 +68,7 @@ def main(model_dir: str) -> None:
     print(json.dumps({"model_mib": round(model_mib), "tiny_1proc_peak_mib": tiny, "rank_peaks_mib": ranks,
                       "rank_minus_tiny_over_model": [round(x, 3) for x in over], "target": 0.7,
                       "met": max(over) <= 0.7, "sharded": "sharded loading:" in big.stderr}))
+    print("\n".join(line for line in big.stderr.splitlines() if "sharded loading:" in line or "peak memory" in line))
 
 
 if __name__ == "__main__":

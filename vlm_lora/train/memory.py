@@ -26,10 +26,17 @@ ADAM_BYTES = 4 + 4 + 8  # float32 weight, gradient, two moments per trainable pa
 
 
 def peak_mib(device) -> float:
-    """This process's peak memory in MiB: CUDA max allocated on a GPU, max resident set (Linux KiB) on CPU."""
+    """This process's peak memory in MiB: CUDA max allocated on a GPU, max resident set on CPU.
+
+    On Linux the resident peak is ``VmHWM`` of ``/proc/self/status`` (this program's own; ``ru_maxrss``
+    also keeps the peak of the process that exec'd it, e.g. a launcher that built a model)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / MIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rank_peaks(device) -> list[float]:

@@ -65,14 +65,19 @@ def _weight_files(path: str) -> dict[str, Path]:
 
 def model_on_meta(recipe) -> nn.Module:
     """The recipe's model with parameters on the meta device and real (CPU) buffers, eval mode."""
+    config = resolve_config(recipe.model.path, recipe.model.trust_remote_code)
+    return meta_model(config, recipe.model.dtype, recipe.model.trust_remote_code)
+
+
+def meta_model(config, dtype: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model of a transformers ``config``: parameters on the meta device, buffers (rotary tables,
+    position ids) computed on the CPU; eval mode."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText
 
-    config = resolve_config(recipe.model.path, recipe.model.trust_remote_code)
     # building draws random numbers (loading a checkpoint does not): keep the stream the adapters draw from
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-        model = AutoModelForImageTextToText.from_config(config, dtype=DTYPES[recipe.model.dtype],
-                                                        trust_remote_code=recipe.model.trust_remote_code)
+        model = AutoModelForImageTextToText.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -108,7 +113,7 @@ def detach_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
     return values
 
 
-def _rows(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+def local_block(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """(this rank's tensor of ``param``, the index of its block in the full tensor)."""
     if not isinstance(param, DTensor):
         return param, tuple(slice(0, n) for n in param.shape)
@@ -129,7 +134,7 @@ def fill_shards(model: nn.Module, files: dict[str, Path], names: dict[str, str],
 
     missing = []
     for name, param in model.named_parameters():
-        local, index = _rows(param)
+        local, index = local_block(param)
         if name in adapters:
             local.copy_(adapters[name][index])
             continue
@@ -168,6 +173,8 @@ def load_sharded(recipe, mixed_precision: str, classes: tuple[str, ...], device)
             buffer.copy_(buffers[name])
     fill_shards(model, files, names, {k: v.to(device) for k, v in adapters.items()})
     processor = AutoProcessor.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    log.info("sharded loading: %d tensors read slice by slice from %d file(s), %d adapter tensors",
-             len(names), len(set(files.values())), len(adapters))
+    from vlm_lora.train.memory import peak_mib
+
+    log.info("sharded loading: %d tensors read slice by slice from %d file(s), %d adapter tensors; peak memory "
+             "so far %.0f MiB", len(names), len(set(files.values())), len(adapters), peak_mib(device))
     return model, processor, plan
