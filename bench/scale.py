@@ -180,13 +180,15 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    from vlm_lora.train.memory import reset_peak
+
     for setup in args.setups:
         result = run(args, setup, device)
         if dist.get_rank() == 0:
             print(json.dumps(result), flush=True)
         if cuda:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak(device)  # each setup's own peak
     dist.destroy_process_group()
 
 

@@ -59,7 +59,7 @@ def test_plan_prints_the_estimate_per_gpu(quickstart, capsys):
 def test_cpu_peak_is_the_max_resident_set():
     import torch
 
-    from vlm_lora.train.memory import peak_mib, rank_peaks
+    from vlm_lora.train.memory import peak_mib, rank_peaks, reset_peak
 
     before = peak_mib("cpu")
     assert 0 < before <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1
@@ -67,3 +67,6 @@ def test_cpu_peak_is_the_max_resident_set():
     assert peak_mib("cpu") > 1.5 * before
     del block
     assert rank_peaks("cpu") == [round(peak_mib("cpu"), 1)]  # one process: its own
+    reset_peak("cpu")  # the new peak starts at the resident set now
+    current = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+    assert abs(peak_mib("cpu") - current) < 5

@@ -39,6 +39,18 @@ def peak_mib(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak(device) -> None:
+    """Start a new peak: the CUDA allocator's statistics, or on Linux the resident peak (``clear_refs`` 5)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
 def rank_peaks(device) -> list[float]:
     """``[peak of rank 0, peak of rank 1, ...]`` in MiB (collective: every rank calls it)."""
     return [round(p, 1) for p in gather_objects(peak_mib(device))]
