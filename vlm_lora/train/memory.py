@@ -99,7 +99,9 @@ def _activation_bytes(model: nn.Module, recipe, length: int) -> float:
     """Tensors a decoder layer keeps for backward (about 10 x hidden + 4 x intermediate values per token),
     every layer, or the layer inputs only under gradient checkpointing (plus one layer's worth); the
     float32 logits and their gradient; the vision tower the same way at its patch count per image."""
-    config = model.config
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):  # timm / open_clip: no transformers config to read
+        return 0.0
     batch, size = recipe.train.batch_size, DTYPE_BYTES.get(recipe.model.dtype, 4)
     checkpointed = recipe.train.gradient_checkpointing != "none"
 
