@@ -109,6 +109,20 @@ def test_processor_that_needs_an_image_names_the_sample(tmp_path):
         collate([data[0], data[1]])
 
 
+def test_eval_set_with_text_only_rows_is_refused_by_name(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_lora.data.formats import DataError
+    from vlm_lora.recipe import load_recipe
+    from vlm_lora.train.setup import build_task_and_data
+
+    data = _write(tmp_path / "d.jsonl", [IMAGE_ROWS[0], TEXT_ROWS[0]])
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"data.train={data}", f"data.eval={data}"])
+    model = AutoModelForImageTextToText.from_pretrained(ASSET_MODEL)
+    with pytest.raises(DataError, match=r"d.jsonl: 1 row\(s\) without an image \(line 2\); eval captions images"):
+        build_task_and_data(recipe, model, AutoProcessor.from_pretrained(ASSET_MODEL))
+
+
 # ---------------------------------------------------------------- 2 processes
 
 def _text_first_recipe(tmp_path, name: str, mode: str, **train):
