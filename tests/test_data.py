@@ -46,7 +46,7 @@ def test_prompt_is_what_generation_sees(processor):
 
 def test_missing_and_bad_rows_are_all_reported(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    rows = [{"image": "ok.png", "caption": "fine"}, {"image": "gone.png", "caption": "x"}, {"caption": "no image"}]
+    rows = [{"image": "ok.png", "caption": "fine"}, {"image": "gone.png", "caption": "x"}, {"image": "ok.png"}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
     with pytest.raises(DataError) as info:
         CaptionDataset(tmp_path / "d.jsonl")

@@ -35,6 +35,10 @@ def cmd_plan(args) -> None:
     model = model_on_meta(recipe.model.path, recipe.model.trust_remote_code) if args.meta else _load_for_plan(recipe)
     result = plan(model, recipe.strategy, recipe.components)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    if args.gpus:
+        from vlm_lora.train.memory import estimate_memory
+
+        print(estimate_memory(model, result, recipe, args.gpus))
 
 
 def _load_for_plan(recipe):
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--meta", action="store_true", help="build the model from its config on the meta device (no weights)")
+    p.add_argument("--gpus", type=int, default=0, metavar="N", help="print the memory estimate per GPU for N GPUs "
+                                                                     "(FSDP-sharded when the recipe sets train.fsdp)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and export a plain model; or combine several "

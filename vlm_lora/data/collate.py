@@ -74,6 +74,10 @@ class ChatCollator:
         if not self.template and not self.plain:
             self.template = FALLBACK_CHAT_TEMPLATE
         self.skipped: list[Problem] = []  # dropped at collate time (image unreadable, too long)
+        # a batch of text-only samples gets one image-only row without labels, so the vision tower runs on
+        # every rank (DDP/FSDP: the same collectives and gradients everywhere); the loop sets it for >1 process
+        self.vision_dummy = False
+        self._dummy: tuple[dict, set[str]] | None = None
         self.truncated: list = []  # ids of samples cut at max_length, each time one is
         self._shift: dict = {}  # (image size, add_special_tokens) -> tokens the processor adds
         self.pixel_budget = None  # a PixelBudget with max_total_pixels: one sample's images fit it first
@@ -193,6 +197,14 @@ class ChatCollator:
                 raise DataError(str(problem))
             raise _Skip(problem)
 
+    def _refuse_text_only(self, example, n_images: int) -> None:
+        if n_images == 0 and (self.prefix_lm or self.plain):
+            problem = _problem(example, f"no image; {type(self.processor).__name__} needs an image in every sample "
+                                        "(add one or set data.on_bad_sample: skip)")
+            if self.on_bad_sample == "error":
+                raise DataError(str(problem))
+            raise _Skip(problem)
+
     def check_lengths(self, dataset) -> list[Problem]:
         """Before training: the samples that cannot fit ``max_length`` (image + prompt + one answer token).
 
@@ -206,7 +218,7 @@ class ChatCollator:
         for example in dataset.examples:
             sizes = _image_sizes(example)
             sizes = self.pixel_budget.fit_sizes(sizes) if self.pixel_budget else sizes
-            if len(sizes) > 1 and not self.multi_image:
+            if (len(sizes) > 1 and not self.multi_image) or (not sizes and (self.prefix_lm or self.plain)):
                 continue  # the collator refuses it (or skips and counts it) by name
             try:
                 if self.prefix_lm:
@@ -249,6 +261,7 @@ class ChatCollator:
         images = image if isinstance(image, list) else [image]
         images = self.pixel_budget.fit_images(images) if self.pixel_budget else images
         self._refuse_multi_image(example, len(images))
+        self._refuse_text_only(example, len(images))
         if self.prefix_lm:
             encoded = self._encode_suffix(image, example)
             ids = encoded["input_ids"][0]
@@ -295,7 +308,7 @@ class ChatCollator:
         return self.processor(images=[image], text=[prompt], suffix=[answer], return_tensors="pt")
 
     def __call__(self, items: list[tuple[Image.Image | None, Sample | CaptionExample]]) -> dict[str, torch.Tensor]:
-        encoded, dropped, per_token = [], [], set()
+        encoded, dropped, per_token, with_images = [], [], set(), False
         for image, example in items:
             if image is None:  # the data set skipped it (unreadable image) and logged why
                 dropped.append(_problem(example, "image could not be loaded"))
@@ -304,6 +317,7 @@ class ChatCollator:
                 sample, keys = self._encode(image, example)
                 encoded.append(sample)
                 per_token |= keys
+                with_images |= not (isinstance(image, list) and not image)
             except _Skip as error:
                 if self.on_bad_sample == "error":
                     raise DataError(f"{error.problem} (call collator.check_lengths(dataset) to find all such "
@@ -316,7 +330,21 @@ class ChatCollator:
         if not encoded:
             raise DataError("every sample of a batch was skipped (" + "; ".join(map(str, dropped)) +
                             "); call collator.check_lengths(dataset) before training")
+        if self.vision_dummy and not with_images:
+            dummy, keys = self.dummy_row()
+            encoded.append(dummy)
+            per_token |= keys
         return self._pad(encoded, per_token)
+
+    def dummy_row(self) -> tuple[dict, set[str]]:
+        """(one blank 64x64 image with a one-word answer, encoded, with every label ``IGNORE_INDEX``; its
+        per-token keys). It adds no loss and zero gradients but runs the vision tower and projector."""
+        if self._dummy is None:
+            example = Sample("vision dummy", None, [(self.user_prompt, "ok")], ["ok"], where="vision dummy")
+            sample, keys = self._encode(Image.new("RGB", (64, 64)), example)
+            sample["labels"] = torch.full_like(sample["labels"], IGNORE_INDEX)
+            self._dummy = (sample, keys)
+        return self._dummy
 
     def _pad(self, encoded: list[dict], per_token: set[str]) -> dict[str, torch.Tensor]:
         return pad_batch(encoded, per_token, {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX})
@@ -377,6 +405,8 @@ def _image_sizes(example) -> list[tuple[int, int]]:
     if getattr(example, "image_size", None) and not extra:
         return [example.image_size]
     source = getattr(example, "image_source", None)
+    if source is None and example.image_path is None:
+        return []  # text-only
     sizes = []
     for path in [source if source is not None else example.image_path, *extra]:
         try:

@@ -133,6 +133,9 @@ def load_dataset(path: str | Path, format: str = "auto", image_root: str | Path 
         log.warning("%s", _skip_line(path, problems))
     if not samples:
         raise DataError(f"{path}: no usable samples" + (f"\n{format_problems(path, problems)}" if problems else ""))
+    text_only = sum(getattr(s, "text_only", False) for s in samples)
+    if text_only:
+        log.info("%s: %d of %d samples have no image and train as text only", path, text_only, len(samples))
     return ConversationDataset(samples, path, fmt, on_bad_sample, problems)
 
 
@@ -171,11 +174,13 @@ def load_image(path, where: str) -> Image.Image:
 
 
 def load_sample_image(example, path, on_bad_sample: str = "error") -> Image.Image | list[Image.Image] | None:
-    """The sample's image (its file or embedded bytes), the list of its images for a multi-image sample;
-    None, logged, if one is unreadable and ``on_bad_sample`` is skip."""
+    """The sample's image (its file or embedded bytes), the list of its images for a multi-image sample,
+    ``[]`` for a text-only one; None, logged, if one is unreadable and ``on_bad_sample`` is skip."""
     where = getattr(example, "where", "")
     where = (where if where.startswith(str(path)) else f"{path} {where}") if where else f"{path}:{example.row}"
     source = getattr(example, "image_source", None)
+    if source is None and example.image_path is None:
+        return []  # a text-only sample
     sources = [source if source is not None else example.image_path, *getattr(example, "extra_images", ())]
     try:
         images = [load_image(s if isinstance(s, (str, Path)) else _open(s, where), where) for s in sources]

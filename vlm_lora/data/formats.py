@@ -58,14 +58,14 @@ class Problem(NamedTuple):
 
 @dataclass
 class Sample:
-    """One training/eval example: an image (or several) and a conversation about it.
+    """One training/eval example: an image (or several, or none) and a conversation about it.
 
     ``turns`` are ``(user_text, assistant_text)`` pairs (caption data: one ``(prompt, caption)``);
     ``references`` are the texts an eval scores against (all captions; LLaVA: the last answer).
     """
 
     id: Any  # the line number (caption formats) or the LLaVA id (else its 1-based position)
-    image_path: Path
+    image_path: Path | None  # None (and no ``image_source``): a text-only sample
     turns: list[tuple[str, str]]
     references: list[str]
     label: Any = None
@@ -83,7 +83,11 @@ class Sample:
 
     @property
     def n_images(self) -> int:
-        return 1 + len(self.extra_images)
+        return 0 if self.text_only else 1 + len(self.extra_images)
+
+    @property
+    def text_only(self) -> bool:
+        return self.image_path is None and self.image_source is None
 
     @property
     def captions(self) -> list[str]:
@@ -300,15 +304,17 @@ def _caption_sample(record: Any, row: int, where: str, root: Path, prompt: str, 
         captions = [captions]
     if image is not None and not all(isinstance(i, str) for i in images):
         return Problem(row, where, f"'image' must be a path (or a list of paths), not {type(image).__name__}")
-    if not images or not all(isinstance(i, str) for i in images) or (captions is None and label is None):
+    if image is None and isinstance(captions, (str, list)) and captions:  # text-only: the prompt, then the caption
+        images = []
+    elif not images or not all(isinstance(i, str) for i in images) or (captions is None and label is None):
         return Problem(row, where, "needs 'image' and 'caption' (or 'captions') keys "
                                    "('file_name' and 'text' in an imagefolder)")
     if captions is not None and (not isinstance(captions, list) or not all(isinstance(c, str) and c for c in captions)):
         return Problem(row, where, "'captions' must be a list of non-empty strings")
     captions = captions or []
     turns = [(prompt, captions[0])] if captions else []
-    return Sample(row, root / image, turns, list(captions), label=label, row=row, where=where,
-                  extra_images=[root / i for i in images[1:]], image_turns=[len(images)] if len(images) > 1 else None)
+    return Sample(row, root / image if images else None, turns, list(captions), label=label, row=row, where=where,
+                  extra_images=[root / i for i in images[1:]], image_turns=[len(images)] if len(images) != 1 else None)
 
 
 def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str) -> Sample | Problem:
@@ -318,9 +324,7 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
     if "id" in record:
         where = f"{where} (id {sid!r})"
     image = record.get("image")
-    images = image if isinstance(image, list) else [image]
-    if image is None or image == []:
-        return Problem(sid, where, "no image (text-only samples are not supported)")
+    images = [] if image is None else image if isinstance(image, list) else [image]  # none: a text-only sample
     if not all(isinstance(i, str) for i in images):
         return Problem(sid, where, "'image' must be a path (or a list of paths)")
     conversation = record.get("conversations")
@@ -349,9 +353,12 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
         return Problem(sid, where, f"{len(images)} image(s) but {sum(markers)} <image> markers in the user turns; "
                                    "put one <image> per image (or none: all images go to the first turn)")
     image_turns = None
-    if len(images) > 1:
+    if not images:
+        image_turns = [0] * len(turns)
+    elif len(images) > 1:
         image_turns = markers if sum(markers) else [len(images)] + [0] * (len(turns) - 1)
-    return Sample(sid, root / images[0], turns, [turns[-1][1]], label=record.get(label_key), system=system,
+    return Sample(sid, root / images[0] if images else None, turns, [turns[-1][1]], label=record.get(label_key),
+                  system=system,
                   row=row, where=where, extra_images=[root / i for i in images[1:]], image_turns=image_turns)
 
 
@@ -361,6 +368,9 @@ def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Prob
     for item in rows:
         if isinstance(item, Problem):
             problems.append(item)
+            continue
+        if item.text_only:
+            samples.append(item)
             continue
         first = item.image_path if item.image_source is None else item.image_source
         files = [p for p in [first, *item.extra_images]  # images in parquet, HF or shards are checked when loaded

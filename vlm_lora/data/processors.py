@@ -53,8 +53,8 @@ def pad_batch(encoded: list[dict], per_token: set[str], fill: dict[str, int]) ->
     """Right-pad the per-token [T, ...] tensors to [B, T_max, ...] (``fill[key]``, else 0); concatenate the
     others along dim 0 (zero-padded to a common shape first when they differ and each is one sample's [1, ...])."""
     batch = {}
-    for key in encoded[0]:
-        values = [e[key] for e in encoded]
+    for key in dict.fromkeys(k for e in encoded for k in e):  # text-only samples have no image tensors
+        values = [e[key] for e in encoded if key in e]
         if key in per_token:
             batch[key] = torch.stack(_pad_to_common(values, fill.get(key, 0)))
         elif len({v.shape[1:] for v in values}) > 1 and all(v.shape[0] == 1 for v in values):

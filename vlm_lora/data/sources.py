@@ -284,11 +284,8 @@ def _rows(texts, images: tuple | None, name: str, root: Path, prompt: str, label
     for row, record in enumerate(texts):
         where = f"{name} row {row}"
         image = None
-        if images is not None and images[1][row]:
+        if images is not None and images[1][row]:  # else a text-only row, or a chat row with its images inside
             image = [ArrowImage(images[0], row, root, i) for i in range(images[1][row])]
-        elif images is not None and "messages" not in record:  # a chat row may hold its images in the messages
-            problems.append(Problem(row, where, "no image"))
-            continue
         item = record_sample(record, row, where, root, prompt, label_key, image=image)
         (problems if isinstance(item, Problem) else samples).append(item)
     return samples, problems

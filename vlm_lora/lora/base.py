@@ -131,3 +131,10 @@ class LoraLayer(nn.Module):
         """Subtract every merged adapter again (exact up to float rounding)."""
         while self.merged_adapters:
             self._merge_adapter(self.merged_adapters.pop(), -1.0)
+
+
+def adapter_device(weight: torch.Tensor) -> torch.device:
+    """Where a layer's adapter weights are created: with the base weight, except that a base built on
+    the meta device (sharded loading) gets them on the CPU, so their initialisation draws the same
+    random values as on a loaded base."""
+    return torch.device("cpu") if weight.is_meta else weight.device

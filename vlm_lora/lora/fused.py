@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
+from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry, adapter_device
 from vlm_lora.lora.inject import register_layer_type
 from vlm_lora.lora.variants import LoraVariant, get_variant, lora_scaling
 
@@ -56,8 +56,8 @@ def new_sliced_pair(spec: AdapterSpec, n: int, in_features: int, d: int,
                     weight: torch.Tensor) -> tuple[nn.Linear, BlockLoraB, float]:
     """Stacked A ``nn.Linear(in, n * r)``, blocked B [n, d, r], initialised by the variant; and the scaling."""
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    lora_a = nn.Linear(in_features, n * spec.rank, bias=False, device=weight.device, dtype=dtype)
-    lora_b = BlockLoraB(n, spec.rank, d, device=weight.device, dtype=dtype)
+    lora_a = nn.Linear(in_features, n * spec.rank, bias=False, device=adapter_device(weight), dtype=dtype)
+    lora_b = BlockLoraB(n, spec.rank, d, device=adapter_device(weight), dtype=dtype)
     variant = check_variant(spec)
     variant.init_weights(lora_a, lora_b)  # kaiming-uniform on [n*r, in] has the same bound as on each [r, in]
     return lora_a, lora_b, lora_scaling(spec.rank, spec.alpha, spec.rslora)

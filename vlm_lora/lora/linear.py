@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
+from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry, adapter_device
 from vlm_lora.lora.init import INITS
 from vlm_lora.lora.variants import LoraVariant, get_variant, lora_scaling
 
@@ -46,10 +46,10 @@ class LoraLinear(LoraLayer):
         if variant.name == "full" or not getattr(variant, "uses_lora_ab", True):  # own state (dense delta, VeRA)
             self.scaling[name] = 1.0
         else:
-            weight = self.base_layer.weight
+            device = adapter_device(self.base_layer.weight)
             dtype = torch.float32  # fp32 master weights; forward casts them to the activations' dtype
-            self.lora_A[name] = nn.Linear(self.in_features, spec.rank, bias=False, device=weight.device, dtype=dtype)
-            self.lora_B[name] = nn.Linear(spec.rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
+            self.lora_A[name] = nn.Linear(self.in_features, spec.rank, bias=False, device=device, dtype=dtype)
+            self.lora_B[name] = nn.Linear(spec.rank, self.out_features, bias=False, device=device, dtype=dtype)
             self.scaling[name] = lora_scaling(spec.rank, spec.alpha, spec.rslora)
             with torch.no_grad():
                 INITS[spec.init](self, name)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_lora.lora.variants import lora_scaling
-from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry
+from vlm_lora.lora.base import AdapterSpec, LoraLayer, PeftEntry, adapter_device
 from vlm_lora.lora.fused import (add_slice_update, check_variant, export_blocks, full_width_update, import_blocks,
                                  merge_slice_rows, new_sliced_pair, sliced_delta)
 from vlm_lora.lora.inject import register_layer_type
@@ -102,8 +102,9 @@ class LoraMultiheadAttention(LoraLayer):
                 spec, len(positions), dim, dim, mha.in_proj_weight)
         if "o" in spec.slices:
             weight = mha.out_proj.weight
-            lora_a = nn.Linear(dim, spec.rank, bias=False, device=weight.device, dtype=weight.dtype)
-            lora_b = nn.Linear(spec.rank, dim, bias=False, device=weight.device, dtype=weight.dtype)
+            device = adapter_device(weight)
+            lora_a = nn.Linear(dim, spec.rank, bias=False, device=device, dtype=weight.dtype)
+            lora_b = nn.Linear(spec.rank, dim, bias=False, device=device, dtype=weight.dtype)
             variant.init_weights(lora_a, lora_b)
             self.out_proj_lora.lora_A[name], self.out_proj_lora.lora_B[name] = lora_a, lora_b
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()

@@ -52,7 +52,7 @@ def wrap_classes(model: nn.Module) -> tuple[str, ...]:
 
 
 def shard_model(model: nn.Module, mixed_precision: str, classes: tuple[str, ...] = (),
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, prepare_unit=None) -> nn.Module:
     """``fully_shard`` every module of ``classes`` (default: :func:`wrap_classes`), then the root.
 
     Call after the adapters are injected and before the optimizer is built: sharding replaces every
@@ -60,6 +60,8 @@ def shard_model(model: nn.Module, mixed_precision: str, classes: tuple[str, ...]
     (optimizer state and updates in full precision) and gathered in the low precision for compute;
     gradients are reduced in float32. LoRA leaves are never units of their own: the fused paths read
     their weights directly, which only works while the enclosing block is gathered.
+    ``prepare_unit(module)``, if given, runs on each unit (then the root) right before it is sharded
+    (``bench/scale.py`` materializes and quantizes one unit at a time there).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -82,9 +84,10 @@ def shard_model(model: nn.Module, mixed_precision: str, classes: tuple[str, ...]
     if not units:
         raise TrainingError(f"train.fsdp: none of the block classes {', '.join(classes)} is in {type(model).__name__}; "
                             f"fix fsdp_transformer_layer_cls_to_wrap in the accelerate config")
-    for module in reversed(units):  # innermost first: a unit never holds a nested unit's parameters
+    for module in [*reversed(units), model]:  # innermost first: a unit never holds a nested unit's parameters
+        if prepare_unit is not None:
+            prepare_unit(module)
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
 
 
@@ -252,6 +255,11 @@ def gathered_for_eval(model: nn.Module):
     for unit in units:
         unit.set_reshard_after_forward(False)
     if units:
+        from torch.distributed.fsdp import fully_shard
+
+        # before any forward (base eval after sharded loading) the root must set up its units first, or a
+        # unit reached outside the root's forward (the vision tower in generate) claims to be a root
+        fully_shard.state(model)._lazy_init()
         model.unshard()
     try:
         yield

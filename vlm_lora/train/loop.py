@@ -30,9 +30,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from vlm_lora.adapters.peft_format import save_adapter
-from vlm_lora.train.checkpoint import (load_trainer_state, rank_rng_state, restore_weights, rng_state, save_checkpoint,
-                                       set_rng_state)
-from vlm_lora.train import distributed
+from vlm_lora.train.checkpoint import (list_checkpoints, load_trainer_state, rank_rng_state, restore_weights, rng_state,
+                                       save_checkpoint, set_rng_state)
+from vlm_lora.train import distributed, memory, sharded_load
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
@@ -96,11 +96,20 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     accelerator.wait_for_everyone()
     seed_everything(cfg.seed)
 
-    model, processor = load_for_recipe(recipe, accelerator.device)
-    plan = make_plan(model, recipe.strategy, recipe.components)
+    why_whole = sharded_load.refusal(recipe) if fsdp else "no FSDP"
+    if why_whole is None:  # meta model, adapters in, sharded, each rank reads its shards: nothing else to apply
+        model, processor, plan = sharded_load.load_sharded(recipe, accelerator.mixed_precision,
+                                                           _plugin_wrap_classes(accelerator), accelerator.device)
+    else:
+        if fsdp:
+            log.info("train.fsdp: every rank loads the whole base before sharding (%s)", why_whole)
+        model, processor = load_for_recipe(recipe, accelerator.device)
+        plan = make_plan(model, recipe.strategy, recipe.components)
     _check_quantization(recipe, plan)
     _check_loftq(recipe, plan)
     task, train_set, eval_set = build_task_and_data(recipe, model, processor)
+    if accelerator.num_processes > 1 and hasattr(task.collate, "vision_dummy"):
+        task.collate.vision_dummy = True  # a text-only batch still runs the vision tower on its rank
     if main:
         (out / "plan.txt").write_text(str(plan) + "\n")
         log.info("\n%s", plan)
@@ -116,16 +125,17 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     if main and "base" in results:
         (out / "eval_base.json").write_text(json.dumps(results["base"], indent=2) + "\n")
 
-    _quantize_if_asked(recipe, model, plan, fsdp)
-    plan.apply(model)
-    apply_speed_options(model, cfg, recipe.data.packing)
+    if why_whole is not None:  # (sharded loading did this before sharding; its base eval ran with zero-B adapters)
+        _quantize_if_asked(recipe, model, plan, fsdp)
+        plan.apply(model)
+        apply_speed_options(model, cfg, recipe.data.packing)
     scaling = LossScaling(fp16, accelerator.device)
     if fp16:
         log.info("fp16 mixed precision: %d trainable tensors kept in fp32, fp16 autocast, loss scaling",
                  upcast_trainable(model))
     if recipe.data.packing:
         task.collate = PackingCollator(task.collate, packing_row_tokens(model), packing_rope_positions(model))
-    if fsdp:  # after the adapters (and checkpointing, compile) are in, before the optimizer sees the parameters
+    if fsdp and why_whole is not None:  # after the adapters (and checkpointing, compile), before the optimizer
         model = distributed.shard_model(model, accelerator.mixed_precision, _plugin_wrap_classes(accelerator))
     groups = param_groups(model, plan, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
@@ -165,6 +175,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not main)
     window = {"loss": 0.0, "samples": 0, "start": time.time()}
     last_saved = False
+    peaks: list[float] = []
     model.train()
     while step < total_steps:
         batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
@@ -196,11 +207,13 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         bar.update(1)
         window["loss"] += step_loss
         window["samples"] += n_samples * world
+        if step % cfg.log_steps == 0 or step == total_steps:
+            peaks = memory.rank_peaks(accelerator.device)  # collective: every rank
         if main and (step % cfg.log_steps == 0 or step == total_steps):
             n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
             row = {"step": step, "epoch": loader.epoch(), "loss": window["loss"] / n_steps,
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"]),
-                   "data_wait": loader.waited() / (time.time() - window["start"])}
+                   "data_wait": loader.waited() / (time.time() - window["start"]), "peak_mem_mib": peaks}
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
             window = {"loss": 0.0, "samples": 0, "start": time.time()}
@@ -257,7 +270,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             write_predictions(rows, out / "predictions_adapted.jsonl")
             (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         writer.close()
-        summary(out, results, train_time, time.time() - started, step, metric, best)
+        if peaks:
+            memory.log_against_estimate(peaks, memory.estimate_memory(unwrapped, plan, recipe, world),
+                                        accelerator.device)
+        summary(out, results, train_time, time.time() - started, step, metric, best, max(peaks, default=None))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -56,8 +56,9 @@ def fmt(metrics: dict) -> str:
 
 
 def summary(out: Path, results: dict, train_time: float, total_time: float, steps: int, metric: str,
-             best: dict) -> None:
-    lines = [f"done: {steps} steps in {train_time:.0f}s (total {total_time:.0f}s)",
+             best: dict, peak_mem_mib: float | None = None) -> None:
+    peak = f", peak memory {peak_mem_mib:.0f} MiB (largest rank)" if peak_mem_mib is not None else ""
+    lines = [f"done: {steps} steps in {train_time:.0f}s (total {total_time:.0f}s){peak}",
              f"adapter (PEFT format): {out / 'adapter'}" + (f"  [best {metric} {best['value']:.4f} at step {best['step']}]"
                                                           if best["step"] is not None else ""),
              f"last adapter: {out / 'adapter_last'}", f"loss curve: {out / 'loss.png'}"]

@@ -108,6 +108,12 @@ def build_task_and_data(recipe: Recipe, model, processor):
     else:
         raise TrainingError(f"vlm-lora finetune has no {kind!r} objective yet; plan and adapt the model through the "
                             f"Python API (vlm_lora.plan(model, ...).apply(model)) and train it in your own loop")
+    text_only = [e.where for e in getattr(eval_set, "examples", []) if getattr(e, "text_only", False)]
+    if text_only:  # eval captions images with the recipe's prompt: a text-only row has nothing to score
+        from vlm_lora.data.formats import DataError
+
+        raise DataError(f"{recipe.data.eval}: {len(text_only)} row(s) without an image ({', '.join(text_only[:5])}); "
+                        f"eval captions images, so text-only rows belong in data.train")
     if kind == "caption":  # samples that cannot fit train.max_length: error or skip now, not mid-run
         for dataset in (train_set, eval_set):  # embedded images are not opened here: the collator finds those
             if dataset is not None and hasattr(dataset, "examples") and not dataset.embedded_images:
