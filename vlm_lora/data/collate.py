@@ -18,7 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from vlm_lora.data.datasets import FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample, _skip_line
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
 from vlm_lora.data.processors import (FLAT_IMAGE_PROCESSORS, SINGLE_IMAGE_PROCESSORS, SUFFIX_PROCESSORS,
-                                      build_prompt, inserts_image_tokens, pad_batch, user_turn)
+                                      build_prompt, inserts_image_tokens, pad_batch)
+from vlm_lora.data.video import (VideoClip, blank_clip, load_media, media_sizes, media_turn, media_turns,
+                                 processor_kwargs, refuse_video)
 
 log = logging.getLogger("vlm_lora")
 
@@ -100,7 +102,7 @@ class ChatCollator:
         if system:
             messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         eos = self.tokenizer.eos_token or ""
-        counts = _image_counts(example, len(turns))
+        counts = media_turns(example, len(turns))  # (images, videos) per user turn
         for i, (user, answer) in enumerate(turns):
             if self.plain:
                 text += user if i == 0 else " " + user
@@ -108,7 +110,7 @@ class ChatCollator:
                 text += " " + answer + eos
                 texts.append(text)
                 continue
-            messages.append(user_turn(user, counts[i]))
+            messages.append(media_turn(user, *counts[i]))
             texts.append(self._apply(messages, True))
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
             texts.append(self._apply(messages, False))
@@ -163,14 +165,16 @@ class ChatCollator:
         """Tokens the processor adds to ``text`` (image expansion, BOS) for images of ``sizes``; cached by sizes."""
         key = (tuple(tuple(size) for size in sizes), add_special)
         if key not in self._shift:
-            ids = self._process([Image.new("RGB", tuple(size)) for size in sizes], text, add_special)["input_ids"]
+            blanks = [blank_clip(size) if size[0] == "video" else Image.new("RGB", tuple(size)) for size in sizes]
+            ids = self._process(blanks, text, add_special)["input_ids"]
             self._shift[key] = ids.shape[1] - len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._shift[key]
 
     def _process(self, images: list[Image.Image], text: str, add_special: bool) -> dict:
         """The processor on one text and its images (a flat list for ``FLAT_IMAGE_PROCESSORS``, else nested)."""
-        if not images:
-            return self.processor(text=[text], return_tensors="pt", add_special_tokens=add_special)
+        if not images or any(isinstance(image, VideoClip) for image in images):  # videos: vlm_lora.data.video
+            return self.processor(text=[text], return_tensors="pt", add_special_tokens=add_special,
+                                  **processor_kwargs(images, nested=False))
         nested = len(images) > 1 and type(self.processor).__name__ not in FLAT_IMAGE_PROCESSORS
         return self.processor(images=[images] if nested else images, text=[text], return_tensors="pt",
                               add_special_tokens=add_special)
@@ -206,6 +210,7 @@ class ChatCollator:
         for example in dataset.examples:
             sizes = _image_sizes(example)
             sizes = self.pixel_budget.fit_sizes(sizes) if self.pixel_budget else sizes
+            sizes = media_sizes(example, sizes, self.processor) if getattr(example, "videos", None) else sizes
             if len(sizes) > 1 and not self.multi_image:
                 continue  # the collator refuses it (or skips and counts it) by name
             try:
@@ -247,6 +252,7 @@ class ChatCollator:
     def _encode(self, image: Image.Image | list[Image.Image], example) -> tuple[dict[str, torch.Tensor], set[str]]:
         """(``encode``'s dict, the keys of its per-token tensors)."""
         images = image if isinstance(image, list) else [image]
+        images = load_media(images, self.processor, _where(example)) if refuse_video(self.processor, example) else images
         images = self.pixel_budget.fit_images(images) if self.pixel_budget else images
         self._refuse_multi_image(example, len(images))
         if self.prefix_lm:
@@ -367,8 +373,8 @@ class _Skip(Exception):
 
 
 def _image_counts(example, n_turns: int) -> list[int]:
-    """Images shown in each user turn: ``example.image_turns``, else one in the first turn."""
-    return list(getattr(example, "image_turns", None) or [1] + [0] * (n_turns - 1))
+    """Images and videos shown in each user turn (``image_turns``, else one image in the first turn)."""
+    return [n_images + n_videos for n_images, n_videos in media_turns(example, n_turns)]
 
 
 def _image_sizes(example) -> list[tuple[int, int]]:
@@ -377,8 +383,9 @@ def _image_sizes(example) -> list[tuple[int, int]]:
     if getattr(example, "image_size", None) and not extra:
         return [example.image_size]
     source = getattr(example, "image_source", None)
+    first = source if source is not None else example.image_path
     sizes = []
-    for path in [source if source is not None else example.image_path, *extra]:
+    for path in [first, *extra] if first is not None else extra:
         try:
             with Image.open(path if isinstance(path, (str, Path)) else path.open()) as image:
                 sizes.append(image.size)

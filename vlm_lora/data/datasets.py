@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, _check_images, format_problems, read_samples
 from vlm_lora.data.sources import check_shard, iter_shard, read_source, shard_paths, source_format
+from vlm_lora.data.video import order_media
 
 __all__ = ["IGNORE_INDEX", "DEFAULT_PROMPT", "DataError", "Problem", "Sample", "CaptionExample",
            "ConversationDataset", "CaptionDataset", "ShardStream", "load_dataset", "load_image"]
@@ -171,14 +172,18 @@ def load_image(path, where: str) -> Image.Image:
 
 
 def load_sample_image(example, path, on_bad_sample: str = "error") -> Image.Image | list[Image.Image] | None:
-    """The sample's image (its file or embedded bytes), the list of its images for a multi-image sample;
-    None, logged, if one is unreadable and ``on_bad_sample`` is skip."""
+    """The sample's image (its file or embedded bytes), the list of its images for a multi-image sample (a video
+    sample: its images and ``VideoRef``s in placeholder order); None, logged, if one is unreadable and
+    ``on_bad_sample`` is skip."""
     where = getattr(example, "where", "")
     where = (where if where.startswith(str(path)) else f"{path} {where}") if where else f"{path}:{example.row}"
     source = getattr(example, "image_source", None)
-    sources = [source if source is not None else example.image_path, *getattr(example, "extra_images", ())]
+    first = source if source is not None else example.image_path
+    sources = [*([first] if first is not None else []), *getattr(example, "extra_images", ())]
     try:
         images = [load_image(s if isinstance(s, (str, Path)) else _open(s, where), where) for s in sources]
+        if getattr(example, "videos", None):  # read when collated (the processor holds the sampling options)
+            return order_media(example, images, example.videos)
         return images if len(images) > 1 else images[0]
     except DataError as error:
         if on_bad_sample != "skip":

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from vlm_lora.data.messages import EmbeddedBytes, chat_conversation, message_images
+from vlm_lora.data.video import check_video, has_video, video_sample
 
 FORMATS = ("caption_jsonl", "caption_csv", "llava_json", "imagefolder")
 DEFAULT_PROMPT = "Describe the image."
@@ -65,7 +66,7 @@ class Sample:
     """
 
     id: Any  # the line number (caption formats) or the LLaVA id (else its 1-based position)
-    image_path: Path
+    image_path: Path | None  # None: a video sample without images (``image_turns`` all 0)
     turns: list[tuple[str, str]]
     references: list[str]
     label: Any = None
@@ -80,6 +81,8 @@ class Sample:
     image_turns: list[int] | None = None
     question: str | None = None  # QA rows (``vlm_lora.data.qa``): the question as written; else the last user turn
     options: list[str] | None = None  # multiple-choice rows: the options, lettered A, B, ... in the prompt
+    videos: list = field(default_factory=list, compare=False)  # ``vlm_lora.data.video.VideoRef``s, turn order
+    video_turns: list[int] | None = None  # videos each user turn shows (after its images)
 
     @property
     def n_images(self) -> int:
@@ -152,7 +155,7 @@ def read_samples(path: str | Path, format: str = "auto", image_root: str | Path 
     for row, where, record in records:
         if isinstance(record, Problem):
             rows.append(record)
-        elif fmt == "llava_json":
+        elif fmt == "llava_json" and not has_video(record):
             rows.append(_llava_sample(record, row, where, root, label_key))
         else:  # caption rows; a JSONL of chat ``messages`` rows reads here too
             rows.append(record_sample(record, row, where, root, prompt, label_key))
@@ -253,6 +256,8 @@ def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, la
 
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
+    if image is None and has_video(record):  # vlm_lora.data.video takes the videos out, then builds the rest here
+        return video_sample(record, row, where, root, lambda rest: record_sample(rest, row, where, root, prompt, label_key))
     images = None  # the row's images when resolved here or by the caller: paths and embedded sources
     if image is not None:
         images = image if isinstance(image, list) else [image]
@@ -369,7 +374,8 @@ def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Prob
             if path not in seen:
                 seen[path] = _verify_image(path)
         size = seen[first][0] if first in seen else None
-        reason = next((seen[p][1] for p in files if seen[p][1]), None)
+        reason = next((seen[p][1] for p in files if seen[p][1]), None) or next(
+            (why for why in map(check_video, item.videos) if why), None)
         if reason:
             problems.append(Problem(item.id, item.where, reason))
         else:

@@ -92,12 +92,14 @@ class PixelBudget:
         return w, h
 
     def fit_images(self, images: list[Image.Image]) -> list[Image.Image]:
-        """One sample's images, resized (bicubic, as the processors) only where the total cap changes them."""
+        """One sample's images, resized (bicubic, as the processors) only where the total cap changes them;
+        anything else among them (video clips) is passed through."""
         if self.max_total_pixels is None:
             return images
-        targets = self.fit_sizes([image.size for image in images])
-        return [image if self._fit(*image.size, self.max_pixels) == size
-                else image.resize(size, Image.Resampling.BICUBIC) for image, size in zip(images, targets)]
+        stills = [image for image in images if isinstance(image, Image.Image)]
+        targets = dict(zip(map(id, stills), self.fit_sizes([image.size for image in stills])))
+        return [image if id(image) not in targets or self._fit(*image.size, self.max_pixels) == targets[id(image)]
+                else image.resize(targets[id(image)], Image.Resampling.BICUBIC) for image in images]
 
     def tokens(self, sizes: list[tuple[int, int]]) -> int:
         """Image tokens one sample with images of ``sizes`` costs in the language model."""

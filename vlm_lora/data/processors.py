@@ -51,10 +51,11 @@ def _pad_to_common(values: list[torch.Tensor], fill) -> list[torch.Tensor]:
 
 def pad_batch(encoded: list[dict], per_token: set[str], fill: dict[str, int]) -> dict[str, torch.Tensor]:
     """Right-pad the per-token [T, ...] tensors to [B, T_max, ...] (``fill[key]``, else 0); concatenate the
-    others along dim 0 (zero-padded to a common shape first when they differ and each is one sample's [1, ...])."""
+    others along dim 0 (zero-padded to a common shape first when they differ and each is one sample's [1, ...]);
+    those only some samples have (images beside video-only samples) are concatenated over those samples."""
     batch = {}
-    for key in encoded[0]:
-        values = [e[key] for e in encoded]
+    for key in dict.fromkeys(key for e in encoded for key in e):
+        values = [e[key] for e in encoded if key in e]
         if key in per_token:
             batch[key] = torch.stack(_pad_to_common(values, fill.get(key, 0)))
         elif len({v.shape[1:] for v in values}) > 1 and all(v.shape[0] == 1 for v in values):

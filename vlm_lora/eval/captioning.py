@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from vlm_lora.data.processors import build_prompt
 from vlm_lora.data.datasets import CaptionDataset, DataError
+from vlm_lora.data.video import media_batch, video_prompts
 
 log = logging.getLogger("vlm_lora")
 
@@ -36,8 +37,10 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str | l
     """Captions for every example, batched with left padding; greedy, or beam search if ``num_beams > 1``.
     ``prompt``: one for all, or a list with each example's own (questions)."""
     tokenizer = processor.tokenizer
-    texts = [render_prompt(processor, p) for p in prompt] if isinstance(prompt, list) else None
-    text = None if texts else render_prompt(processor, prompt)
+    users = prompt if isinstance(prompt, list) else [prompt] * len(dataset)
+    texts = [render_prompt(processor, p) for p in prompt] if isinstance(prompt, list) else \
+        [render_prompt(processor, prompt)] * len(dataset)
+    texts = video_prompts(processor, dataset.examples, texts, users)  # a video sample is asked with its videos
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -54,12 +57,8 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str | l
         # disable=None: no bar when stderr is not a terminal, so logs stay free of redraw sequences
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False, disable=None):
             images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-            # one list per prompt: processors that take several images per sample (Gemma 3, SmolVLM, Mllama)
-            # would read a flat list as all images of the first prompt
-            batch = processor(images=[[image] for image in images], return_tensors="pt", padding=True,
-                              text=texts[start:start + len(images)] if texts else [text] * len(images))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            # images and videos (vlm_lora.data.video), one list per prompt
+            batch = media_batch(processor, images, texts[start:start + len(images)], device, dtype)
             out = model.generate(**batch, **decoding)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             captions += [c.strip() for c in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -23,6 +23,7 @@ def apply_pixel_budget(recipe, model, processor) -> dict[str, int]:
     from vlm_lora.architectures.registry import REGISTRY, detect_architecture
     from vlm_lora.train.setup import TrainingError
 
+    apply_video_options(recipe, processor)
     settings = pixel_settings(recipe.data)
     if not settings:
         return settings
@@ -36,6 +37,21 @@ def apply_pixel_budget(recipe, model, processor) -> dict[str, int]:
     if low > high:
         raise TrainingError(f"data.min_pixels {low} is above data.max_pixels {high}")
     return settings
+
+
+def apply_video_options(recipe, processor) -> None:
+    """``data.video`` onto a video-taking processor (``vlm_lora.data.video``); set for another family it is refused."""
+    from vlm_lora.data.video import set_video_options, supports_video
+    from vlm_lora.train.setup import TrainingError
+
+    video = getattr(recipe.data, "video", None)
+    if video is None:
+        return
+    if supports_video(processor):
+        set_video_options(processor, video.fps, video.max_frames, video.max_pixels)
+    elif video.model_fields_set:
+        raise TrainingError(f"data.video: {type(processor).__name__} takes no videos here (video is supported for "
+                            "Qwen2-VL, Qwen2.5-VL and Qwen3-VL); remove data.video")
 
 
 def image_token_line(recipe, processor, dataset) -> str:

@@ -1,0 +1,170 @@
+"""Video rows (vlm_lora.data.video) on tiny Qwen2.5-VL: frames folders read and sampled, labels exactly the
+answers, video_grid_thw as the processor's own resize predicts, images and videos mixed, other families
+refused by name; 2 training steps and an eval on the embedded video set."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import ASSET_MODEL, REPO
+from vlm_lora.data import IGNORE_INDEX, ChatCollator, DataError, load_dataset
+from vlm_lora.data.pixels import smart_resize
+from vlm_lora.data.video import VideoRef, check_video, load_clip, sample_indices, set_video_options
+
+VIDEO_DATA = REPO / "assets" / "data" / "video"
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from vlm_lora.architectures.tiny_processors import save_tiny_family
+
+    return save_tiny_family("qwen2_5_vl", tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def processor(qwen_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(qwen_dir)
+
+
+def _frames(folder, n, size=(60, 44)):
+    folder.mkdir()
+    for k in range(n):
+        Image.new("RGB", size, (20 * k, 0, 0)).save(folder / f"f{k:02d}.png")
+    return folder
+
+
+def test_frame_sampling():
+    # 12 frames at 4 fps = 3 s; 2 fps -> 6 frames, first and last kept; capped and rounded to even counts
+    assert sample_indices(12, 4, 2, 100) == [0, 2, 4, 7, 9, 11]
+    assert sample_indices(12, 4, 2, 5) == [0, 4, 7, 11]
+    assert sample_indices(12, 4, 1.5, 100) == [0, 4, 7, 11]  # 4.5 frames -> 4
+    assert sample_indices(1, 2, 2, 100) == [0, 0]  # a single frame is repeated to the temporal patch
+    assert sample_indices(3, 2, 2, 100, multiple=1) == [0, 1, 2]
+
+
+def test_rows_read_and_bad_videos_named(tmp_path):
+    _frames(tmp_path / "clip", 4)
+    Image.new("RGB", (48, 48), "red").save(tmp_path / "red.png")
+    (tmp_path / "movie.mp4").write_bytes(b"\x00" * 64)
+    rows = [{"video": "clip", "caption": "a clip"},
+            {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "video", "video": "clip"},
+                                                       {"type": "text", "text": "Same colour?"}]},
+                          {"role": "assistant", "content": "Yes."}], "images": ["red.png"]},
+            {"video": "clip", "video_fps": 8, "question": "<video>\nWhat moves?", "answer": "nothing"},
+            {"video": "missing", "caption": "x"},
+            {"video": "movie.mp4", "caption": "x"},
+            {"video": "clip", "video_fps": -1, "caption": "x"},
+            {"video": ["clip", "clip"], "conversations": [{"from": "human", "value": "<video>\nA?"},
+                                                          {"from": "gpt", "value": "B."}]}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as error:
+        load_dataset(tmp_path / "rows.jsonl")
+    message = str(error.value)
+    assert "line 4: video not found: " in message and "missing" in message
+    assert f"line 5: cannot decode video file {tmp_path / 'movie.mp4'}: no video decoder" in message
+    assert "pip install av" in message
+    assert "line 6: 'video_fps' must be a positive number" in message
+    assert "line 7: 2 video(s) but 1 <video> markers" in message
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    video_only, mixed, question = load_dataset(tmp_path / "good.jsonl").examples
+    assert video_only.image_path is None and video_only.image_turns == [0] and video_only.video_turns == [1]
+    assert mixed.image_path == tmp_path / "red.png" and mixed.video_turns == [1] and mixed.turns[0][0] == "Same colour?"
+    assert question.question == "What moves?" and question.videos == [VideoRef(tmp_path / "clip", 8.0)]
+    (tmp_path / "empty").mkdir()
+    assert check_video(VideoRef(tmp_path / "empty")) == f"video folder {tmp_path / 'empty'} holds no .png/.jpg/.jpeg frames"
+
+
+def test_video_collates_with_labels_on_the_answer(processor, tmp_path):
+    _frames(tmp_path / "clip", 8)  # 8 frames at the default 2 fps = 4 s
+    Image.new("RGB", (48, 48), "red").save(tmp_path / "red.png")
+    rows = [{"video": "clip", "caption": "a dark clip"},
+            {"image": "red.png", "video": "clip", "video_fps": 4, "question": "What is shown?", "answer": "red"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_dataset(tmp_path / "rows.jsonl")
+    set_video_options(processor, fps=1, max_frames=100, max_pixels=24 * 24)
+    batch = ChatCollator(processor)([data[0], data[1]])
+    video = processor.video_processor
+    # every frame resized by the family's rule (factor patch x merge), frames in pairs (temporal patch 2)
+    h, w = smart_resize(44, 60, video.patch_size * video.merge_size, video.size["shortest_edge"], 24 * 24)
+    assert (h, w) == (16, 24)
+    frames = [len(sample_indices(8, 2, 1, 100)), len(sample_indices(8, 4, 1, 100))]  # 4 and 2 frames
+    assert batch["video_grid_thw"].tolist() == [[n // 2, h // 4, w // 4] for n in frames]
+    video_id, image_id = processor.video_token_id, processor.image_token_id
+    assert [int((row == video_id).sum()) for row in batch["input_ids"]] == [n // 2 * 6 * 4 // 4 for n in frames]
+    assert int((batch["input_ids"][1] == image_id).sum()) == batch["image_grid_thw"][0].prod() // 4 > 0
+    assert batch["pixel_values_videos"].shape[0] == int(batch["video_grid_thw"].prod(-1).sum())
+    tok, labels = processor.tokenizer, batch["labels"]
+    assert tok.decode(labels[0][labels[0] != IGNORE_INDEX]) == "a dark clip<|im_end|>\n"
+    assert tok.decode(labels[1][labels[1] != IGNORE_INDEX]) == "red<|im_end|>\n"
+    text = tok.decode(batch["input_ids"][1])
+    assert text.index("<|image_pad|>") < text.index("<|video_pad|>") < text.index("What is shown?")
+    # generation (eval) asks each video sample with its video
+    from vlm_lora.data.video import media_batch, video_prompts
+
+    prompts = video_prompts(processor, data.examples, ["unused"] * 2, ["Describe the clip.", "What is shown?"])
+    assert prompts[0].endswith("<|vision_start|><|video_pad|><|vision_end|>Describe the clip.<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+    generation = media_batch(processor, [data[0][0], data[1][0]], prompts, "cpu", torch.float32)
+    assert torch.equal(generation["video_grid_thw"], batch["video_grid_thw"])
+    assert torch.equal(generation["pixel_values_videos"], batch["pixel_values_videos"])
+    clip = load_clip(data.examples[0].videos[0], processor)
+    assert clip.indices == [0, 2, 5, 7] and clip.metadata().sampled_fps == 1.0
+    # check_lengths measures the video tokens the collator makes: the first answer token at `start`
+    start = int((labels[0] != IGNORE_INDEX).nonzero()[0])
+    with pytest.raises(DataError, match=rf"line 1: image \+ prompt \+ first answer token need {start + 1} tokens"):
+        ChatCollator(processor, max_length=start).check_lengths(data)
+
+
+def test_family_without_video_is_refused(tmp_path):
+    from transformers import AutoProcessor
+
+    _frames(tmp_path / "clip", 2)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"video": "clip", "caption": "x"}) + "\n")
+    data = load_dataset(tmp_path / "rows.jsonl")
+    with pytest.raises(DataError, match=r"line 1: a video sample, but LlavaProcessor takes no videos here"):
+        ChatCollator(AutoProcessor.from_pretrained(ASSET_MODEL))([data[0]])
+
+
+def test_qwen2_5_vl_trains_and_evaluates_on_the_video_set(qwen_dir, tmp_path):
+    from vlm_lora.recipe import apply_overrides, validate_recipe
+    from vlm_lora.train import finetune
+
+    data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    data = apply_overrides(data, [f"model.path={qwen_dir}", "data.video.fps=2", "data.video.max_frames=4",
+                                  "data.prompt=Describe the video."])
+    data["data"].update(train=str(VIDEO_DATA / "train.jsonl"), eval=str(VIDEO_DATA / "eval.jsonl"), num_workers=0)
+    data["train"].update(batch_size=4, max_steps=2, save_steps=100, eval_steps=None, log_steps=1, warmup_steps=0,
+                         eval_base=False, eval_samples=None, eval_batch_size=5, max_new_tokens=4)
+    data["output_dir"] = str(tmp_path / "run")
+    finetune(validate_recipe(data))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    predictions = [json.loads(line) for line in next((tmp_path / "run").rglob("*predictions*.jsonl")).read_text().splitlines()]
+    references = [json.loads(line)["caption"] for line in (VIDEO_DATA / "eval.jsonl").read_text().splitlines()]
+    assert [row["references"] for row in predictions] == [[caption] for caption in references]
+    assert all(isinstance(row["prediction"], str) for row in predictions)
+    # vlm-lora eval with the adapter on the video questions
+    from vlm_lora.cli import main
+
+    main(["eval", "--model", str(qwen_dir), "--adapter", str(tmp_path / "run" / "adapter"), "--task", "vqa",
+          "--data", str(VIDEO_DATA / "qa_eval.jsonl"), "--limit", "4", "--max-new-tokens", "3",
+          "--out", str(tmp_path / "qa.json")])
+    rows = [json.loads(line) for line in (tmp_path / "qa.predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["question"].startswith("Which way does the")
+    assert set(json.loads((tmp_path / "qa.json").read_text())) >= {"vqa_accuracy", "exact_match", "anls"}
+
+
+def test_recipe_video_errors_are_collected():
+    from vlm_lora.recipe import RecipeError, validate_recipe
+
+    with pytest.raises(RecipeError) as error:
+        validate_recipe({"model": {"path": "m"}, "data": {"train": "t", "video": {"fps": 0, "max_frame": 3}}})
+    message = str(error.value)
+    assert "2 error(s)" in message and "data.video.fps: Input should be greater than 0" in message
+    assert "data.video.max_frame: unknown key; did you mean 'max_frames'?" in message

@@ -1,0 +1,398 @@
+"""Video rows for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: a folder of frames or a video file per video.
+
+A row names its video(s) with ``"video": path`` (or ``"videos": [...]``); chat rows put a
+``{"type": "video"}`` part (``"video"``/``"path"`` inline, else the next row-level video) or a
+``<video>`` marker in the user turn that shows it; no marker: every video goes to the first turn.
+A video is a folder of PNG/JPEG frames (sorted by name; the source rate is the row's
+``video_fps``, default ``DEFAULT_SOURCE_FPS``) or a video file decoded with PyAV (``pip install av``)
+or, with torchvision before 0.24, ``torchvision.io.read_video``.
+
+Frames are sampled when a sample is collated: ``fps`` frames per second of the source, at most
+``max_frames``, evenly spaced, their count a multiple of the processor's ``temporal_patch_size``
+(the last frame repeated for a shorter clip). The processor resizes every frame by its own rule
+(``smart_resize`` with factor ``patch_size * merge_size``, within ``max_pixels`` per frame). The
+options (``data.video``) live on the processor's video processor, so they are saved with it.
+
+In a user turn, images come first, then videos, then the text; a sample may mix both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+__all__ = ["VideoClip", "VideoRef", "DEFAULT_SOURCE_FPS", "VIDEO_PROCESSORS", "attach_videos", "check_video",
+           "extract_videos", "load_clip", "media_batch", "sample_indices", "set_video_options", "video_options"]
+
+DEFAULT_SOURCE_FPS = 2.0
+DEFAULT_FPS = 2.0
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_MARKER = "<video>"
+NO_IMAGE = "<no image>"  # stands in for the image of a video-only row while its turns are read
+# processors that take ``videos=`` with the layout handled here (images and videos in one sample)
+VIDEO_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor")
+
+
+@dataclass(frozen=True)
+class VideoRef:
+    """A row's video, not yet read: a frames folder or a video file, and the source rate the row declares."""
+
+    path: Path
+    fps: float | None = None  # the row's ``video_fps``; None: a file's own rate, a folder's DEFAULT_SOURCE_FPS
+
+
+@dataclass
+class VideoClip:
+    """Sampled frames of one video: ``frames`` (PIL, all one size) at ``indices`` of a ``total``-frame source
+    running at ``source_fps``."""
+
+    frames: list
+    source_fps: float
+    indices: list[int]
+    total: int
+    source: Path | None = None
+
+    @property
+    def size(self) -> tuple:
+        """(``"video"``, frames, width, height, source fps, total, indices): what the processor's expansion
+        depends on."""
+        return ("video", len(self.frames), *self.frames[0].size, self.source_fps, self.total, tuple(self.indices))
+
+    def metadata(self):
+        """transformers' ``VideoMetadata``: the processors take the sampled rate (temporal positions) from it."""
+        from transformers.video_utils import VideoMetadata
+
+        width, height = self.frames[0].size
+        return VideoMetadata(total_num_frames=self.total, fps=self.source_fps, frames_indices=list(self.indices),
+                             width=width, height=height, duration=self.total / self.source_fps)
+
+
+def blank_clip(size: tuple) -> VideoClip:
+    """A black clip of a ``VideoClip.size`` (to measure what the processor adds for it)."""
+    _, n, width, height, source_fps, total, indices = size
+    return VideoClip([Image.new("RGB", (width, height))] * n, source_fps, list(indices), total)
+
+
+# ---------------------------------------------------------------- rows
+
+def has_video(record: Any) -> bool:
+    """Whether a row names a video (``video``/``videos`` keys, or a video part in its messages)."""
+    if not isinstance(record, dict):
+        return False
+    messages = record.get("messages")
+    return "video" in record or "videos" in record or (
+        isinstance(messages, list) and any(_video_parts(m) for m in messages))
+
+
+def video_sample(record: dict, row: int, where: str, root: Path, build):
+    """The ``Sample`` (or ``Problem``) of a row with videos: ``build`` (``formats.record_sample``) makes the
+    sample of the row without them; a row without images gets ``image_path`` None and no image in any turn."""
+    from vlm_lora.data.formats import Problem
+
+    extracted = extract_videos(record, root)
+    if isinstance(extracted, str):
+        return Problem(record.get("id", row), where, extracted)
+    rest, videos = extracted
+    without_images = not _shows_images(rest)
+    sample = build({**rest, "image": NO_IMAGE} if without_images else rest)
+    if isinstance(sample, Problem):
+        return sample
+    if without_images:  # the placeholder only let the image-row readers build the turns
+        sample.image_path, sample.image_source, sample.image_turns = None, None, [0] * len(sample.turns)
+    return attach_videos(sample, videos)
+
+
+def _shows_images(record: dict) -> bool:
+    """Whether a row (its videos taken out) has images: image keys, image parts or ``<image>`` markers."""
+    from vlm_lora.data.messages import chat_conversation
+
+    if any(record.get(k) not in (None, "", []) for k in ("image", "images", "file_name")):
+        return True
+    if isinstance(record.get("messages"), list):
+        parsed = chat_conversation(record["messages"])
+        return not isinstance(parsed, str) and bool(parsed[1])
+    return any("<image>" in str(m.get("value", "")) for m in record.get("conversations") or [] if isinstance(m, dict))
+
+
+def extract_videos(record: dict, root: Path) -> tuple[dict, list[VideoRef]] | str:
+    """(the row without its video keys, video parts of its messages turned into ``<video>`` markers; its videos
+    in marker order), or why they do not add up. A row without videos comes back as it is, with []."""
+    row_level = record.get("videos", record.get("video"))
+    row_level = [] if row_level is None else row_level if isinstance(row_level, list) else [row_level]
+    if not all(isinstance(v, str) and v for v in row_level):
+        return "'video' must be a path (a frames folder or a video file), or 'videos' a list of paths"
+    messages, inline = record.get("messages"), []
+    if isinstance(messages, list) and any(_video_parts(m) for m in messages):
+        messages = [_markers_for_parts(m, inline) for m in messages]
+    if not row_level and not inline:
+        return record, []
+    empty = sum(v is None for v in inline)
+    if inline and empty != len(row_level):
+        return f"{len(row_level)} row-level video(s) but {empty} video part(s) without a video of their own"
+    rest = iter(row_level)
+    paths = [next(rest) if v is None else v for v in inline] if inline else row_level
+    fps = record.get("video_fps")
+    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0):
+        return f"'video_fps' must be a positive number (frames per second of the source), got {fps!r}"
+    if not all(isinstance(p, str) and p for p in paths):
+        return "a video part's 'video' must be a path"
+    record = {k: v for k, v in record.items() if k not in ("video", "videos", "video_fps")}
+    if messages is not record.get("messages") and "messages" in record:
+        record["messages"] = messages
+    return record, [VideoRef(root / p.removeprefix("file://"), None if fps is None else float(fps)) for p in paths]
+
+
+def _video_parts(message: Any) -> list:
+    content = message.get("content") if isinstance(message, dict) else None
+    return [c for c in content if isinstance(c, dict) and c.get("type") == "video"] if isinstance(content, list) else []
+
+
+def _markers_for_parts(message: Any, inline: list) -> Any:
+    """The message with each video part a ``<video>`` text part; the parts' own videos appended to ``inline``."""
+    if not _video_parts(message):
+        return message
+    content = []
+    for part in message["content"]:
+        if isinstance(part, dict) and part.get("type") == "video":
+            inline.append(part.get("video") or part.get("path"))
+            part = {"type": "text", "text": VIDEO_MARKER}
+        content.append(part)
+    return {**message, "content": content}
+
+
+def attach_videos(sample, videos: list[VideoRef]):
+    """``sample`` with ``videos``: ``<video>`` markers counted per user turn and removed from the text; or a
+    ``Problem`` when markers and videos differ in number or a marker sits in an answer."""
+    from vlm_lora.data.formats import Problem
+
+    counts = [user.count(VIDEO_MARKER) for user, _ in sample.turns]
+    if any(VIDEO_MARKER in answer for _, answer in sample.turns):
+        return Problem(sample.id, sample.where, "a <video> marker in an assistant turn; videos go in user turns")
+    if sum(counts) not in (0, len(videos)):
+        return Problem(sample.id, sample.where, f"{len(videos)} video(s) but {sum(counts)} <video> markers or video "
+                                                "parts in the user turns; put one per video (or none: all in turn 1)")
+    sample.turns = [(re.sub(r"\s+", " ", user.replace(VIDEO_MARKER, " ")).strip(), answer)
+                    for user, answer in sample.turns]
+    if sample.question:
+        sample.question = sample.question.replace(VIDEO_MARKER, "").strip()
+    sample.videos = videos
+    sample.video_turns = counts if sum(counts) else [len(videos)] + [0] * (len(sample.turns) - 1)
+    return sample
+
+
+def check_video(ref: VideoRef) -> str | None:
+    """Why the video cannot be read (a missing path, a folder without frames, no decoder), else None."""
+    if ref.path.is_dir():
+        return None if _frame_files(ref.path) else f"video folder {ref.path} holds no {'/'.join(FRAME_SUFFIXES)} frames"
+    if not ref.path.is_file():
+        return f"video not found: {ref.path}"
+    return _decoder_problem(ref.path)
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+
+
+def _decoder_problem(path: Path) -> str | None:
+    if _video_decoder() is not None:
+        return None
+    return (f"cannot decode video file {path}: no video decoder is installed (pip install av; or give the video as a "
+            "folder of PNG/JPEG frames)")
+
+
+def _video_decoder() -> str | None:
+    """``"av"`` (PyAV), ``"torchvision"`` (``torchvision.io.read_video``, removed in torchvision 0.24), or None."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("av"):
+        return "av"
+    try:  # the version, not an import: importing torchvision takes seconds
+        major, minor = (int(part) for part in importlib.metadata.version("torchvision").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    return "torchvision" if (major, minor) < (0, 24) else None
+
+
+# ---------------------------------------------------------------- frames
+
+def sample_indices(total: int, source_fps: float, fps: float, max_frames: int, multiple: int = 2) -> list[int]:
+    """Indices of the frames to keep: ``fps`` per second of a ``total``-frame source at ``source_fps``, at most
+    ``max_frames``, evenly spaced (first and last kept), a multiple of ``multiple`` frames (the last repeated
+    when the source has fewer)."""
+    wanted = round(total / source_fps * fps)
+    n = max(multiple, min(wanted, max_frames, total) // multiple * multiple)
+    if n <= total:
+        return [round(i * (total - 1) / (n - 1)) if n > 1 else 0 for i in range(n)]
+    return list(range(total)) + [total - 1] * (n - total)
+
+
+def load_clip(ref: VideoRef, processor, where: str = "") -> VideoClip:
+    """The sampled frames of ``ref`` under the processor's video options (``video_options``)."""
+    from vlm_lora.data.formats import DataError
+
+    fps, max_frames = video_options(processor)
+    multiple = int(getattr(getattr(processor, "video_processor", None), "temporal_patch_size", 1) or 1)
+    problem = check_video(ref)
+    if problem:
+        raise DataError(f"{where}: {problem}" if where else problem)
+    try:
+        if ref.path.is_dir():
+            files = _frame_files(ref.path)
+            source_fps = ref.fps or DEFAULT_SOURCE_FPS
+            indices = sample_indices(len(files), source_fps, fps, max_frames, multiple)
+            frames = [_read_frame(files[i]) for i in indices]
+        else:
+            source, source_fps = _decode(ref.path)
+            source_fps = ref.fps or source_fps
+            indices = sample_indices(len(source), source_fps, fps, max_frames, multiple)
+            frames = [source[i] for i in indices]
+    except Exception as error:  # PIL and the decoders raise many kinds on bad files
+        raise DataError(f"{where + ': ' if where else ''}cannot read video {ref.path}: {error}") from None
+    if len({frame.size for frame in frames}) > 1:
+        raise DataError(f"{where + ': ' if where else ''}video {ref.path}: frames differ in size")
+    total = len(files) if ref.path.is_dir() else len(source)
+    return VideoClip(frames, source_fps, indices, total, ref.path)
+
+
+def _read_frame(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _decode(path: Path) -> tuple[list[Image.Image], float]:
+    """(every frame as RGB PIL, frames per second) of a video file, with PyAV or torchvision."""
+    if _video_decoder() == "torchvision":
+        from torchvision.io import read_video
+
+        video, _, info = read_video(str(path), pts_unit="sec", output_format="THWC")
+        return [Image.fromarray(frame.numpy()) for frame in video], float(info.get("video_fps") or DEFAULT_SOURCE_FPS)
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+        return frames, float(stream.average_rate or DEFAULT_SOURCE_FPS)
+
+
+# ---------------------------------------------------------------- the processor
+
+def supports_video(processor) -> bool:
+    return type(processor).__name__ in VIDEO_PROCESSORS and getattr(processor, "video_processor", None) is not None
+
+
+def video_options(processor) -> tuple[float, int]:
+    """(fps, max_frames) set on the processor's video processor (``set_video_options``), else the defaults."""
+    video = getattr(processor, "video_processor", None)
+    fps = getattr(video, "vlm_lora_fps", None) or DEFAULT_FPS
+    return float(fps), int(getattr(video, "max_frames", None) or 768)
+
+
+def set_video_options(processor, fps: float | None = None, max_frames: int | None = None,
+                      max_pixels: int | None = None) -> None:
+    """``data.video`` onto the video processor (saved with it): the sampling rate and cap, pixels per frame."""
+    video = processor.video_processor
+    if fps is not None:
+        video.vlm_lora_fps = fps
+    if max_frames is not None:
+        video.max_frames = max_frames
+    if max_pixels is not None:
+        size = video.size
+        low = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        video.size = {"shortest_edge": min(low or max_pixels, max_pixels), "longest_edge": max_pixels}
+
+
+def refuse_video(processor, example) -> bool:
+    """Whether ``example`` has videos; a ``DataError`` naming it and the family if the processor takes none."""
+    from vlm_lora.data.formats import DataError
+
+    if not getattr(example, "videos", None):
+        return False
+    if not supports_video(processor):
+        where = getattr(example, "where", "") or f"row {example.row}"
+        raise DataError(f"{where}: a video sample, but {type(processor).__name__} takes no videos here; video "
+                        f"is supported for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (remove the video rows)")
+    return True
+
+
+def media_sizes(example, image_sizes: list, processor) -> list:
+    """Sizes of one sample's images and clips in placeholder order (clips read to know their frames)."""
+    refuse_video(processor, example)
+    return order_media(example, image_sizes, [load_clip(v, processor, example.where).size for v in example.videos])
+
+
+def load_media(items: list, processor, where: str = "") -> list:
+    """``items`` (images, ``VideoRef``s, clips) with every ``VideoRef`` read into a ``VideoClip``."""
+    return [load_clip(item, processor, where) if isinstance(item, VideoRef) else item for item in items]
+
+
+def processor_kwargs(items: list, nested: bool) -> dict:
+    """``images=`` / ``videos=`` + ``video_metadata=`` for one sample's media (``nested``: images as [[...]])."""
+    images = [item for item in items if not isinstance(item, VideoClip)]
+    clips = [item for item in items if isinstance(item, VideoClip)]
+    kwargs = {}
+    if images:
+        kwargs["images"] = [images] if nested else images
+    if clips:
+        kwargs.update(videos=[clip.frames for clip in clips], video_metadata=[clip.metadata() for clip in clips])
+    return kwargs
+
+
+def media_batch(processor, items: list, texts: list[str], device, dtype) -> dict:
+    """The processor's generation batch (left padding is the caller's) for ``items``: each an image, or one
+    sample's list of images and videos; pixels cast to ``dtype`` and moved to ``device``."""
+    per_sample = [load_media(item if isinstance(item, list) else [item], processor) for item in items]
+    if any(isinstance(m, VideoClip) for sample in per_sample for m in sample):
+        flat = [m for sample in per_sample for m in sample]
+        batch = processor(text=texts, return_tensors="pt", padding=True, **processor_kwargs(flat, nested=False))
+    else:  # one list per prompt: processors that take several images per sample read a flat list as the first's
+        batch = processor(images=per_sample, text=texts, return_tensors="pt", padding=True)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in batch:
+            batch[key] = batch[key].to(dtype)
+    return batch
+
+
+def video_prompts(processor, examples, texts: list[str], users: list[str], chat_template: str | None = None) -> list[str]:
+    """``texts`` (rendered generation prompts) with each video sample's own: its conversation with ``users[i]``
+    as the last user turn, its videos and images in their turns, then the assistant cue."""
+    if not any(getattr(e, "videos", None) for e in examples):
+        return texts
+    from dataclasses import replace
+
+    from vlm_lora.data.collate import ChatCollator
+
+    collator = ChatCollator(processor, chat_template=chat_template)
+    out = list(texts)
+    for i, example in enumerate(examples):
+        if refuse_video(processor, example):
+            asked = replace(example, turns=[*example.turns[:-1], (users[i], example.turns[-1][1])])
+            out[i] = collator.render(asked)[-2]
+    return out
+
+
+def media_turns(example, n_turns: int) -> list[tuple[int, int]]:
+    """(images, videos) each user turn shows."""
+    images = list(getattr(example, "image_turns", None) or [1] + [0] * (n_turns - 1))
+    videos = list(getattr(example, "video_turns", None) or [0] * n_turns)
+    return list(zip(images, videos))
+
+
+def order_media(example, images: list, videos: list) -> list:
+    """One sample's images and videos in the order the placeholders appear: per turn, its images then its videos."""
+    images, videos, ordered = iter(images), iter(videos), []
+    for n_images, n_videos in media_turns(example, len(example.turns)):
+        ordered += [next(images) for _ in range(n_images)] + [next(videos) for _ in range(n_videos)]
+    return ordered
+
+
+def media_turn(text: str, n_images: int, n_videos: int) -> dict:
+    """A chat-template user turn: image placeholders, video placeholders, then ``text``."""
+    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
