@@ -120,6 +120,49 @@ def test_video_collates_with_labels_on_the_answer(processor, tmp_path):
         ChatCollator(processor, max_length=start).check_lengths(data)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
+def test_other_video_families_collate_and_train(family):
+    """Labels exactly the answers, the video tokens the processor's own resize predicts, a finite loss and gradient."""
+    from vlm_lora.architectures.tiny_families import tiny_config, tiny_family_model, token_ids
+    from vlm_lora.architectures.tiny_processors import STYLE, tiny_processor, tiny_tokenizer
+
+    processor = tiny_processor(family)
+    model = tiny_family_model(family, config=tiny_config(family, len(processor.tokenizer),
+                                                         token_ids(len(tiny_tokenizer(STYLE[family])))))
+    set_video_options(processor, fps=2, max_frames=4)
+    data = load_dataset(VIDEO_DATA / "train.jsonl")
+    examples = [min(data.examples, key=_source_frames), max(data.examples, key=_source_frames)]  # 4 and 8 at 4 fps
+    batch = ChatCollator(processor)([data[data.examples.index(e)] for e in examples])
+    labels, tok = batch["labels"], processor.tokenizer
+    for row, example in zip(labels, examples):
+        assert tok.decode(row[row != IGNORE_INDEX]) == example.captions[0] + "<|im_end|>\n"
+    video_id = model.config.video_token_id if family != "llava_onevision" else model.config.video_token_index
+    if family == "llava_onevision":  # 4 frames each (fixed count), 2 x 2 pooled tokens per frame + a newline
+        assert batch["pixel_values_videos"].shape[:2] == (2, 4)
+        assert [int((row == video_id).sum()) for row in batch["input_ids"]] == [4 * 4 + 1] * 2
+    else:  # Qwen: 2 and 4 frames (2 fps of 1 s and 2 s) of 56 x 56, frame pairs of 4 x 4 patches merged 2 x 2
+        assert [_source_frames(e) for e in examples] == [4, 8]
+        size = processor.video_processor.size
+        low, high = size["shortest_edge"], size["longest_edge"]
+        if family == "qwen3_vl":  # Qwen3-VL's resize caps the whole clip (frames x area), 2-VL's each frame
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as clip_resize
+
+            sides = [clip_resize(n, 56, 56, 2, 8, low, high) for n in (2, 4)]
+        else:
+            sides = [smart_resize(56, 56, 8, low, high)] * 2
+        grids = [[n // 2, h // 4, w // 4] for n, (h, w) in zip((2, 4), sides)]
+        assert batch["video_grid_thw"].tolist() == grids
+        assert [int((row == video_id).sum()) for row in batch["input_ids"]] == [t * h * w // 4 for t, h, w in grids]
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def _source_frames(example) -> int:
+    return len(list(example.videos[0].path.glob("*.png")))
+
+
 def test_family_without_video_is_refused(tmp_path):
     from transformers import AutoProcessor
 

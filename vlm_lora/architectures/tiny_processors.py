@@ -59,7 +59,7 @@ def _chatml(image: str, video: str = "") -> str:
 CHAT_TEMPLATES = {
     "qwen": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"),
     "internvl": _chatml("<IMG_CONTEXT>\n"),
-    "llava_onevision": _chatml("<image>\n"),
+    "llava_onevision": _chatml("<image>\n", "<video>\n"),
     "gemma": _turns("<bos>", {"system": "<start_of_turn>user\n", "user": "<start_of_turn>user\n",
                               "assistant": "<start_of_turn>model\n"}, "<end_of_turn>\n", "<start_of_image>",
                     "<start_of_turn>model\n"),

@@ -11,6 +11,7 @@ Formats (``format=`` or inferred by ``infer_format``):
   ``"image": [path, ...]`` is a multi-image sample: its ``<image>`` markers (one per image) say which turn
   shows which images; without markers they all go to the first turn.
 * ``imagefolder``: a folder with ``metadata.jsonl`` (or ``metadata.csv``) rows ``{"file_name", "text" | "caption"}``.
+Any row may name videos (``"video"``, video parts): ``vlm_lora.data.video_rows``.
 
 Parquet, saved/Hub HF datasets and WebDataset shards are read by ``vlm_lora.data.sources``; their rows go
 through ``record_sample`` here, which also reads the chat-messages rows of the HF ecosystem
@@ -32,7 +33,8 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from vlm_lora.data.messages import EmbeddedBytes, chat_conversation, message_images
-from vlm_lora.data.video import check_video, has_video, video_sample
+from vlm_lora.data.video import check_video
+from vlm_lora.data.video_rows import has_video, video_sample
 
 FORMATS = ("caption_jsonl", "caption_csv", "llava_json", "imagefolder")
 DEFAULT_PROMPT = "Describe the image."

@@ -1,16 +1,14 @@
-"""Video rows for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: a folder of frames or a video file per video.
+"""Videos for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision: a folder of frames or a video file each.
 
-A row names its video(s) with ``"video": path`` (or ``"videos": [...]``); chat rows put a
-``{"type": "video"}`` part (``"video"``/``"path"`` inline, else the next row-level video) or a
-``<video>`` marker in the user turn that shows it; no marker: every video goes to the first turn.
-A video is a folder of PNG/JPEG frames (sorted by name; the source rate is the row's
+Rows name them as ``vlm_lora.data.video_rows`` reads (``"video": path``, video parts, ``<video>``). A video is a folder of PNG/JPEG frames (sorted by name; the source rate is the row's
 ``video_fps``, default ``DEFAULT_SOURCE_FPS``) or a video file decoded with PyAV (``pip install av``)
 or, with torchvision before 0.24, ``torchvision.io.read_video``.
 
-Frames are sampled when a sample is collated: ``fps`` frames per second of the source, at most
-``max_frames``, evenly spaced, their count a multiple of the processor's ``temporal_patch_size``
-(the last frame repeated for a shorter clip). The processor resizes every frame by its own rule
-(``smart_resize`` with factor ``patch_size * merge_size``, within ``max_pixels`` per frame). The
+Frames are sampled when a sample is collated. Qwen-VL: ``fps`` frames per second of the source, at
+most ``max_frames``, evenly spaced, their count a multiple of the processor's ``temporal_patch_size``
+(the last frame repeated for a shorter clip); the processor resizes every frame by its own rule
+(``smart_resize`` with factor ``patch_size * merge_size``, within ``max_pixels`` per frame).
+LLaVA-OneVision: ``max_frames`` (default 8) evenly spaced frames, resized to its fixed size. The
 options (``data.video``) live on the processor's video processor, so they are saved with it.
 
 In a user turn, images come first, then videos, then the text; a sample may mix both.
@@ -18,23 +16,24 @@ In a user turn, images come first, then videos, then the text; a sample may mix 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
-__all__ = ["VideoClip", "VideoRef", "DEFAULT_SOURCE_FPS", "VIDEO_PROCESSORS", "attach_videos", "check_video",
-           "extract_videos", "load_clip", "media_batch", "sample_indices", "set_video_options", "video_options"]
+__all__ = ["VideoClip", "VideoRef", "DEFAULT_SOURCE_FPS", "VIDEO_PROCESSORS", "check_video", "load_clip", "media_batch",
+           "sample_indices", "set_video_options", "video_options"]
 
 DEFAULT_SOURCE_FPS = 2.0
 DEFAULT_FPS = 2.0
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_MARKER = "<video>"
-NO_IMAGE = "<no image>"  # stands in for the image of a video-only row while its turns are read
-# processors that take ``videos=`` with the layout handled here (images and videos in one sample)
-VIDEO_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor")
+# processors that take ``videos=`` with the layout handled here, and how their frames are sampled: "rate" (Qwen-VL:
+# ``fps`` per second, at most ``max_frames``, a multiple of the temporal patch) or "fixed" (LLaVA-OneVision:
+# ``max_frames`` evenly spaced, so that the clips of a batch stack into one [B, frames, C, H, W])
+VIDEO_PROCESSORS = {"Qwen2VLProcessor": "rate", "Qwen2_5_VLProcessor": "rate", "Qwen3VLProcessor": "rate",
+                    "LlavaOnevisionProcessor": "fixed"}
+FIXED_FRAMES = 8  # "fixed" families' frames per video unless data.video.max_frames says otherwise
 
 
 @dataclass(frozen=True)
@@ -75,113 +74,6 @@ def blank_clip(size: tuple) -> VideoClip:
     """A black clip of a ``VideoClip.size`` (to measure what the processor adds for it)."""
     _, n, width, height, source_fps, total, indices = size
     return VideoClip([Image.new("RGB", (width, height))] * n, source_fps, list(indices), total)
-
-
-# ---------------------------------------------------------------- rows
-
-def has_video(record: Any) -> bool:
-    """Whether a row names a video (``video``/``videos`` keys, or a video part in its messages)."""
-    if not isinstance(record, dict):
-        return False
-    messages = record.get("messages")
-    return "video" in record or "videos" in record or (
-        isinstance(messages, list) and any(_video_parts(m) for m in messages))
-
-
-def video_sample(record: dict, row: int, where: str, root: Path, build):
-    """The ``Sample`` (or ``Problem``) of a row with videos: ``build`` (``formats.record_sample``) makes the
-    sample of the row without them; a row without images gets ``image_path`` None and no image in any turn."""
-    from vlm_lora.data.formats import Problem
-
-    extracted = extract_videos(record, root)
-    if isinstance(extracted, str):
-        return Problem(record.get("id", row), where, extracted)
-    rest, videos = extracted
-    without_images = not _shows_images(rest)
-    sample = build({**rest, "image": NO_IMAGE} if without_images else rest)
-    if isinstance(sample, Problem):
-        return sample
-    if without_images:  # the placeholder only let the image-row readers build the turns
-        sample.image_path, sample.image_source, sample.image_turns = None, None, [0] * len(sample.turns)
-    return attach_videos(sample, videos)
-
-
-def _shows_images(record: dict) -> bool:
-    """Whether a row (its videos taken out) has images: image keys, image parts or ``<image>`` markers."""
-    from vlm_lora.data.messages import chat_conversation
-
-    if any(record.get(k) not in (None, "", []) for k in ("image", "images", "file_name")):
-        return True
-    if isinstance(record.get("messages"), list):
-        parsed = chat_conversation(record["messages"])
-        return not isinstance(parsed, str) and bool(parsed[1])
-    return any("<image>" in str(m.get("value", "")) for m in record.get("conversations") or [] if isinstance(m, dict))
-
-
-def extract_videos(record: dict, root: Path) -> tuple[dict, list[VideoRef]] | str:
-    """(the row without its video keys, video parts of its messages turned into ``<video>`` markers; its videos
-    in marker order), or why they do not add up. A row without videos comes back as it is, with []."""
-    row_level = record.get("videos", record.get("video"))
-    row_level = [] if row_level is None else row_level if isinstance(row_level, list) else [row_level]
-    if not all(isinstance(v, str) and v for v in row_level):
-        return "'video' must be a path (a frames folder or a video file), or 'videos' a list of paths"
-    messages, inline = record.get("messages"), []
-    if isinstance(messages, list) and any(_video_parts(m) for m in messages):
-        messages = [_markers_for_parts(m, inline) for m in messages]
-    if not row_level and not inline:
-        return record, []
-    empty = sum(v is None for v in inline)
-    if inline and empty != len(row_level):
-        return f"{len(row_level)} row-level video(s) but {empty} video part(s) without a video of their own"
-    rest = iter(row_level)
-    paths = [next(rest) if v is None else v for v in inline] if inline else row_level
-    fps = record.get("video_fps")
-    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0):
-        return f"'video_fps' must be a positive number (frames per second of the source), got {fps!r}"
-    if not all(isinstance(p, str) and p for p in paths):
-        return "a video part's 'video' must be a path"
-    record = {k: v for k, v in record.items() if k not in ("video", "videos", "video_fps")}
-    if messages is not record.get("messages") and "messages" in record:
-        record["messages"] = messages
-    return record, [VideoRef(root / p.removeprefix("file://"), None if fps is None else float(fps)) for p in paths]
-
-
-def _video_parts(message: Any) -> list:
-    content = message.get("content") if isinstance(message, dict) else None
-    return [c for c in content if isinstance(c, dict) and c.get("type") == "video"] if isinstance(content, list) else []
-
-
-def _markers_for_parts(message: Any, inline: list) -> Any:
-    """The message with each video part a ``<video>`` text part; the parts' own videos appended to ``inline``."""
-    if not _video_parts(message):
-        return message
-    content = []
-    for part in message["content"]:
-        if isinstance(part, dict) and part.get("type") == "video":
-            inline.append(part.get("video") or part.get("path"))
-            part = {"type": "text", "text": VIDEO_MARKER}
-        content.append(part)
-    return {**message, "content": content}
-
-
-def attach_videos(sample, videos: list[VideoRef]):
-    """``sample`` with ``videos``: ``<video>`` markers counted per user turn and removed from the text; or a
-    ``Problem`` when markers and videos differ in number or a marker sits in an answer."""
-    from vlm_lora.data.formats import Problem
-
-    counts = [user.count(VIDEO_MARKER) for user, _ in sample.turns]
-    if any(VIDEO_MARKER in answer for _, answer in sample.turns):
-        return Problem(sample.id, sample.where, "a <video> marker in an assistant turn; videos go in user turns")
-    if sum(counts) not in (0, len(videos)):
-        return Problem(sample.id, sample.where, f"{len(videos)} video(s) but {sum(counts)} <video> markers or video "
-                                                "parts in the user turns; put one per video (or none: all in turn 1)")
-    sample.turns = [(re.sub(r"\s+", " ", user.replace(VIDEO_MARKER, " ")).strip(), answer)
-                    for user, answer in sample.turns]
-    if sample.question:
-        sample.question = sample.question.replace(VIDEO_MARKER, "").strip()
-    sample.videos = videos
-    sample.video_turns = counts if sum(counts) else [len(videos)] + [0] * (len(sample.turns) - 1)
-    return sample
 
 
 def check_video(ref: VideoRef) -> str | None:
@@ -231,12 +123,19 @@ def sample_indices(total: int, source_fps: float, fps: float, max_frames: int, m
     return list(range(total)) + [total - 1] * (n - total)
 
 
+def frame_indices(total: int, source_fps: float, processor) -> list[int]:
+    """The frames kept of a ``total``-frame source by the processor's rule (``VIDEO_PROCESSORS``)."""
+    fps, max_frames = video_options(processor)
+    if VIDEO_PROCESSORS.get(type(processor).__name__) == "fixed":
+        return [round(i * (total - 1) / (max_frames - 1)) if max_frames > 1 else 0 for i in range(max_frames)]
+    multiple = int(getattr(processor.video_processor, "temporal_patch_size", 1) or 1)
+    return sample_indices(total, source_fps, fps, max_frames, multiple)
+
+
 def load_clip(ref: VideoRef, processor, where: str = "") -> VideoClip:
     """The sampled frames of ``ref`` under the processor's video options (``video_options``)."""
     from vlm_lora.data.formats import DataError
 
-    fps, max_frames = video_options(processor)
-    multiple = int(getattr(getattr(processor, "video_processor", None), "temporal_patch_size", 1) or 1)
     problem = check_video(ref)
     if problem:
         raise DataError(f"{where}: {problem}" if where else problem)
@@ -244,12 +143,12 @@ def load_clip(ref: VideoRef, processor, where: str = "") -> VideoClip:
         if ref.path.is_dir():
             files = _frame_files(ref.path)
             source_fps = ref.fps or DEFAULT_SOURCE_FPS
-            indices = sample_indices(len(files), source_fps, fps, max_frames, multiple)
+            indices = frame_indices(len(files), source_fps, processor)
             frames = [_read_frame(files[i]) for i in indices]
         else:
             source, source_fps = _decode(ref.path)
             source_fps = ref.fps or source_fps
-            indices = sample_indices(len(source), source_fps, fps, max_frames, multiple)
+            indices = frame_indices(len(source), source_fps, processor)
             frames = [source[i] for i in indices]
     except Exception as error:  # PIL and the decoders raise many kinds on bad files
         raise DataError(f"{where + ': ' if where else ''}cannot read video {ref.path}: {error}") from None
@@ -289,7 +188,8 @@ def video_options(processor) -> tuple[float, int]:
     """(fps, max_frames) set on the processor's video processor (``set_video_options``), else the defaults."""
     video = getattr(processor, "video_processor", None)
     fps = getattr(video, "vlm_lora_fps", None) or DEFAULT_FPS
-    return float(fps), int(getattr(video, "max_frames", None) or 768)
+    fixed = VIDEO_PROCESSORS.get(type(processor).__name__) == "fixed"
+    return float(fps), int(getattr(video, "max_frames", None) or (FIXED_FRAMES if fixed else 768))
 
 
 def set_video_options(processor, fps: float | None = None, max_frames: int | None = None,
@@ -315,7 +215,7 @@ def refuse_video(processor, example) -> bool:
     if not supports_video(processor):
         where = getattr(example, "where", "") or f"row {example.row}"
         raise DataError(f"{where}: a video sample, but {type(processor).__name__} takes no videos here; video "
-                        f"is supported for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (remove the video rows)")
+                        f"is supported for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision (remove the video rows)")
     return True
 
 
@@ -338,7 +238,8 @@ def processor_kwargs(items: list, nested: bool) -> dict:
     if images:
         kwargs["images"] = [images] if nested else images
     if clips:
-        kwargs.update(videos=[clip.frames for clip in clips], video_metadata=[clip.metadata() for clip in clips])
+        kwargs.update(videos=[clip.frames for clip in clips], video_metadata=[clip.metadata() for clip in clips],
+                      do_sample_frames=False)  # sampled here already (Qwen3-VL's processor samples by default)
     return kwargs
 
 

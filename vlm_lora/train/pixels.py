@@ -41,17 +41,19 @@ def apply_pixel_budget(recipe, model, processor) -> dict[str, int]:
 
 def apply_video_options(recipe, processor) -> None:
     """``data.video`` onto a video-taking processor (``vlm_lora.data.video``); set for another family it is refused."""
-    from vlm_lora.data.video import set_video_options, supports_video
+    from vlm_lora.data.video import VIDEO_PROCESSORS, set_video_options, supports_video
     from vlm_lora.train.setup import TrainingError
 
-    video = getattr(recipe.data, "video", None)
+    video, name = getattr(recipe.data, "video", None), type(processor).__name__
     if video is None:
         return
+    if supports_video(processor) and video.max_pixels and VIDEO_PROCESSORS[name] == "fixed":
+        raise TrainingError(f"data.video.max_pixels: {name} resizes every frame to a fixed size; remove it")
     if supports_video(processor):
         set_video_options(processor, video.fps, video.max_frames, video.max_pixels)
     elif video.model_fields_set:
-        raise TrainingError(f"data.video: {type(processor).__name__} takes no videos here (video is supported for "
-                            "Qwen2-VL, Qwen2.5-VL and Qwen3-VL); remove data.video")
+        raise TrainingError(f"data.video: {name} takes no videos here (video is supported for Qwen2-VL, Qwen2.5-VL, "
+                            "Qwen3-VL and LLaVA-OneVision); remove data.video")
 
 
 def image_token_line(recipe, processor, dataset) -> str:
