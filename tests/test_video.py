@@ -178,7 +178,7 @@ def test_qwen2_5_vl_trains_and_evaluates_on_the_video_set(qwen_dir, tmp_path):
     from vlm_lora.train import finetune
 
     data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
-    data = apply_overrides(data, [f"model.path={qwen_dir}", "data.video.fps=2", "data.video.max_frames=4",
+    data = apply_overrides(data, [f"model.path={qwen_dir}", "data.video.fps=1", "data.video.max_frames=4",
                                   "data.prompt=Describe the video."])
     data["data"].update(train=str(VIDEO_DATA / "train.jsonl"), eval=str(VIDEO_DATA / "eval.jsonl"), num_workers=0)
     data["train"].update(batch_size=4, max_steps=2, save_steps=100, eval_steps=None, log_steps=1, warmup_steps=0,
@@ -192,8 +192,19 @@ def test_qwen2_5_vl_trains_and_evaluates_on_the_video_set(qwen_dir, tmp_path):
     references = [json.loads(line)["caption"] for line in (VIDEO_DATA / "eval.jsonl").read_text().splitlines()]
     assert [row["references"] for row in predictions] == [[caption] for caption in references]
     assert all(isinstance(row["prediction"], str) for row in predictions)
-    # vlm-lora eval with the adapter on the video questions
+    # the settings travel in the adapter folder: eval with the adapter samples frames as training did
+    from transformers import AutoProcessor
+
+    from vlm_lora.adapters.peft_format import read_meta
     from vlm_lora.cli import main
+    from vlm_lora.data.video import video_options
+    from vlm_lora.eval.pixels import use_adapter_pixels
+
+    assert read_meta(tmp_path / "run" / "adapter")["processor"] == {"video": {"fps": 1.0, "max_frames": 4}}
+    fresh = AutoProcessor.from_pretrained(qwen_dir)
+    assert video_options(fresh) == (2.0, 768)
+    use_adapter_pixels(fresh, [tmp_path / "run" / "adapter"])
+    assert video_options(fresh) == (1.0, 4)
 
     main(["eval", "--model", str(qwen_dir), "--adapter", str(tmp_path / "run" / "adapter"), "--task", "vqa",
           "--data", str(VIDEO_DATA / "qa_eval.jsonl"), "--limit", "4", "--max-new-tokens", "3",

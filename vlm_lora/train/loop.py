@@ -328,9 +328,9 @@ def _stop_on_nan(out: Path, step: int, what: str) -> None:
 
 def _adapter_meta(recipe: Recipe) -> dict:
     """What a later merge needs to know: the 4-bit layout the adapter was trained on, the pixel budget."""
-    from vlm_lora.train.pixels import pixel_settings
+    from vlm_lora.train.pixels import pixel_settings, video_settings
 
-    quant, pixels = recipe.model.quantization, pixel_settings(recipe.data)
+    quant, pixels = recipe.model.quantization, {**pixel_settings(recipe.data), **video_settings(recipe.data)}
     return {"quantization": quant.model_dump() if quant.bits == 4 else None, **({"processor": pixels} if pixels else {})}
 
 

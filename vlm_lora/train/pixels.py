@@ -17,6 +17,12 @@ def pixel_settings(data) -> dict[str, int]:
     return {key: getattr(data, key) for key in PIXEL_KEYS if getattr(data, key, None)}
 
 
+def video_settings(data) -> dict:
+    """``{"video": {fps, max_frames, max_pixels}}`` when the recipe sets ``data.video`` (for ``vlm_lora.json``), else {}."""
+    video = getattr(data, "video", None)
+    return {"video": video.model_dump(exclude_none=True)} if video is not None and video.model_fields_set else {}
+
+
 def apply_pixel_budget(recipe, model, processor) -> dict[str, int]:
     """Set ``data.min_pixels`` / ``max_pixels`` on ``processor`` (saved with it from then on); returns the
     budget keys set. Raises ``TrainingError`` for a family without dynamic resolution or min above max."""
