@@ -192,6 +192,7 @@ def test_qwen2_5_vl_trains_and_evaluates_on_the_video_set(qwen_dir, tmp_path):
     references = [json.loads(line)["caption"] for line in (VIDEO_DATA / "eval.jsonl").read_text().splitlines()]
     assert [row["references"] for row in predictions] == [[caption] for caption in references]
     assert all(isinstance(row["prediction"], str) for row in predictions)
+    assert predictions[0]["image"] == str(VIDEO_DATA / "clips" / "eval_000" / "frame_0.png")  # the first frame
     # the settings travel in the adapter folder: eval with the adapter samples frames as training did
     from transformers import AutoProcessor
 
@@ -208,10 +209,14 @@ def test_qwen2_5_vl_trains_and_evaluates_on_the_video_set(qwen_dir, tmp_path):
 
     main(["eval", "--model", str(qwen_dir), "--adapter", str(tmp_path / "run" / "adapter"), "--task", "vqa",
           "--data", str(VIDEO_DATA / "qa_eval.jsonl"), "--limit", "4", "--max-new-tokens", "3",
-          "--out", str(tmp_path / "qa.json")])
-    rows = [json.loads(line) for line in (tmp_path / "qa.predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and rows[0]["question"].startswith("Which way does the")
-    assert set(json.loads((tmp_path / "qa.json").read_text())) >= {"vqa_accuracy", "exact_match", "anls"}
+          "--out", str(tmp_path / "qa"), "--contact-sheet", "2"])  # base and adapter, with the HTML report
+    rows = [json.loads(line) for line in (tmp_path / "qa" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["question"].startswith("Which way does the") and len(rows[0]["predictions"]) == 2
+    assert (tmp_path / "qa" / "report.html").is_file() and (tmp_path / "qa" / "contact_sheet.png").is_file()
+    main(["eval", "--model", str(qwen_dir), "--adapter", str(tmp_path / "run" / "adapter"), "--mixed-batch",
+          "--data", str(VIDEO_DATA / "eval.jsonl"), "--limit", "3", "--max-new-tokens", "3", "--out", str(tmp_path / "mixed")])
+    rows = [json.loads(line) for line in (tmp_path / "mixed" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["references"] for row in rows] == [[caption] for caption in references[:3]]
 
 
 def test_recipe_video_errors_are_collected():

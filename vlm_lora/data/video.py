@@ -277,6 +277,16 @@ def video_prompts(processor, examples, texts: list[str], users: list[str], chat_
     return out
 
 
+def shown_path(example) -> str:
+    """The picture a prediction row names: the sample's image, else its first video's first frame (a folder) or
+    the video file."""
+    if getattr(example, "image_path", None) is not None or not getattr(example, "videos", None):
+        return str(example.image_path)
+    video = example.videos[0].path
+    frames = _frame_files(video) if video.is_dir() else []
+    return str(frames[0] if frames else video)
+
+
 def media_turns(example, n_turns: int) -> list[tuple[int, int]]:
     """(images, videos) each user turn shows."""
     images = list(getattr(example, "image_turns", None) or [1] + [0] * (n_turns - 1))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from vlm_lora.data.processors import build_prompt
 from vlm_lora.data.datasets import CaptionDataset, DataError
-from vlm_lora.data.video import media_batch, video_prompts
+from vlm_lora.data.video import media_batch, shown_path, video_prompts
 
 log = logging.getLogger("vlm_lora")
 
@@ -84,7 +84,7 @@ def evaluate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
     predictions = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens, desc,
                                     num_beams=num_beams, min_new_tokens=min_new_tokens)
     references = [ex.captions for ex in dataset.examples]
-    rows = [{"image": str(ex.image_path), "prediction": p, "references": ex.captions}
+    rows = [{"image": shown_path(ex), "prediction": p, "references": ex.captions}
             for ex, p in zip(dataset.examples, predictions)]
     return score_captions(predictions, references), rows
 
@@ -187,7 +187,7 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     finally:
         _restore(saved)
         activate_adapter(model, None)
-    rows = [{"image": str(ex.image_path), "references": ex.captions,
+    rows = [{"image": shown_path(ex), "references": ex.captions,
              "predictions": {label: captions[label][i] for label in labels},
              "cider": {label: cider[label][i] for label in labels}}
             for i, ex in enumerate(dataset.examples)]
@@ -204,6 +204,7 @@ def generate_captions_mixed(model, processor, dataset: CaptionDataset, names: li
     from vlm_lora.adapters.multi import adapter_per_sample
 
     tokenizer, text = processor.tokenizer, render_prompt(processor, prompt)
+    texts = video_prompts(processor, dataset.examples, [text] * len(dataset), [prompt] * len(dataset))
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -215,10 +216,8 @@ def generate_captions_mixed(model, processor, dataset: CaptionDataset, names: li
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc="captioning (mixed)", leave=False, disable=None):
             images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-            inputs = processor(images=[[image] for image in images], text=[text] * len(images), return_tensors="pt",
-                               padding=True)  # one list per prompt, as generate_captions
+            inputs = media_batch(processor, images, texts[start:start + len(images)], "cpu", first.dtype)  # as above
             inputs = {k: torch.cat([v] * len(names)).to(first.device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(first.dtype)
             with adapter_per_sample(model, [name for name in names for _ in images]):
                 out = model.generate(**inputs, **decoding)
             decoded = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -267,7 +266,7 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
         log.info("%s: %s", label, format_metrics(metrics))
     log.info("mixed batches: %.2f samples/s (%d images x %d models in %.1fs)", speed["samples_per_s"], len(dataset),
              len(names), seconds)
-    rows = [{"image": str(ex.image_path), "references": ex.captions,
+    rows = [{"image": shown_path(ex), "references": ex.captions,
              "predictions": {label: captions[i] for label, captions in zip(labels, generated)},
              "cider": {label: cider[label][i] for label in labels}}
             for i, ex in enumerate(dataset.examples)]
