@@ -163,6 +163,55 @@ def _source_frames(example) -> int:
     return len(list(example.videos[0].path.glob("*.png")))
 
 
+class _FakeAV:
+    """A stand-in for PyAV (not installed here): a 10-frame, 5 fps file whose frame k is grey level 20 k."""
+
+    __spec__ = __import__("importlib").machinery.ModuleSpec("av", None)
+
+    def __init__(self, frames_in_header):
+        self.header, self.decoded = frames_in_header, []
+
+    def open(self, path):
+        fake = self
+        stream = type("Stream", (), {"frames": self.header, "average_rate": 5})()
+
+        class Frame:
+            def __init__(self, k):
+                self.k = k
+
+            def to_image(self):
+                fake.decoded.append(self.k)
+                return Image.new("L", (40, 30), 20 * self.k)
+
+        class Container:
+            streams = type("Streams", (), {"video": [stream]})()
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def decode(self, _):
+                return (Frame(k) for k in range(10))
+
+        return Container()
+
+
+@pytest.mark.parametrize("frames_in_header", [10, 0])
+def test_video_file_through_pyav(processor, tmp_path, monkeypatch, frames_in_header):
+    import sys
+
+    fake = _FakeAV(frames_in_header)
+    monkeypatch.setitem(sys.modules, "av", fake)
+    (tmp_path / "clip.mp4").write_bytes(b"not read by the fake")
+    set_video_options(processor, fps=1, max_frames=100)
+    clip = load_clip(VideoRef(tmp_path / "clip.mp4"), processor)
+    assert clip.indices == sample_indices(10, 5, 1, 100) == [0, 9] and clip.total == 10 and clip.source_fps == 5
+    assert [frame.getpixel((0, 0)) for frame in clip.frames] == [(0, 0, 0), (180, 180, 180)]
+    assert fake.decoded == ([0, 9] if frames_in_header else list(range(10)))  # known count: only those converted
+
+
 def test_family_without_video_is_refused(tmp_path):
     from transformers import AutoProcessor
 
@@ -206,6 +255,10 @@ def test_qwen2_5_vl_trains_and_evaluates_on_the_video_set(qwen_dir, tmp_path):
     assert video_options(fresh) == (2.0, 768)
     use_adapter_pixels(fresh, [tmp_path / "run" / "adapter"])
     assert video_options(fresh) == (1.0, 4)
+    from vlm_lora.adapters.merge import merge_adapter
+
+    merge_adapter(str(qwen_dir), tmp_path / "run" / "adapter", tmp_path / "merged")
+    assert video_options(AutoProcessor.from_pretrained(tmp_path / "merged")) == (1.0, 4)
 
     main(["eval", "--model", str(qwen_dir), "--adapter", str(tmp_path / "run" / "adapter"), "--task", "vqa",
           "--data", str(VIDEO_DATA / "qa_eval.jsonl"), "--limit", "4", "--max-new-tokens", "3",

@@ -136,25 +136,22 @@ def load_clip(ref: VideoRef, processor, where: str = "") -> VideoClip:
     """The sampled frames of ``ref`` under the processor's video options (``video_options``)."""
     from vlm_lora.data.formats import DataError
 
+    where = f"{where}: " if where else ""
     problem = check_video(ref)
     if problem:
-        raise DataError(f"{where}: {problem}" if where else problem)
+        raise DataError(where + problem)
     try:
         if ref.path.is_dir():
             files = _frame_files(ref.path)
-            source_fps = ref.fps or DEFAULT_SOURCE_FPS
-            indices = frame_indices(len(files), source_fps, processor)
+            source_fps, total = ref.fps or DEFAULT_SOURCE_FPS, len(files)
+            indices = frame_indices(total, source_fps, processor)
             frames = [_read_frame(files[i]) for i in indices]
         else:
-            source, source_fps = _decode(ref.path)
-            source_fps = ref.fps or source_fps
-            indices = frame_indices(len(source), source_fps, processor)
-            frames = [source[i] for i in indices]
+            frames, source_fps, indices, total = _decode(ref.path, ref.fps, lambda n, fps: frame_indices(n, fps, processor))
     except Exception as error:  # PIL and the decoders raise many kinds on bad files
-        raise DataError(f"{where + ': ' if where else ''}cannot read video {ref.path}: {error}") from None
-    if len({frame.size for frame in frames}) > 1:
-        raise DataError(f"{where + ': ' if where else ''}video {ref.path}: frames differ in size")
-    total = len(files) if ref.path.is_dir() else len(source)
+        raise DataError(f"{where}cannot read video {ref.path}: {error}") from None
+    if not frames or len({frame.size for frame in frames}) > 1:
+        raise DataError(f"{where}video {ref.path}: {'frames differ in size' if frames else 'no frames decoded'}")
     return VideoClip(frames, source_fps, indices, total, ref.path)
 
 
@@ -163,19 +160,34 @@ def _read_frame(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _decode(path: Path) -> tuple[list[Image.Image], float]:
-    """(every frame as RGB PIL, frames per second) of a video file, with PyAV or torchvision."""
+def _decode(path: Path, fps: float | None, pick) -> tuple[list[Image.Image], float, list[int], int]:
+    """(the frames ``pick(frame count, fps)`` chooses as RGB PIL, the source fps (``fps`` if given), their indices,
+    the frame count) of a video file, with PyAV (only the picked frames are kept) or torchvision."""
     if _video_decoder() == "torchvision":
         from torchvision.io import read_video
 
         video, _, info = read_video(str(path), pts_unit="sec", output_format="THWC")
-        return [Image.fromarray(frame.numpy()) for frame in video], float(info.get("video_fps") or DEFAULT_SOURCE_FPS)
+        fps = fps or float(info.get("video_fps") or DEFAULT_SOURCE_FPS)
+        indices = pick(len(video), fps)
+        return [Image.fromarray(video[i].numpy()) for i in indices], fps, indices, len(video)
     import av
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
-        return frames, float(stream.average_rate or DEFAULT_SOURCE_FPS)
+        fps = fps or float(stream.average_rate or DEFAULT_SOURCE_FPS)
+        if not stream.frames:  # the container does not say: decode all, then pick
+            frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+            indices = pick(len(frames), fps)
+            return [frames[i] for i in indices], fps, indices, len(frames)
+        indices = pick(stream.frames, fps)
+        kept = {}
+        for i, frame in enumerate(container.decode(stream)):
+            if i in indices:
+                kept[i] = frame.to_image().convert("RGB")
+        if not kept:
+            return [], fps, indices, stream.frames
+        indices = [min(i, max(kept)) for i in indices]  # the header may count more frames than there are
+        return [kept[i] for i in indices], fps, indices, stream.frames
 
 
 # ---------------------------------------------------------------- the processor
