@@ -60,7 +60,8 @@ def test_rows_read_and_bad_videos_named(tmp_path):
             {"video": "movie.mp4", "caption": "x"},
             {"video": "clip", "video_fps": -1, "caption": "x"},
             {"video": ["clip", "clip"], "conversations": [{"from": "human", "value": "<video>\nA?"},
-                                                          {"from": "gpt", "value": "B."}]}]
+                                                          {"from": "gpt", "value": "B."}]},
+            {"image": "red.png", "question": "<video> What moves?", "answer": "x"}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as error:
         load_dataset(tmp_path / "rows.jsonl")
@@ -70,6 +71,7 @@ def test_rows_read_and_bad_videos_named(tmp_path):
     assert "pip install av" in message
     assert "line 6: 'video_fps' must be a positive number" in message
     assert "line 7: 2 video(s) but 1 <video> markers" in message
+    assert "line 8: 0 video(s) but 1 <video> markers" in message
     (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     video_only, mixed, question = load_dataset(tmp_path / "good.jsonl").examples
     assert video_only.image_path is None and video_only.image_turns == [0] and video_only.video_turns == [1]

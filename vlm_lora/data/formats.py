@@ -88,7 +88,7 @@ class Sample:
 
     @property
     def n_images(self) -> int:
-        return 1 + len(self.extra_images)
+        return (self.image_path is not None or self.image_source is not None) + len(self.extra_images)
 
     @property
     def captions(self) -> list[str]:
@@ -247,19 +247,20 @@ def _read_json_list(path: Path) -> list:
 # ---------------------------------------------------------------- records -> Sample | Problem
 
 def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, label_key: str,
-                  image: Any = None) -> Sample | Problem:
+                  image: Any = None, videos_read: bool = False) -> Sample | Problem:
     """A row of any schema: chat ``messages``, LLaVA ``conversations``, else caption keys.
 
     ``image``: the row's image (or list of images) when the caller resolved it (embedded); else the row's
     ``image``/``images``/``file_name`` path (or list of paths), relative to ``root``. Images inside the
-    messages (``vlm_lora.data.messages``) take the row-level ones' places.
-    """
+    messages (``vlm_lora.data.messages``) take the row-level ones' places. ``videos_read``: the row's videos
+    were taken out already (``vlm_lora.data.video_rows``)."""
     from vlm_lora.data.qa import attach_options, qa_sample  # qa builds on this module's Sample
 
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
-    if image is None and has_video(record):  # vlm_lora.data.video takes the videos out, then builds the rest here
-        return video_sample(record, row, where, root, lambda rest: record_sample(rest, row, where, root, prompt, label_key))
+    if image is None and not videos_read and has_video(record):
+        return video_sample(record, row, where, root, lambda rest: record_sample(rest, row, where, root, prompt,
+                                                                                 label_key, videos_read=True))
     images = None  # the row's images when resolved here or by the caller: paths and embedded sources
     if image is not None:
         images = image if isinstance(image, list) else [image]

@@ -21,11 +21,13 @@ NO_IMAGE = "<no image>"  # stands in for the image of a video-only row while its
 
 
 def has_video(record: Any) -> bool:
-    """Whether a row names a video (``video``/``videos`` keys, or a video part in its messages)."""
+    """Whether a row names a video (``video``/``videos`` keys, a video part in its messages) or holds a ``<video>``
+    marker (one without a video is then reported)."""
     if not isinstance(record, dict):
         return False
     messages = record.get("messages")
-    return "video" in record or "videos" in record or (
+    texts = "".join(str(record.get(key, "")) for key in ("messages", "conversations", "question"))
+    return "video" in record or "videos" in record or VIDEO_MARKER in texts or (
         isinstance(messages, list) and any(_video_parts(m) for m in messages))
 
 
