@@ -159,6 +159,15 @@ def test_other_video_families_collate_and_train(family):
     loss = model(**batch).loss
     loss.backward()
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad.abs().sum() > 0
+    # generation as eval runs it: left-padded prompts with the videos, same video tensors as training
+    from vlm_lora.data.video import media_batch, video_prompts
+
+    tok.padding_side = "left"
+    prompts = video_prompts(processor, examples, [""] * 2, [e.turns[0][0] for e in examples])
+    inputs = media_batch(processor, [data[data.examples.index(e)][0] for e in examples], prompts, "cpu", torch.float32)
+    assert torch.equal(inputs["pixel_values_videos"], batch["pixel_values_videos"])
+    out = model.eval().generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[0] == 2 and out.shape[1] > inputs["input_ids"].shape[1]
 
 
 def _source_frames(example) -> int:
