@@ -55,7 +55,8 @@ def test_rows_read_and_bad_videos_named(tmp_path):
             {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "video", "video": "clip"},
                                                        {"type": "text", "text": "Same colour?"}]},
                           {"role": "assistant", "content": "Yes."}], "images": ["red.png"]},
-            {"video": "clip", "video_fps": 8, "question": "<video>\nWhat moves?", "answer": "nothing"},
+            {"video": "clip", "video_fps": 8, "question": "<video>\nWhat moves?", "answer": "nothing",
+             "options": ["nothing", "all"]},
             {"video": "missing", "caption": "x"},
             {"video": "movie.mp4", "caption": "x"},
             {"video": "clip", "video_fps": -1, "caption": "x"},
@@ -77,6 +78,7 @@ def test_rows_read_and_bad_videos_named(tmp_path):
     assert video_only.image_path is None and video_only.image_turns == [0] and video_only.video_turns == [1]
     assert mixed.image_path == tmp_path / "red.png" and mixed.video_turns == [1] and mixed.turns[0][0] == "Same colour?"
     assert question.question == "What moves?" and question.videos == [VideoRef(tmp_path / "clip", 8.0)]
+    assert question.turns[0][0].startswith("What moves?\nA. nothing\nB. all\n")  # the choice prompt's lines kept
     (tmp_path / "empty").mkdir()
     assert check_video(VideoRef(tmp_path / "empty")) == f"video folder {tmp_path / 'empty'} holds no .png/.jpg/.jpeg frames"
 

@@ -1,13 +1,15 @@
 """Videos for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision: a folder of frames or a video file each.
 
-Rows name them as ``vlm_lora.data.video_rows`` reads (``"video": path``, video parts, ``<video>``). A video is a folder of PNG/JPEG frames (sorted by name; the source rate is the row's
-``video_fps``, default ``DEFAULT_SOURCE_FPS``) or a video file decoded with PyAV (``pip install av``)
-or, with torchvision before 0.24, ``torchvision.io.read_video``.
+Rows name them as ``vlm_lora.data.video_rows`` reads (``"video": path``, video parts, ``<video>``).
+A video is a folder of PNG/JPEG frames (sorted by name; the source rate is the row's ``video_fps``,
+default ``DEFAULT_SOURCE_FPS``) or a video file decoded with PyAV (``pip install av``) or, with
+torchvision before 0.24, ``torchvision.io.read_video``.
 
 Frames are sampled when a sample is collated. Qwen-VL: ``fps`` frames per second of the source, at
 most ``max_frames``, evenly spaced, their count a multiple of the processor's ``temporal_patch_size``
 (the last frame repeated for a shorter clip); the processor resizes every frame by its own rule
-(``smart_resize`` with factor ``patch_size * merge_size``, within ``max_pixels`` per frame).
+(``smart_resize`` with factor ``patch_size * merge_size``, within ``max_pixels`` per frame; Qwen3-VL's
+caps the clip's frames x area with it)
 LLaVA-OneVision: ``max_frames`` (default 8) evenly spaced frames, resized to its fixed size. The
 options (``data.video``) live on the processor's video processor, so they are saved with it.
 
@@ -180,9 +182,9 @@ def _decode(path: Path, fps: float | None, pick) -> tuple[list[Image.Image], flo
             indices = pick(len(frames), fps)
             return [frames[i] for i in indices], fps, indices, len(frames)
         indices = pick(stream.frames, fps)
-        kept = {}
+        wanted, kept = set(indices), {}
         for i, frame in enumerate(container.decode(stream)):
-            if i in indices:
+            if i in wanted:
                 kept[i] = frame.to_image().convert("RGB")
         if not kept:
             return [], fps, indices, stream.frames

@@ -118,8 +118,7 @@ def attach_videos(sample, videos: list[VideoRef]):
     if sum(counts) not in (0, len(videos)):
         return Problem(sample.id, sample.where, f"{len(videos)} video(s) but {sum(counts)} <video> markers or video "
                                                 "parts in the user turns; put one per video (or none: all in turn 1)")
-    sample.turns = [(re.sub(r"\s+", " ", user.replace(VIDEO_MARKER, " ")).strip(), answer)
-                    for user, answer in sample.turns]
+    sample.turns = [(re.sub(re.escape(VIDEO_MARKER) + r"\s*", "", user).strip(), answer) for user, answer in sample.turns]
     if sample.question:
         sample.question = sample.question.replace(VIDEO_MARKER, "").strip()
     sample.videos = videos
