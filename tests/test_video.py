@@ -225,6 +225,20 @@ def test_video_file_through_pyav(processor, tmp_path, monkeypatch, frames_in_hea
     assert fake.decoded == ([0, 9] if frames_in_header else list(range(10)))  # known count: only those converted
 
 
+def test_unreadable_video_is_named_or_skipped(processor, tmp_path):
+    _frames(tmp_path / "clip", 4)
+    (tmp_path / "clip" / "f01.png").write_bytes(b"not a png")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"video": "clip", "caption": "x"}) + "\n")
+    data = load_dataset(tmp_path / "rows.jsonl")  # the folder has frames: checked when read
+    set_video_options(processor, fps=100, max_frames=4)
+    with pytest.raises(DataError, match=r"line 1: cannot read video .*clip: cannot identify image file"):
+        ChatCollator(processor)([data[0]])
+    skipping = ChatCollator(processor, on_bad_sample="skip")
+    with pytest.raises(DataError, match="every sample of a batch was skipped"):
+        skipping([data[0]])
+    assert skipping.skipped[0].where == "line 1" and skipping.skipped[0].reason.startswith("cannot read video")
+
+
 def test_family_without_video_is_refused(tmp_path):
     from transformers import AutoProcessor
 

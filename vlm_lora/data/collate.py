@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from itertools import accumulate
-from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vlm_lora.data.datasets import FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample, _skip_line
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
+from vlm_lora.data.pixels import image_sizes
 from vlm_lora.data.processors import (FLAT_IMAGE_PROCESSORS, SINGLE_IMAGE_PROCESSORS, SUFFIX_PROCESSORS,
                                       build_prompt, inserts_image_tokens, pad_batch)
 from vlm_lora.data.video import (VideoClip, blank_clip, load_media, media_sizes, media_turn, media_turns,
@@ -208,7 +208,7 @@ class ChatCollator:
             return []
         bad, problems, cut = [], [], 0
         for example in dataset.examples:
-            sizes = _image_sizes(example)
+            sizes = image_sizes(example)
             sizes = self.pixel_budget.fit_sizes(sizes) if self.pixel_budget else sizes
             sizes = media_sizes(example, sizes, self.processor) if getattr(example, "videos", None) else sizes
             if len(sizes) > 1 and not self.multi_image:
@@ -252,7 +252,7 @@ class ChatCollator:
     def _encode(self, image: Image.Image | list[Image.Image], example) -> tuple[dict[str, torch.Tensor], set[str]]:
         """(``encode``'s dict, the keys of its per-token tensors)."""
         images = image if isinstance(image, list) else [image]
-        images = load_media(images, self.processor, _where(example)) if refuse_video(self.processor, example) else images
+        images = self._media(images, example) if refuse_video(self.processor, example) else images
         images = self.pixel_budget.fit_images(images) if self.pixel_budget else images
         self._refuse_multi_image(example, len(images))
         if self.prefix_lm:
@@ -290,6 +290,15 @@ class ChatCollator:
             else:
                 out[key] = value
         return out, per_token
+
+    def _media(self, items: list, example) -> list:
+        """A video sample's images and clips, its videos read now; an unreadable one skips it under skip."""
+        try:
+            return load_media(items, self.processor, _where(example))
+        except DataError as error:
+            if self.on_bad_sample == "error":
+                raise
+            raise _Skip(_problem(example, str(error).removeprefix(f"{_where(example)}: "))) from None
 
     def _encode_suffix(self, image: Image.Image, example) -> dict[str, torch.Tensor]:
         """A prefix-LM processor's encoding of the one turn of ``example``: prompt as text, answer as suffix."""
@@ -375,23 +384,6 @@ class _Skip(Exception):
 def _image_counts(example, n_turns: int) -> list[int]:
     """Images and videos shown in each user turn (``image_turns``, else one image in the first turn)."""
     return [n_images + n_videos for n_images, n_videos in media_turns(example, n_turns)]
-
-
-def _image_sizes(example) -> list[tuple[int, int]]:
-    """(width, height) of each image of ``example`` (the checked size of a single image when known)."""
-    extra = list(getattr(example, "extra_images", None) or [])
-    if getattr(example, "image_size", None) and not extra:
-        return [example.image_size]
-    source = getattr(example, "image_source", None)
-    first = source if source is not None else example.image_path
-    sizes = []
-    for path in [first, *extra] if first is not None else extra:
-        try:
-            with Image.open(path if isinstance(path, (str, Path)) else path.open()) as image:
-                sizes.append(image.size)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise DataError(f"{_where(example)}: cannot read image {path}: {error}") from None
-    return sizes
 
 
 def _where(example) -> str:

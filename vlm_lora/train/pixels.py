@@ -64,10 +64,10 @@ def apply_video_options(recipe, processor) -> None:
 
 def image_token_line(recipe, processor, dataset) -> str:
     """``image tokens per sample ...: min, mean, max`` over ``dataset``'s samples (their checked image sizes)."""
-    from vlm_lora.data.collate import _image_sizes
+    from vlm_lora.data.pixels import image_sizes
 
     budget = PixelBudget.of(processor, recipe.data.max_total_pixels)
-    counts = [budget.tokens(_image_sizes(example)) for example in dataset.examples]
+    counts = [budget.tokens(image_sizes(example)) for example in dataset.examples]
     total = f", at most {budget.max_total_pixels} per sample" if budget.max_total_pixels else ""
     return (f"image tokens per sample ({len(counts)} samples of {recipe.data.train}; pixels per image "
             f"{budget.min_pixels} to {budget.max_pixels}{total}): min {min(counts)}, "
