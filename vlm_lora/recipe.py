@@ -53,6 +53,14 @@ class ModelConfig(_Strict):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
 
 
+class VideoConfig(_Strict):
+    """Video rows (Qwen2/2.5/3-VL, ``vlm_lora.data.video``): frames sampled per second, their cap, pixels per frame."""
+
+    fps: float = Field(default=2.0, gt=0, description="frames sampled per second of video")
+    max_frames: int | None = Field(default=None, ge=1, description="most frames per video (default: the processor's)")
+    max_pixels: int | None = Field(default=None, ge=1, description="largest frame area after resizing, in pixels")
+
+
 class DataConfig(_Strict):
     train: str = Field(description="data: caption JSONL/CSV, LLaVA JSON, imagefolder, parquet (file, glob, folder), "
                                    "a saved HF dataset folder, hf:<hub id>, or WebDataset shards (train-{000..009}.tar)")
@@ -74,6 +82,7 @@ class DataConfig(_Strict):
                                                                    "smallest image area after resizing, in pixels")
     max_pixels: int | None = Field(default=None, ge=1, description="largest image area after resizing (per image)")
     max_total_pixels: int | None = Field(default=None, ge=1, description="cap on the summed image area of one sample")
+    video: VideoConfig = Field(default_factory=VideoConfig, description="video rows: fps, max_frames, max_pixels")
     task: Literal["caption", "vqa", "choice"] = Field(
         default="caption", description="what eval scores: caption (bleu1-4, rougeL, cider), vqa (vqa_accuracy, "
                                        "exact_match, anls; question rows), choice (choice_accuracy; rows with options)")

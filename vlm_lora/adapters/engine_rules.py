@@ -28,7 +28,6 @@ vision tower's ``layers.N.`` would land on decoder layer N, one more reason to m
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 

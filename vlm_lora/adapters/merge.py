@@ -130,6 +130,10 @@ def apply_trained_pixels(processor, adapter_dir: str | Path) -> None:
         from vlm_lora.data.pixels import set_processor_pixels
 
         set_processor_pixels(processor, pixels.get("min_pixels"), pixels.get("max_pixels"))
+    if pixels.get("video"):  # data.video: frame sampling and pixels per frame (vlm_lora.data.video)
+        from vlm_lora.data.video import set_video_options
+
+        set_video_options(processor, **pixels["video"])
 
 
 # ---------------------------------------------------------------- several adapters: arithmetic

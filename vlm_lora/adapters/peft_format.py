@@ -283,7 +283,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     config, meta, state = check_adapter_fits(model, adapter_dir)
     origin = config.get("base_model_name_or_path")
     sliced = meta.get("sliced_layers", {})
-    modules = dict(model.named_modules())
     pairs = lora_pairs(state)
     specs: dict[str, AdapterSpec] = {}
     entries: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}

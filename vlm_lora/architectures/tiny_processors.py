@@ -38,27 +38,28 @@ SPECIAL_TOKENS = {
 }
 
 
-def _turns(bos: str, headers: dict[str, str], end: str, image: str, cue: str) -> str:
+def _turns(bos: str, headers: dict[str, str], end: str, image: str, cue: str, video: str = "") -> str:
     """A Jinja chat template: ``bos``, then per message ``headers[role]``, its content (``image`` for an
-    image part), ``end``; the generation prompt is ``cue``."""
+    image part, ``video`` for a video part), ``end``; the generation prompt is ``cue``."""
     branches = "".join(f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{role}' %}}{header}"
                        for i, (role, header) in enumerate(headers.items()))
     return (f"{bos}{{% for message in messages %}}{branches}{{% endif %}}"
             "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
             f"{{% for item in message['content'] %}}{{% if item['type'] == 'image' %}}{image}"
+            f"{{% elif item['type'] == 'video' %}}{video}"
             "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
             f"{end}{{% endfor %}}{{% if add_generation_prompt %}}{cue}{{% endif %}}")
 
 
-def _chatml(image: str) -> str:
+def _chatml(image: str, video: str = "") -> str:
     return _turns("", {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")}, "<|im_end|>\n", image,
-                  "<|im_start|>assistant\n")
+                  "<|im_start|>assistant\n", video)
 
 
 CHAT_TEMPLATES = {
-    "qwen": _chatml("<|vision_start|><|image_pad|><|vision_end|>"),
+    "qwen": _chatml("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"),
     "internvl": _chatml("<IMG_CONTEXT>\n"),
-    "llava_onevision": _chatml("<image>\n"),
+    "llava_onevision": _chatml("<image>\n", "<video>\n"),
     "gemma": _turns("<bos>", {"system": "<start_of_turn>user\n", "user": "<start_of_turn>user\n",
                               "assistant": "<start_of_turn>model\n"}, "<end_of_turn>\n", "<start_of_image>",
                     "<start_of_turn>model\n"),
@@ -121,7 +122,7 @@ def _image_processor(family: str):
 
 
 def _video_processor(family: str):
-    """The family's video processor at the image sizes (processors require one; tests use images only)."""
+    """The family's video processor at the image sizes (Qwen-VL: 16 x 16 to 32 x 32 x 2 pixels per frame)."""
     import transformers as t
 
     square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}

@@ -5,7 +5,7 @@ file formats into ``Sample``s (``qa``: question and multiple-choice rows), ``sou
 HF datasets / WebDataset shards, ``datasets`` turns them into a torch ``Dataset`` (or a shard
 stream), ``collate`` renders conversations with the processor's chat template and masks all but
 the answers, ``loader`` orders and loads the batches, ``pixels`` holds the pixel budgets of
-dynamic-resolution processors.
+dynamic-resolution processors, ``video_rows`` reads rows with videos and ``video`` samples their frames.
 May import only the standard library, torch, PIL, transformers, datasets and pyarrow; nothing else of vlm_lora.
 """
 

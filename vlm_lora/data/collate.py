@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 from itertools import accumulate
-from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from vlm_lora.data.datasets import FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample, _skip_line
-from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems
+from vlm_lora.data.datasets import FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample
+from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample
 from vlm_lora.data.processors import (FLAT_IMAGE_PROCESSORS, SINGLE_IMAGE_PROCESSORS, SUFFIX_PROCESSORS,
-                                      build_prompt, inserts_image_tokens, pad_batch, user_turn)
+                                      build_prompt, inserts_image_tokens, pad_batch)
+from vlm_lora.data.video import (VideoClip, blank_clip, load_media, media_turn, media_turns,
+                                 processor_kwargs, refuse_video)
 
 log = logging.getLogger("vlm_lora")
 
@@ -104,7 +105,7 @@ class ChatCollator:
         if system:
             messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         eos = self.tokenizer.eos_token or ""
-        counts = _image_counts(example, len(turns))
+        counts = media_turns(example, len(turns))  # (images, videos) per user turn
         for i, (user, answer) in enumerate(turns):
             if self.plain:
                 text += user if i == 0 else " " + user
@@ -112,7 +113,7 @@ class ChatCollator:
                 text += " " + answer + eos
                 texts.append(text)
                 continue
-            messages.append(user_turn(user, counts[i]))
+            messages.append(media_turn(user, *counts[i]))
             texts.append(self._apply(messages, True))
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
             texts.append(self._apply(messages, False))
@@ -167,14 +168,16 @@ class ChatCollator:
         """Tokens the processor adds to ``text`` (image expansion, BOS) for images of ``sizes``; cached by sizes."""
         key = (tuple(tuple(size) for size in sizes), add_special)
         if key not in self._shift:
-            ids = self._process([Image.new("RGB", tuple(size)) for size in sizes], text, add_special)["input_ids"]
+            blanks = [blank_clip(size) if size[0] == "video" else Image.new("RGB", tuple(size)) for size in sizes]
+            ids = self._process(blanks, text, add_special)["input_ids"]
             self._shift[key] = ids.shape[1] - len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._shift[key]
 
     def _process(self, images: list[Image.Image], text: str, add_special: bool) -> dict:
         """The processor on one text and its images (a flat list for ``FLAT_IMAGE_PROCESSORS``, else nested)."""
-        if not images:
-            return self.processor(text=[text], return_tensors="pt", add_special_tokens=add_special)
+        if not images or any(isinstance(image, VideoClip) for image in images):  # videos: vlm_lora.data.video
+            return self.processor(text=[text], return_tensors="pt", add_special_tokens=add_special,
+                                  **processor_kwargs(images, nested=False))
         nested = len(images) > 1 and type(self.processor).__name__ not in FLAT_IMAGE_PROCESSORS
         return self.processor(images=[images] if nested else images, text=[text], return_tensors="pt",
                               add_special_tokens=add_special)
@@ -206,47 +209,10 @@ class ChatCollator:
             raise _Skip(problem)
 
     def check_lengths(self, dataset) -> list[Problem]:
-        """Before training: the samples that cannot fit ``max_length`` (image + prompt + one answer token).
+        """Before training: the samples that cannot fit ``max_length`` (``vlm_lora.data.lengths``)."""
+        from vlm_lora.data.lengths import check_lengths  # it reads this collator's layout
 
-        ``on_bad_sample="error"``: one ``DataError`` listing them all; ``"skip"``: they are removed from
-        ``dataset`` (``dataset.drop``, so they land in ``dataset.skipped``), added to ``self.skipped`` and
-        logged in one line. Also logs how many samples will be cut. Returns the problems.
-        """
-        if self.max_length is None:
-            return []
-        bad, problems, cut = [], [], 0
-        for example in dataset.examples:
-            sizes = _image_sizes(example)
-            sizes = self.pixel_budget.fit_sizes(sizes) if self.pixel_budget else sizes
-            if (len(sizes) > 1 and not self.multi_image) or (not sizes and (self.prefix_lm or self.plain)):
-                continue  # the collator refuses it (or skips and counts it) by name
-            try:
-                if self.prefix_lm:
-                    encoded = self._encode_suffix(Image.new("RGB", tuple(sizes[0])), example)
-                    total, spans = encoded["input_ids"].shape[1], _label_spans(encoded["labels"][0])
-                else:
-                    texts, add_special, full, bounds = self._layout(example)
-                    shifts = self._turn_shifts(example, texts, add_special, sizes, None)
-                    spans = [(shift + bounds[2 * i], shift + bounds[2 * i + 1]) for i, shift in enumerate(shifts)]
-                    total = shifts[-1] + len(full)
-                kept, _ = self._fit(example, spans, total)
-                cut += kept < total
-            except _Skip as error:
-                bad.append(example)
-                problems.append(error.problem)
-        if problems and self.on_bad_sample == "error":
-            raise DataError(format_problems(dataset.path, problems, f"sample(s) too long for max_length "
-                                            f"{self.max_length} (raise train.max_length or set on_bad_sample: skip)"))
-        if problems:
-            dataset.drop(bad, problems)
-            self.skipped += problems
-            log.warning("%s", _skip_line(dataset.path, problems, "too long sample(s)"))
-            if not dataset.examples:
-                raise DataError(f"{dataset.path}: no sample fits max_length {self.max_length}")
-        if cut:
-            log.info("%s: %d sample(s) longer than max_length %d are cut in their last answer",
-                     dataset.path, cut, self.max_length)
-        return problems
+        return check_lengths(self, dataset)
 
     # -- encoding
 
@@ -259,6 +225,7 @@ class ChatCollator:
     def _encode(self, image: Image.Image | list[Image.Image], example) -> tuple[dict[str, torch.Tensor], set[str]]:
         """(``encode``'s dict, the keys of its per-token tensors)."""
         images = image if isinstance(image, list) else [image]
+        images = self._media(images, example) if refuse_video(self.processor, example) else images
         images = self.pixel_budget.fit_images(images) if self.pixel_budget else images
         self._refuse_multi_image(example, len(images))
         self._refuse_text_only(example, len(images))
@@ -297,6 +264,15 @@ class ChatCollator:
             else:
                 out[key] = value
         return out, per_token
+
+    def _media(self, items: list, example) -> list:
+        """A video sample's images and clips, its videos read now; an unreadable one skips it under skip."""
+        try:
+            return load_media(items, self.processor, _where(example))
+        except DataError as error:
+            if self.on_bad_sample == "error":
+                raise
+            raise _Skip(_problem(example, str(error).removeprefix(f"{_where(example)}: "))) from None
 
     def _encode_suffix(self, image: Image.Image, example) -> dict[str, torch.Tensor]:
         """A prefix-LM processor's encoding of the one turn of ``example``: prompt as text, answer as suffix."""
@@ -395,26 +371,8 @@ class _Skip(Exception):
 
 
 def _image_counts(example, n_turns: int) -> list[int]:
-    """Images shown in each user turn: ``example.image_turns``, else one in the first turn."""
-    return list(getattr(example, "image_turns", None) or [1] + [0] * (n_turns - 1))
-
-
-def _image_sizes(example) -> list[tuple[int, int]]:
-    """(width, height) of each image of ``example`` (the checked size of a single image when known)."""
-    extra = list(getattr(example, "extra_images", None) or [])
-    if getattr(example, "image_size", None) and not extra:
-        return [example.image_size]
-    source = getattr(example, "image_source", None)
-    if source is None and example.image_path is None:
-        return []  # text-only
-    sizes = []
-    for path in [source if source is not None else example.image_path, *extra]:
-        try:
-            with Image.open(path if isinstance(path, (str, Path)) else path.open()) as image:
-                sizes.append(image.size)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise DataError(f"{_where(example)}: cannot read image {path}: {error}") from None
-    return sizes
+    """Images and videos shown in each user turn (``image_turns``, else one image in the first turn)."""
+    return [n_images + n_videos for n_images, n_videos in media_turns(example, n_turns)]
 
 
 def _where(example) -> str:

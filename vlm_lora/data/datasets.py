@@ -19,8 +19,10 @@ from typing import Iterator
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, _check_images, format_problems, read_samples
+from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample, format_problems, read_samples
+from vlm_lora.data.image_check import check_images
 from vlm_lora.data.sources import check_shard, iter_shard, read_source, shard_paths, source_format
+from vlm_lora.data.video import order_media
 
 __all__ = ["IGNORE_INDEX", "DEFAULT_PROMPT", "DataError", "Problem", "Sample", "CaptionExample",
            "ConversationDataset", "CaptionDataset", "ShardStream", "load_dataset", "load_image"]
@@ -122,7 +124,7 @@ def load_dataset(path: str | Path, format: str = "auto", image_root: str | Path 
     if source:
         samples, problems = read_source(str(path), source, split, image_root, prompt, label_key, on_bad_sample)
         files = [s for s in samples if s.image_source is None]  # rows naming image files: check them now
-        checked, bad = _check_images(files)
+        checked, bad = check_images(files)
         gone = {id(s) for s in files} - {id(s) for s in checked}
         fmt, samples, problems = source, [s for s in samples if id(s) not in gone], problems + bad
     else:
@@ -174,16 +176,20 @@ def load_image(path, where: str) -> Image.Image:
 
 
 def load_sample_image(example, path, on_bad_sample: str = "error") -> Image.Image | list[Image.Image] | None:
-    """The sample's image (its file or embedded bytes), the list of its images for a multi-image sample,
-    ``[]`` for a text-only one; None, logged, if one is unreadable and ``on_bad_sample`` is skip."""
+    """The sample's image (its file or embedded bytes), the list of its images for a multi-image sample (a video
+    sample: its images and ``VideoRef``s in placeholder order), ``[]`` for a text-only one; None, logged, if one is
+    unreadable and ``on_bad_sample`` is skip."""
     where = getattr(example, "where", "")
     where = (where if where.startswith(str(path)) else f"{path} {where}") if where else f"{path}:{example.row}"
+    if getattr(example, "text_only", False):
+        return []
     source = getattr(example, "image_source", None)
-    if source is None and example.image_path is None:
-        return []  # a text-only sample
-    sources = [source if source is not None else example.image_path, *getattr(example, "extra_images", ())]
+    first = source if source is not None else example.image_path
+    sources = [*([first] if first is not None else []), *getattr(example, "extra_images", ())]
     try:
         images = [load_image(s if isinstance(s, (str, Path)) else _open(s, where), where) for s in sources]
+        if getattr(example, "videos", None):  # read when collated (the processor holds the sampling options)
+            return order_media(example, images, example.videos)
         return images if len(images) > 1 else images[0]
     except DataError as error:
         if on_bad_sample != "skip":

@@ -11,6 +11,7 @@ Formats (``format=`` or inferred by ``infer_format``):
   ``"image": [path, ...]`` is a multi-image sample: its ``<image>`` markers (one per image) say which turn
   shows which images; without markers they all go to the first turn.
 * ``imagefolder``: a folder with ``metadata.jsonl`` (or ``metadata.csv``) rows ``{"file_name", "text" | "caption"}``.
+Any row may name videos (``"video"``, video parts): ``vlm_lora.data.video_rows``.
 
 Parquet, saved/Hub HF datasets and WebDataset shards are read by ``vlm_lora.data.sources``; their rows go
 through ``record_sample`` here, which also reads the chat-messages rows of the HF ecosystem
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from vlm_lora.data.messages import EmbeddedBytes, chat_conversation, message_images
+from vlm_lora.data.video_rows import has_video, video_sample
 
 FORMATS = ("caption_jsonl", "caption_csv", "llava_json", "imagefolder")
 DEFAULT_PROMPT = "Describe the image."
@@ -65,7 +67,7 @@ class Sample:
     """
 
     id: Any  # the line number (caption formats) or the LLaVA id (else its 1-based position)
-    image_path: Path | None  # None (and no ``image_source``): a text-only sample
+    image_path: Path | None  # None (and no ``image_source``): no image (text-only, or video-only: ``videos``)
     turns: list[tuple[str, str]]
     references: list[str]
     label: Any = None
@@ -80,14 +82,16 @@ class Sample:
     image_turns: list[int] | None = None
     question: str | None = None  # QA rows (``vlm_lora.data.qa``): the question as written; else the last user turn
     options: list[str] | None = None  # multiple-choice rows: the options, lettered A, B, ... in the prompt
+    videos: list = field(default_factory=list, compare=False)  # ``vlm_lora.data.video.VideoRef``s, turn order
+    video_turns: list[int] | None = None  # videos each user turn shows (after its images)
 
     @property
     def n_images(self) -> int:
-        return 0 if self.text_only else 1 + len(self.extra_images)
+        return (self.image_path is not None or self.image_source is not None) + len(self.extra_images)
 
     @property
     def text_only(self) -> bool:
-        return self.image_path is None and self.image_source is None
+        return self.image_path is None and self.image_source is None and not self.videos
 
     @property
     def captions(self) -> list[str]:
@@ -156,13 +160,15 @@ def read_samples(path: str | Path, format: str = "auto", image_root: str | Path 
     for row, where, record in records:
         if isinstance(record, Problem):
             rows.append(record)
-        elif fmt == "llava_json":
+        elif fmt == "llava_json" and not has_video(record):
             rows.append(_llava_sample(record, row, where, root, label_key))
         else:  # caption rows; a JSONL of chat ``messages`` rows reads here too
             rows.append(record_sample(record, row, where, root, prompt, label_key))
     if not rows:
         raise DataError(f"{path}: no rows")
-    samples, problems = _check_images(rows)
+    from vlm_lora.data.image_check import check_images  # it builds on this module's Sample and Problem
+
+    samples, problems = check_images(rows)
     return fmt, samples, problems
 
 
@@ -246,17 +252,20 @@ def _read_json_list(path: Path) -> list:
 # ---------------------------------------------------------------- records -> Sample | Problem
 
 def record_sample(record: Any, row: int, where: str, root: Path, prompt: str, label_key: str,
-                  image: Any = None) -> Sample | Problem:
+                  image: Any = None, videos_read: bool = False) -> Sample | Problem:
     """A row of any schema: chat ``messages``, LLaVA ``conversations``, else caption keys.
 
     ``image``: the row's image (or list of images) when the caller resolved it (embedded); else the row's
     ``image``/``images``/``file_name`` path (or list of paths), relative to ``root``. Images inside the
-    messages (``vlm_lora.data.messages``) take the row-level ones' places.
-    """
+    messages (``vlm_lora.data.messages``) take the row-level ones' places. ``videos_read``: the row's videos
+    were taken out already (``vlm_lora.data.video_rows``)."""
     from vlm_lora.data.qa import attach_options, qa_sample  # qa builds on this module's Sample
 
     if not isinstance(record, dict):
         return Problem(row, where, "expected a JSON object")
+    if image is None and not videos_read and has_video(record):
+        return video_sample(record, row, where, root, lambda rest: record_sample(rest, row, where, root, prompt,
+                                                                                 label_key, videos_read=True))
     images = None  # the row's images when resolved here or by the caller: paths and embedded sources
     if image is not None:
         images = image if isinstance(image, list) else [image]
@@ -360,42 +369,3 @@ def _llava_sample(record: Any, row: int, where: str, root: Path, label_key: str)
     return Sample(sid, root / images[0] if images else None, turns, [turns[-1][1]], label=record.get(label_key),
                   system=system,
                   row=row, where=where, extra_images=[root / i for i in images[1:]], image_turns=image_turns)
-
-
-def _check_images(rows: list[Sample | Problem]) -> tuple[list[Sample], list[Problem]]:
-    """Split rows into samples whose image opens and verifies, and problems (file order kept)."""
-    samples, problems, seen = [], [], {}
-    for item in rows:
-        if isinstance(item, Problem):
-            problems.append(item)
-            continue
-        if item.text_only:
-            samples.append(item)
-            continue
-        first = item.image_path if item.image_source is None else item.image_source
-        files = [p for p in [first, *item.extra_images]  # images in parquet, HF or shards are checked when loaded
-                 if isinstance(p, (Path, EmbeddedBytes))]
-        for path in files:
-            if path not in seen:
-                seen[path] = _verify_image(path)
-        size = seen[first][0] if first in seen else None
-        reason = next((seen[p][1] for p in files if seen[p][1]), None)
-        if reason:
-            problems.append(Problem(item.id, item.where, reason))
-        else:
-            item.image_size = size
-            samples.append(item)
-    return samples, problems
-
-
-def _verify_image(path: Path | EmbeddedBytes) -> tuple[tuple[int, int] | None, str | None]:
-    """((width, height), None) for an image PIL can read (a file or inline bytes), else (None, why)."""
-    if isinstance(path, Path) and not path.is_file():
-        return None, f"image not found: {path}"
-    try:
-        with Image.open(path if isinstance(path, Path) else path.open()) as image:
-            size = image.size
-            image.verify()
-        return size, None
-    except Exception as error:  # PIL raises many kinds on bad files
-        return None, f"cannot read image {path if isinstance(path, Path) else '(inline)'}: {error}"

@@ -14,9 +14,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from PIL import Image
+from pathlib import Path
 
-__all__ = ["PixelBudget", "processor_pixels", "set_processor_pixels", "smart_resize"]
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["PixelBudget", "image_sizes", "processor_pixels", "set_processor_pixels", "smart_resize"]
+
+
+def image_sizes(example) -> list[tuple[int, int]]:
+    """(width, height) of each image of a sample (the checked size of a single image when known)."""
+    from vlm_lora.data.formats import DataError
+
+    extra = list(getattr(example, "extra_images", None) or [])
+    if getattr(example, "image_size", None) and not extra:
+        return [example.image_size]
+    source = getattr(example, "image_source", None)
+    first = source if source is not None else example.image_path
+    sizes = []
+    for path in [first, *extra] if first is not None else extra:
+        try:
+            with Image.open(path if isinstance(path, (str, Path)) else path.open()) as image:
+                sizes.append(image.size)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+            where = getattr(example, "where", "") or f"row {example.row}"
+            raise DataError(f"{where}: cannot read image {path}: {error}") from None
+    return sizes
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -92,12 +114,14 @@ class PixelBudget:
         return w, h
 
     def fit_images(self, images: list[Image.Image]) -> list[Image.Image]:
-        """One sample's images, resized (bicubic, as the processors) only where the total cap changes them."""
+        """One sample's images, resized (bicubic, as the processors) only where the total cap changes them;
+        anything else among them (video clips) is passed through."""
         if self.max_total_pixels is None:
             return images
-        targets = self.fit_sizes([image.size for image in images])
-        return [image if self._fit(*image.size, self.max_pixels) == size
-                else image.resize(size, Image.Resampling.BICUBIC) for image, size in zip(images, targets)]
+        stills = [image for image in images if isinstance(image, Image.Image)]
+        targets = dict(zip(map(id, stills), self.fit_sizes([image.size for image in stills])))
+        return [image if id(image) not in targets or self._fit(*image.size, self.max_pixels) == targets[id(image)]
+                else image.resize(targets[id(image)], Image.Resampling.BICUBIC) for image in images]
 
     def tokens(self, sizes: list[tuple[int, int]]) -> int:
         """Image tokens one sample with images of ``sizes`` costs in the language model."""

@@ -51,7 +51,8 @@ def _pad_to_common(values: list[torch.Tensor], fill) -> list[torch.Tensor]:
 
 def pad_batch(encoded: list[dict], per_token: set[str], fill: dict[str, int]) -> dict[str, torch.Tensor]:
     """Right-pad the per-token [T, ...] tensors to [B, T_max, ...] (``fill[key]``, else 0); concatenate the
-    others along dim 0 (zero-padded to a common shape first when they differ and each is one sample's [1, ...])."""
+    others along dim 0 (zero-padded to a common shape first when they differ and each is one sample's [1, ...]);
+    those only some samples have (images beside video-only samples) are concatenated over those samples."""
     batch = {}
     for key in dict.fromkeys(k for e in encoded for k in e):  # text-only samples have no image tensors
         values = [e[key] for e in encoded if key in e]

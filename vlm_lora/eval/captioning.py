@@ -16,7 +16,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from vlm_lora.data.datasets import CaptionDataset, DataError
-from vlm_lora.eval.prompts import example_prompts, render_prompt
+from vlm_lora.data.video import media_batch, shown_path
+from vlm_lora.eval.prompts import example_prompts, render_prompt  # noqa: F401 - render_prompt re-exported
 
 log = logging.getLogger("vlm_lora")
 
@@ -52,12 +53,9 @@ def generate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
             loaded = {i: dataset[i][0] for i in indices}
             found, made = [i for i in indices if loaded[i] is not None], {}
             if found:
-                # one list per prompt: processors that take several images per sample (Gemma 3, SmolVLM, Mllama)
-                # would read a flat list as all images of the first prompt
-                batch = processor(images=[loaded[i] if isinstance(loaded[i], list) else [loaded[i]] for i in found],
-                                  text=[prompts[i][0] for i in found], return_tensors="pt", padding=True)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                # images and videos (vlm_lora.data.video), one list per prompt
+                batch = media_batch(processor, [loaded[i] for i in found], [prompts[i][0] for i in found], device,
+                                    dtype)
                 out = model.generate(**batch, **decoding)
                 decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
                 made = dict(zip(found, (c.strip() for c in decoded)))
@@ -85,7 +83,7 @@ def evaluate_captions(model, processor, dataset: CaptionDataset, prompt: str, ba
     prompts = example_prompts(processor, dataset.examples, prompt, chat_template)
     predictions = generate_captions(model, processor, dataset, prompt, batch_size, max_new_tokens, desc,
                                     num_beams=num_beams, min_new_tokens=min_new_tokens, prompts=prompts)
-    rows = [{"image": str(ex.image_path), "prompt": user, "prediction": p, "references": ex.captions,
+    rows = [{"image": shown_path(ex), "prompt": user, "prediction": p, "references": ex.captions,
              **({"skipped": True} if p is None else {})}
             for ex, (_, user), p in zip(dataset.examples, prompts, predictions)]
     return score_rows(rows), rows
@@ -208,7 +206,7 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
     finally:
         _restore(saved)
         activate_adapter(model, None)
-    rows = [{"image": str(ex.image_path), "prompt": prompts[i][1], "references": ex.captions,
+    rows = [{"image": shown_path(ex), "prompt": prompts[i][1], "references": ex.captions,
              "predictions": {label: captions[label][i] for label in labels},
              "cider": {label: cider[label][i] for label in labels}}
             for i, ex in enumerate(dataset.examples)]
@@ -224,7 +222,9 @@ def generate_captions_mixed(model, processor, dataset: CaptionDataset, names: li
     per row with :func:`vlm_lora.adapters.multi.adapter_per_sample`. Returns one list per name."""
     from vlm_lora.adapters.multi import adapter_per_sample
 
-    tokenizer, text = processor.tokenizer, render_prompt(processor, prompt)
+    tokenizer = processor.tokenizer
+    # as generate_captions: a chat or video example is asked its conversation up to the last user turn
+    texts = [text for text, _ in example_prompts(processor, dataset.examples, prompt)]
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -236,10 +236,8 @@ def generate_captions_mixed(model, processor, dataset: CaptionDataset, names: li
     try:
         for start in tqdm(range(0, len(dataset), batch_size), desc="captioning (mixed)", leave=False, disable=None):
             images = [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-            inputs = processor(images=[[image] for image in images], text=[text] * len(images), return_tensors="pt",
-                               padding=True)  # one list per prompt, as generate_captions
+            inputs = media_batch(processor, images, texts[start:start + len(images)], "cpu", first.dtype)  # as above
             inputs = {k: torch.cat([v] * len(names)).to(first.device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(first.dtype)
             with adapter_per_sample(model, [name for name in names for _ in images]):
                 out = model.generate(**inputs, **decoding)
             decoded = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -265,7 +263,6 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
     if len(set(labels)) != len(labels):
         raise AdapterError(f"model labels must be unique, got {labels}")
     dirs = [check_adapter_dir(path) for _, path, *_ in adapters]
-    ranks = [rest[0] if rest else None for _, _, *rest in adapters]  # (label, dir, DyLoRA rank) entries
     names = [None] + [f"eval_{i}" for i in range(1, len(dirs) + 1)]
     try:
         for name, label, adapter_dir in zip(names[1:], labels[1:], dirs):
@@ -289,7 +286,8 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
         log.info("%s: %s", label, format_metrics(metrics))
     log.info("mixed batches: %.2f samples/s (%d images x %d models in %.1fs)", speed["samples_per_s"], len(dataset),
              len(names), seconds)
-    rows = [{"image": str(ex.image_path), "prompt": prompt, "references": ex.captions,
+    users = [user for _, user in example_prompts(processor, dataset.examples, prompt)]
+    rows = [{"image": shown_path(ex), "prompt": users[i], "references": ex.captions,
              "predictions": {label: captions[i] for label, captions in zip(labels, generated)},
              "cider": {label: cider[label][i] for label in labels}}
             for i, ex in enumerate(dataset.examples)]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 log = logging.getLogger("vlm_lora")
 
 
 def use_adapter_pixels(processor, adapter_dirs: list) -> dict:
-    """Set the adapters' saved ``min_pixels`` / ``max_pixels`` on ``processor``; returns them ({} if none).
+    """Set the adapters' saved ``min_pixels`` / ``max_pixels`` (and ``data.video`` settings) on ``processor``;
+    returns the pixel budget ({} if none).
 
     Adapters trained with different budgets cannot share one processor: ``AdapterError`` says to compare
     them in separate runs."""
@@ -21,6 +23,14 @@ def use_adapter_pixels(processor, adapter_dirs: list) -> dict:
     if len(distinct) > 1:
         raise AdapterError(f"the adapters were trained with different pixel budgets {budgets}; evaluate them in "
                            f"separate runs")
+    videos = {str(d): (read_meta(d).get("processor") or {}).get("video") for d in adapter_dirs}
+    if len({json.dumps(v, sort_keys=True) for v in videos.values()}) > 1:
+        raise AdapterError(f"the adapters were trained with different data.video settings {videos}; evaluate them "
+                           "in separate runs")
+    if adapter_dirs and videos[str(adapter_dirs[0])]:
+        from vlm_lora.data.video import set_video_options
+
+        set_video_options(processor, **videos[str(adapter_dirs[0])])
     budget = budgets[str(adapter_dirs[0])] if adapter_dirs else {}
     if budget:
         low, high = set_processor_pixels(processor, budget.get("min_pixels"), budget.get("max_pixels"))

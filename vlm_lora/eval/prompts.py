@@ -28,7 +28,8 @@ def is_conversation(example, prompt: str) -> bool:
     if not turns:
         return False
     several_images = bool(getattr(example, "extra_images", None)) or getattr(example, "image_turns", None) not in (None, [1])
-    return len(turns) > 1 or turns[0][0] != prompt or bool(getattr(example, "system", None)) or several_images
+    videos = bool(getattr(example, "videos", None))  # asked with its videos in their turn
+    return len(turns) > 1 or turns[0][0] != prompt or bool(getattr(example, "system", None)) or several_images or videos
 
 
 def example_prompts(processor, examples, prompt: str, chat_template: str | None = None) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vlm_lora.data.datasets import DataError
 from vlm_lora.data.formats import Problem, format_problems
+from vlm_lora.data.video import shown_path
 
 log = logging.getLogger("vlm_lora")
 
@@ -90,7 +91,7 @@ def answer_rows(dataset, predictions: list[str]) -> list[dict]:
     """One row per sample: ``{image, question, prediction, answers, options?}``."""
     rows = []
     for example, prediction in zip(dataset.examples, predictions):
-        row = {"image": str(example.image_path), "question": question_of(example), "prediction": prediction,
+        row = {"image": shown_path(example), "question": question_of(example), "prediction": prediction,
                "answers": list(example.references)}
         if example.options:
             row["options"] = list(example.options)

@@ -30,7 +30,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from vlm_lora.adapters.peft_format import save_adapter
-from vlm_lora.train.checkpoint import (list_checkpoints, load_trainer_state, rank_rng_state, restore_weights, rng_state,
+from vlm_lora.train.checkpoint import (load_trainer_state, rank_rng_state, restore_weights, rng_state,
                                        save_checkpoint, set_rng_state)
 from vlm_lora.train import distributed, memory, sharded_load
 from vlm_lora.eval.captioning import write_predictions
@@ -388,9 +388,9 @@ def _restore(checkpoint: Path, model, optimizer, scheduler, scaling: LossScaling
 
 def _adapter_meta(recipe: Recipe) -> dict:
     """What a later merge needs to know: the 4-bit layout the adapter was trained on, the pixel budget."""
-    from vlm_lora.train.pixels import pixel_settings
+    from vlm_lora.train.pixels import pixel_settings, video_settings
 
-    quant, pixels = recipe.model.quantization, pixel_settings(recipe.data)
+    quant, pixels = recipe.model.quantization, {**pixel_settings(recipe.data), **video_settings(recipe.data)}
     return {"quantization": quant.model_dump() if quant.bits == 4 else None, **({"processor": pixels} if pixels else {})}
 
 
