@@ -11,6 +11,8 @@ through ``model(...)``, so autocast, DDP and FSDP hooks and LoRA on ``lm_head`` 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -29,12 +31,21 @@ def supports_labelled_head(model) -> bool:
             and isinstance(inner.get_output_embeddings(), torch.nn.Module))
 
 
+def training_kwargs(model) -> dict:
+    """``{"use_cache": False}`` when ``model``'s forward takes ``use_cache`` (or passes ``**kwargs`` on): a training forward needs no KV cache,
+    and with one each decoder layer writes its own cache slot, which makes ``torch.compile`` recompile every
+    layer (past the cache limit the rest run eager)."""
+    parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+    takes = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"use_cache": False} if takes else {}
+
+
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """[B, S] -> [B, S]: the label each position predicts (the next one), ``-100`` at the last position."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def labelled_token_loss(model, batch: dict) -> torch.Tensor:
+def labelled_token_loss(model, batch: dict, **forward_kwargs) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (with ``labels`` [B, S]) over its labelled tokens,
     ``lm_head`` applied to those positions only; equals ``model(**batch).loss``."""
     targets = next_token_targets(batch["labels"]).flatten()  # [B * S]
@@ -48,7 +59,7 @@ def labelled_token_loss(model, batch: dict) -> torch.Tensor:
 
     handle = head.register_forward_pre_hook(gather)
     try:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [N, vocab]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **forward_kwargs).logits  # [N, vocab]
     finally:
         handle.remove()
     if logits.dim() != 2 or logits.shape[0] != index.numel():
