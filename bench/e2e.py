@@ -56,7 +56,7 @@ PRESETS = {
     # vision hidden/layers, image px, patch, text hidden/layers, MLP width, model vocab, batch, steps
     "tiny": dict(vh=64, vl=2, img=48, patch=8, th=64, tl=2, inter=128, vocab=384, batch=4, steps=4),
     "cpu": dict(vh=128, vl=2, img=48, patch=8, th=256, tl=4, inter=688, vocab=4096, batch=8, steps=24),
-    "llava-7b": dict(vh=1024, vl=24, img=336, patch=14, th=4096, tl=32, inter=11008, vocab=32064, batch=16, steps=30),
+    "llava-7b": dict(vh=1024, vl=24, img=336, patch=14, th=4096, tl=32, inter=11008, vocab=32064, batch=16, steps=24),
     "qwen-tiny": dict(arch="qwen2_5_vl", vh=32, vl=2, img=32, patch=4, th=48, tl=2, inter=96, vocab=512, batch=4,
                       steps=4),
     "qwen2.5-vl-7b": dict(arch="qwen2_5_vl", img=336, patch=14, published="Qwen/Qwen2.5-VL-7B-Instruct", batch=32,
@@ -203,6 +203,16 @@ def summarize(system: str, times: list[float], peak: float, tokens: int, n_sampl
             "peak_mib": round(peak, 1)}
 
 
+def earlier_rows(args) -> dict:
+    """The ``--results`` file's rows of this preset, batch, steps and device, by system (the last of each)."""
+    if not args.results or not Path(args.results).is_file():
+        return {}
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    same = ("preset", "batch", "steps", "device")
+    return {r["system"]: r for r in rows if "error" not in r and all(r.get(k) == getattr(args, k if k != "device"
+                                                                                           else "device_name") for k in same)}
+
+
 def main() -> None:
     from vlm_lora.data.loader import default_workers
 
@@ -218,6 +228,9 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temp folder)")
     parser.add_argument("--vlm-set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for the vlm_lora runs, e.g. train.compile=true")
+    parser.add_argument("--results", default=None, help="JSONL file the rows are appended to; its floor and hf_peft "
+                        "rows of the same preset, batch, steps and device count for vs_floor and the ratios")
+    parser.add_argument("--system-timeout", type=float, default=None, help="seconds one system may run")
     parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child process: run this one
     args = parser.parse_args()
     args.preset = args.preset or ("llava-7b" if args.device == "cuda" else "cpu")
@@ -241,14 +254,18 @@ def main() -> None:
     tokens = real_tokens(work / "model", data)
     lm_params = language_model_params(work / "model")
     args.device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}"
-    rows = {}
+    rows = earlier_rows(args)
     for system in systems:
         command = [sys.executable, __file__, "--system", system, "--work", str(work), "--device", args.device,
                    "--preset", args.preset, "--steps", str(args.steps), "--batch", str(args.batch),
                    "--workers", str(args.workers)]
         command += [f"--vlm-set={s}" for s in args.vlm_set]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.system_timeout)
+        except subprocess.TimeoutExpired:
+            print(json.dumps({"system": system, "error": f"over --system-timeout {args.system_timeout} s"}), flush=True)
+            continue
         result = [line for line in done.stdout.splitlines() if line.startswith("E2E ")]
         if done.returncode or not result:
             print(json.dumps({"system": system, "error": done.stderr.strip().splitlines()[-3:]}), flush=True)
@@ -259,6 +276,9 @@ def main() -> None:
         if "floor" in rows:
             rows[system]["vs_floor"] = round(rows[system]["steady_step_s"] / rows["floor"]["steady_step_s"], 3)
         print(json.dumps(rows[system]), flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps(rows[system]) + "\n")
     if "hf_peft" in rows:
         base = rows["hf_peft"]
         ratios = {s: {key: round(r[key] / base[key], 3) for key in ("tokens_per_s", "steady_tokens_per_s", "peak_mib")}
