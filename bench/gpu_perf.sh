@@ -3,9 +3,9 @@
 # machine (JSON lines and profiler tables in $OUT; e2e rows also appended to bench/results/e2e_*.jsonl):
 #   bash bench/gpu_perf.sh llava   the LoRA step at LLaVA-1.5-7B shapes, batch 16 (floor, vlm-lora with the model's
 #                                  loss and with lm_head on labelled positions), profiled; then end to end on
-#                                  LLaVA-1.5-7B shapes, batch 16: floor (compiled), hf_peft, vlm_lora, vlm_lora_compile
-#   bash bench/gpu_perf.sh rest    hf_peft_compile on LLaVA (its vs_floor from the first call's floor row), then end
-#                                  to end on Qwen2.5-VL-7B shapes, batch 32: floor, hf_peft, vlm_lora
+#                                  LLaVA-1.5-7B shapes, batch 16: floor (compiled), hf_peft, vlm_lora
+#   bash bench/gpu_perf.sh rest    hf_peft_compile and vlm_lora_compile on LLaVA (vs_floor from the first call's
+#                                  floor row), then end to end on Qwen2.5-VL-7B shapes, batch 32: hf_peft, vlm_lora
 # HF systems get as many DataLoader workers as vlm-lora's default (CPUs - 1, at most 8).
 # Wheels the GPU image lacks (pydantic, ...) are installed from .whl/ when it is there.
 # CPU analogue (tiny presets, same code paths): DEVICE=cpu bash bench/gpu_perf.sh llava
@@ -37,17 +37,17 @@ case "$MODE" in
       2>"$OUT/step.err" | tee "$OUT/step_b16.jsonl"
     for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     echo "== e2e ($LLAVA)"
-    timeout 440 python3 bench/e2e.py $LLAVA --systems floor,hf_peft,vlm_lora,vlm_lora_compile --system-timeout 200 \
+    timeout 440 python3 bench/e2e.py $LLAVA --systems floor,hf_peft,vlm_lora --system-timeout 260 \
       --work /tmp/e2e_llava --results bench/results/e2e_llava_b16.jsonl 2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
     cp bench/results/e2e_llava_b16.jsonl "$OUT/"
     ;;
   rest)
-    echo "== e2e ($LLAVA): hf_peft_compile"
-    timeout 240 python3 bench/e2e.py $LLAVA --systems hf_peft_compile --system-timeout 230 \
+    echo "== e2e ($LLAVA): compiled"
+    timeout 360 python3 bench/e2e.py $LLAVA --systems vlm_lora_compile,hf_peft_compile --system-timeout 220 \
       --work /tmp/e2e_llava --results bench/results/e2e_llava_b16.jsonl 2>"$OUT/e2e_llava2.err" | tee "$OUT/e2e_llava2.log"
     cp bench/results/e2e_llava_b16.jsonl "$OUT/"
     echo "== e2e ($QWEN)"
-    timeout 330 python3 bench/e2e.py $QWEN --systems floor,hf_peft,vlm_lora --system-timeout 200 \
+    timeout 190 python3 bench/e2e.py $QWEN --steps 16 --systems hf_peft,vlm_lora --system-timeout 80 \
       --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b32.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
     cp bench/results/e2e_qwen_b32.jsonl "$OUT/"
     ;;
