@@ -200,7 +200,8 @@ def summarize(system: str, times: list[float], peak: float, tokens: int, n_sampl
             "steady_step_s": round(statistics.mean(steady), 4), "steady_median_s": round(statistics.median(steady), 4),
             "max_step_s": round(max(steady), 4), "slowest_steps_s": [round(t, 3) for t in sorted(steady)[-3:][::-1]],
             "total_s": round(total, 2), "setup_s": round(setup_s, 1), "mfu": mfu, "vs_floor": None,
-            "peak_mib": round(peak, 1)}
+            "peak_mib": round(peak, 1),
+            "settings": VLM_LORA_SYSTEMS[system] + args.vlm_set if system in VLM_LORA_SYSTEMS else HF_SYSTEMS.get(system)}
 
 
 def earlier_rows(args) -> dict:

@@ -47,19 +47,20 @@ def test_hf_baseline_collator_labels_the_same_tokens_as_vlm_lora(tmp_path, prese
 
 
 def test_summary_separates_first_steps_from_steady_state():
-    args = argparse.Namespace(skip=2, batch=4, preset="tiny", device="cpu", device_name="cpu", workers=1)
+    args = argparse.Namespace(skip=2, batch=4, preset="tiny", device="cpu", device_name="cpu", workers=1, vlm_set=[])
     row = e2e.summarize("vlm_lora", [5.0, 3.0, 1.0, 1.0, 2.0], 100.0, tokens=2000, n_samples=20, args=args)
     assert row["total_s"] == 12.0 and row["tokens_per_s"] == round(2000 / 12, 1)
     assert row["first_steps_s"] == [5.0, 3.0] and row["steady_step_s"] == round(4 / 3, 4)
     assert row["steady_samples_per_s"] == round(4 / (4 / 3), 3) and row["steady_tokens_per_s"] == 300.0
     assert row["slowest_steps_s"] == [2.0, 1.0, 1.0] and row["steady_median_s"] == 1.0
     assert row["workers"] == 1 and row["mfu"] is None  # no peak rate on CPU
+    assert row["settings"] == []  # vlm-lora's defaults
 
 
 def test_mfu_counts_four_flops_per_language_model_parameter_and_token():
     """MFU = 4 x LM params x steady real tokens/s / dense bf16 peak (H100/H200 989 TFLOP/s)."""
     args = argparse.Namespace(skip=0, batch=16, preset="llava-7b", device="cuda", device_name="NVIDIA H100 80GB HBM3",
-                              workers=8)
+                              workers=8, vlm_set=[])
     row = e2e.summarize("floor", [0.5, 0.5], 1.0, tokens=2 * 11392, n_samples=32, args=args, lm_params=6_600_000_000)
     assert row["mfu"] == round(4 * 6.6e9 * 11392 / 0.5 / 989e12, 3)
     assert e2e.peak_flops("NVIDIA H200") == 989e12 and e2e.peak_flops("Tesla T4") is None
