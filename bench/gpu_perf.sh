@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The README's performance rows on one GPU, in two calls of under 10 minutes made back to back on one
 # machine (JSON lines and profiler tables in $OUT; e2e rows also appended to bench/results/e2e_*.jsonl):
-#   bash bench/gpu_perf.sh llava   the LoRA step at LLaVA-1.5-7B shapes, batch 16 (floor, vlm-lora with the model's
-#                                  loss and with lm_head on labelled positions), profiled; then end to end on
-#                                  LLaVA-1.5-7B shapes, batch 16: floor (compiled), hf_peft, vlm_lora
-#   bash bench/gpu_perf.sh rest    hf_peft_compile and vlm_lora_compile on LLaVA (vs_floor from the first call's
-#                                  floor row), then end to end on Qwen2.5-VL-7B shapes, batch 32: hf_peft, vlm_lora
+#   bash bench/gpu_perf.sh llava   end to end on LLaVA-1.5-7B shapes: floor (compiled), hf_peft, vlm_lora,
+#                                  vlm_lora_compile, hf_peft_compile
+#   bash bench/gpu_perf.sh rest    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile; then the
+#                                  LoRA step at LLaVA-1.5-7B shapes (floor, vlm-lora with the model's loss and with
+#                                  lm_head on labelled positions), profiled
+# Batch sizes: the presets' (LLaVA 16, Qwen 32: an H200's memory), or LLAVA_BATCH / QWEN_BATCH (8 fits an H100).
 # HF systems get as many DataLoader workers as vlm-lora's default (CPUs - 1, at most 8).
 # Wheels the GPU image lacks (pydantic, ...) are installed from .whl/ when it is there.
 # CPU analogue (tiny presets, same code paths): DEVICE=cpu bash bench/gpu_perf.sh llava
@@ -21,35 +22,33 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ "$DEVICE" = cuda ]; then
-  STEP="--device cuda --preset llava-7b --batch 16 --steps 5 --warmup 2"
-  LLAVA="--device cuda --preset llava-7b --skip 4"; QWEN="--device cuda --preset qwen2.5-vl-7b --skip 4"
+  LB=${LLAVA_BATCH:-16}; QB=${QWEN_BATCH:-32}
+  STEP="--device cuda --preset llava-7b --batch $LB --steps 5 --warmup 2"
+  LLAVA="--device cuda --preset llava-7b --batch $LB --skip 4"; QWEN="--device cuda --preset qwen2.5-vl-7b --batch $QB --skip 4"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/gpu.txt"
 else
-  STEP="--preset tiny --steps 1 --warmup 0"; LLAVA="--preset tiny --skip 1"; QWEN="--preset qwen-tiny --skip 1"
+  LB=4; QB=4; STEP="--preset tiny --steps 1 --warmup 0"; LLAVA="--preset tiny --skip 1"; QWEN="--preset qwen-tiny --skip 1"
 fi
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
 nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
 
 case "$MODE" in
   llava)
-    echo "== LoRA step, batch 16, profiled"
-    timeout 120 python3 bench/lora_step.py $STEP --variants floor,vlm_lora,vlm_lora_head --profile-dir /tmp/prof \
-      2>"$OUT/step.err" | tee "$OUT/step_b16.jsonl"
-    for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     echo "== e2e ($LLAVA)"
-    timeout 440 python3 bench/e2e.py $LLAVA --systems floor,hf_peft,vlm_lora --system-timeout 260 \
-      --work /tmp/e2e_llava --results bench/results/e2e_llava_b16.jsonl 2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
-    cp bench/results/e2e_llava_b16.jsonl "$OUT/"
+    timeout 555 python3 bench/e2e.py $LLAVA --systems floor,hf_peft,vlm_lora,vlm_lora_compile,hf_peft_compile \
+      --system-timeout 220 --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
+      2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
+    cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
     ;;
   rest)
-    echo "== e2e ($LLAVA): compiled"
-    timeout 360 python3 bench/e2e.py $LLAVA --systems vlm_lora_compile,hf_peft_compile --system-timeout 220 \
-      --work /tmp/e2e_llava --results bench/results/e2e_llava_b16.jsonl 2>"$OUT/e2e_llava2.err" | tee "$OUT/e2e_llava2.log"
-    cp bench/results/e2e_llava_b16.jsonl "$OUT/"
     echo "== e2e ($QWEN)"
-    timeout 190 python3 bench/e2e.py $QWEN --steps 16 --systems hf_peft,vlm_lora --system-timeout 80 \
-      --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b32.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
-    cp bench/results/e2e_qwen_b32.jsonl "$OUT/"
+    timeout 260 python3 bench/e2e.py $QWEN --steps 16 --systems hf_peft,vlm_lora,vlm_lora_compile --system-timeout 120 \
+      --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b$QB.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
+    cp bench/results/e2e_qwen_b$QB.jsonl "$OUT/"
+    echo "== LoRA step, batch $LB, profiled"
+    timeout 100 python3 bench/lora_step.py $STEP --variants floor,vlm_lora,vlm_lora_head --profile-dir /tmp/prof \
+      2>"$OUT/step.err" | tee "$OUT/step_b$LB.jsonl"
+    for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     ;;
   *) echo "unknown mode $MODE; valid: llava, rest"; exit 2 ;;
 esac
