@@ -6,6 +6,8 @@
 #   bash bench/gpu_perf.sh rest    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile; then the
 #                                  LoRA step at LLaVA-1.5-7B shapes (floor, vlm-lora with the model's loss and with
 #                                  lm_head on labelled positions), profiled
+#   bash bench/gpu_perf.sh step    the LoRA step alone: floor, PEFT, vlm-lora (model's loss / labelled head), DoRA,
+#                                  and regionally compiled floor and vlm-lora, every variant profiled
 # Batch sizes: the presets' (LLaVA 16, Qwen 32: an H200's memory), or LLAVA_BATCH / QWEN_BATCH (8 fits an H100).
 # HF systems get as many DataLoader workers as vlm-lora's default (CPUs - 1, at most 8).
 # Wheels the GPU image lacks (pydantic, ...) are installed from .whl/ when it is there.
@@ -50,6 +52,13 @@ case "$MODE" in
       2>"$OUT/step.err" | tee "$OUT/step_b$LB.jsonl"
     for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     ;;
-  *) echo "unknown mode $MODE; valid: llava, rest"; exit 2 ;;
+  step)
+    echo "== LoRA step, batch $LB: eager and regionally compiled, lm_head on every / labelled position, profiled"
+    timeout 250 python3 bench/lora_step.py $STEP \
+      --variants floor,peft,vlm_lora,vlm_lora_head,vlm_lora_dora,floor_compile,vlm_lora_compile,vlm_lora_compile_head \
+      --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_b$LB.jsonl"
+    for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
+    ;;
+  *) echo "unknown mode $MODE; valid: llava, rest, step"; exit 2 ;;
 esac
 echo "== done"
