@@ -54,8 +54,8 @@ case "$MODE" in
     ;;
   step)
     echo "== LoRA step, batch $LB: eager and regionally compiled, lm_head on every / labelled position, profiled"
-    timeout 250 python3 bench/lora_step.py $STEP \
-      --variants floor,peft,vlm_lora,vlm_lora_head,vlm_lora_dora,floor_compile,vlm_lora_compile,vlm_lora_compile_head \
+    timeout ${STEP_TIMEOUT:-250} python3 bench/lora_step.py $STEP --variants \
+      ${VARIANTS:-floor,peft,vlm_lora,vlm_lora_head,vlm_lora_dora,floor_compile,vlm_lora_compile,vlm_lora_compile_head} \
       --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_b$LB.jsonl"
     for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     ;;
