@@ -11,6 +11,8 @@ Every variant trains the same LLaVA-shaped (or, ``--preset qwen2.5-vl-7b``, Qwen
   *_gc             gradient checkpointing on the language decoder (train.gradient_checkpointing: full);
                    *_gcsel every second layer (selective), *_gcoff full with saved inputs in pinned CPU memory (offload)
   *_compile        each decoder layer compiled (train.compile: regional torch.compile), after the eager variants
+  *_head           lm_head and loss on the labelled positions only (train.head_on_labels, vlm-lora's default
+                   training path; the other variants take the model's own loss over every position)
   *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
   *_vera, vlm_lora_dylora, vlm_lora_adalora   the other variants (r=16), on request only (--variants)
 
@@ -55,7 +57,8 @@ FAMILY_VARIANTS = ["peft_vera", "vlm_lora_vera", "vlm_lora_dylora", "vlm_lora_ad
 CHECKPOINT_VARIANTS = ["floor_gc", "peft_gc", "vlm_lora_gc", "floor_gcsel", "vlm_lora_gcsel", "floor_gcoff",
                        "vlm_lora_gcoff"]
 CHECKPOINTING = {"gc": "full", "gcsel": "selective", "gcoff": "offload"}  # variant kind -> train.gradient_checkpointing
-FLOOR_OF = {"vision": "floor_vision", "compile": "floor", **{kind: f"floor_{kind}" for kind in CHECKPOINTING}}
+FLOOR_OF = {"vision": "floor_vision", "compile": "floor", "head": "floor_head",
+            **{kind: f"floor_{kind}" for kind in CHECKPOINTING}}
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -151,6 +154,7 @@ def split_variant(variant: str) -> tuple[str, str]:
 def setup_variant(model, variant: str, arch: dict):
     """Make ``model`` trainable as ``variant``; returns (model to step, undo callable)."""
     family, kind = split_variant(variant)
+    kind = kind.removesuffix("_head").removesuffix("head")  # *_head only changes the loss (step_loss)
     model.requires_grad_(False)
     undo = []
     if kind in CHECKPOINTING:
@@ -204,7 +208,17 @@ def setup_variant(model, variant: str, arch: dict):
     return model, undo
 
 
-def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: int) -> dict:
+def step_loss(model, batch: dict, variant: str) -> torch.Tensor:
+    """The variant's training loss: the model's own, or (``*_head``) lm_head on labelled positions only;
+    no KV cache in either (``training_kwargs``), as in vlm-lora's loop."""
+    from vlm_lora.train.loss import labelled_token_loss, training_kwargs
+
+    if variant.endswith("_head"):
+        return labelled_token_loss(model, batch, **training_kwargs(model))
+    return model(**batch, **training_kwargs(model)).loss
+
+
+def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: int, variant: str = "") -> dict:
     from vlm_lora.lora.hooks import attach_step_hooks
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -219,7 +233,7 @@ def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: 
         sync()
         start = time.perf_counter()
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(**batch).loss
+            loss = step_loss(model, batch, variant)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -232,7 +246,7 @@ def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: 
             "trainable": sum(p.numel() for p in trainable)}
 
 
-def profile_variant(model, batch, device: str, autocast_dtype, path: str) -> dict:
+def profile_variant(model, batch, device: str, autocast_dtype, path: str, variant: str = "") -> dict:
     """Profile two training steps (torch.profiler): the top-25 op table goes to ``path``; returns per-step
     figures: wall time, GPU kernel time (``busy`` = kernel time / wall), kernel launches, and kernel time
     by kind (GEMM, attention, optimizer, other: elementwise, copies, reductions)."""
@@ -247,7 +261,7 @@ def profile_variant(model, batch, device: str, autocast_dtype, path: str) -> dic
     with profile(activities=activities) as prof:
         for _ in range(2):
             with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
+                loss = step_loss(model, batch, variant)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -291,10 +305,11 @@ def main() -> None:
                         help="comma list, or 'checkpointing' for floor,vlm_lora and every checkpointing mode")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 12 on cpu)")
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="samples per step (default: the preset's)")
     parser.add_argument("--profile-dir", default=None, help="also write a torch.profiler table per variant here")
     args = parser.parse_args()
     preset = args.preset or ("llava-7b" if args.device == "cuda" else "cpu")
-    p = PRESETS[preset]
+    p = PRESETS[preset] if args.batch is None else {**PRESETS[preset], "batch": args.batch}
     steps = args.steps if args.steps is not None else (10 if args.device == "cuda" else 12)
     warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 2)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -307,7 +322,7 @@ def main() -> None:
     except ImportError:
         variants = [v for v in variants if not v.endswith("qlora")]
     last = ("compile", "qlora")  # compiled graphs after the eager runs; quantizing changes the base for good
-    variants = sorted(variants, key=lambda v: next((i + 1 for i, k in enumerate(last) if v.endswith(k)), 0))
+    variants = sorted(variants, key=lambda v: next((i + 1 for i, k in enumerate(last) if k in v), 0))
 
     model = build_model(p, args.device, dtype)
     arch = ARCH[p.get("arch", "llava")]
@@ -322,10 +337,10 @@ def main() -> None:
             quantize_language_decoder(model)
             quantized = True
         step_model, undo = setup_variant(model, variant, arch)
-        result = time_variant(step_model, batch, args.device, autocast, steps, warmup)
+        result = time_variant(step_model, batch, args.device, autocast, steps, warmup, variant)
         if args.profile_dir:
             result["profile"] = profile_variant(step_model, batch, args.device, autocast,
-                                                f"{args.profile_dir}/profile_{variant}.txt")
+                                                f"{args.profile_dir}/profile_{variant}.txt", variant)
         for fn in reversed(undo):
             fn()
         model.requires_grad_(False)
@@ -336,12 +351,12 @@ def main() -> None:
     ratios = {}
     for variant, result in results.items():
         kind = split_variant(variant)[1]
-        floor = results.get(FLOOR_OF.get(kind, "floor"))
+        floor = results.get(FLOOR_OF.get(kind, "floor")) or results.get("floor")
         if floor and not variant.startswith("floor"):
             ratios[variant] = {"step_vs_floor": round(result["step_s"] / floor["step_s"], 3)}
             if result["peak_mib"] and floor["peak_mib"]:
                 ratios[variant]["mem_vs_floor"] = round(result["peak_mib"] / floor["peak_mib"], 3)
-            if kind == "compile" and "floor_compile" in results:  # also against the compiled floor
+            if "compile" in kind and "floor_compile" in results:  # also against the compiled floor
                 ratios[variant]["step_vs_compiled_floor"] = round(result["step_s"] / results["floor_compile"]["step_s"], 3)
     print(json.dumps({"ratios": ratios, **shape}), flush=True)
 

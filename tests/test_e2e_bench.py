@@ -47,8 +47,40 @@ def test_hf_baseline_collator_labels_the_same_tokens_as_vlm_lora(tmp_path, prese
 
 
 def test_summary_separates_first_steps_from_steady_state():
-    args = argparse.Namespace(skip=2, batch=4, preset="tiny", device_name="cpu")
+    args = argparse.Namespace(skip=2, batch=4, preset="tiny", device="cpu", device_name="cpu", workers=1, vlm_set=[])
     row = e2e.summarize("vlm_lora", [5.0, 3.0, 1.0, 1.0, 2.0], 100.0, tokens=2000, n_samples=20, args=args)
     assert row["total_s"] == 12.0 and row["tokens_per_s"] == round(2000 / 12, 1)
     assert row["first_steps_s"] == [5.0, 3.0] and row["steady_step_s"] == round(4 / 3, 4)
     assert row["steady_samples_per_s"] == round(4 / (4 / 3), 3) and row["steady_tokens_per_s"] == 300.0
+    assert row["slowest_steps_s"] == [2.0, 1.0, 1.0] and row["steady_median_s"] == 1.0
+    assert row["workers"] == 1 and row["mfu"] is None  # no peak rate on CPU
+    assert row["settings"] == []  # vlm-lora's defaults
+
+
+def test_mfu_counts_four_flops_per_language_model_parameter_and_token():
+    """MFU = 4 x LM params x steady real tokens/s / dense bf16 peak (H100/H200 989 TFLOP/s)."""
+    args = argparse.Namespace(skip=0, batch=16, preset="llava-7b", device="cuda", device_name="NVIDIA H100 80GB HBM3",
+                              workers=8, vlm_set=[])
+    row = e2e.summarize("floor", [0.5, 0.5], 1.0, tokens=2 * 11392, n_samples=32, args=args, lm_params=6_600_000_000)
+    assert row["mfu"] == round(4 * 6.6e9 * 11392 / 0.5 / 989e12, 3)
+    assert e2e.peak_flops("NVIDIA H200") == 989e12 and e2e.peak_flops("Tesla T4") is None
+
+
+def test_language_model_params_of_the_tiny_llava():
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(ASSET_MODEL)
+    expected = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)
+    assert e2e.language_model_params(ASSET_MODEL) == expected > 0
+
+
+def test_hf_systems_get_vlm_loras_default_workers():
+    """The HF baselines default to vlm-lora's own loader workers (>= 1 on a machine of several cores)."""
+    import os
+
+    from vlm_lora.data.loader import default_workers
+
+    parser_default = default_workers()
+    assert parser_default >= (1 if len(os.sched_getaffinity(0)) > 1 else 0)
+    assert set(e2e.HF_SYSTEMS) == {"floor", "hf_peft", "hf_peft_compile"}
+    assert e2e.HF_SYSTEMS["floor"] == {"lora": False, "compile": True}

@@ -121,6 +121,8 @@ class TrainConfig(_Strict):
         default="none", description="recompute activations in backward: full (every decoder layer), selective "
                                     "(every other layer), offload (full, saved inputs kept in CPU memory); true = full")
     compile: bool = Field(default=False, description="torch.compile each decoder layer (regional compilation)")
+    head_on_labels: bool = Field(default=True, description="lm_head and loss on the answer positions only (same "
+                                 "loss and gradients; LLaVA, Qwen-VL); false: the model's loss over every position")
     kernels: Literal["none", "liger", "liger_flce"] = Field(
         default="none", description="liger: Liger's fused RMSNorm/RoPE/SwiGLU on CUDA (pip install 'vlm-lora[kernels]'); "
                                     "liger_flce: also fused linear cross-entropy (lm_head frozen)")

@@ -33,6 +33,7 @@ class LoraLinear(LoraLayer):
         self.dora_merge_scale: dict[str, torch.Tensor] = {}
         self.dora_base_norm_sq: dict[str, torch.Tensor] = {}  # cached ||W_o||^2 of the frozen base
         self.shared_group = None  # SharedInputGroup when siblings (q/k/v, gate/up) share this input
+        self.shared_position: int | None = None  # this layer's place in shared_group
         self.add_adapter(adapter_name, spec)
 
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:

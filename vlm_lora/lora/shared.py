@@ -4,6 +4,10 @@ Their A matrices are applied as one matmul ``x [A_q; A_k; A_v]^T`` the first tim
 sees ``x``; the others take their slice of that result. In backward this is one GEMM for all
 the A gradients and one for the input gradient, instead of one each per layer, and ``x`` is
 read once. Which leaves share an input is architecture data (``ComponentMap.shared_inputs``).
+
+Each member knows its own position (``shared_position``, an int) rather than being looked up by object
+identity: ``torch.compile`` then traces every decoder layer to the same graph (an ``id()`` lookup made
+it guard on each layer object, one recompile per layer until the cache limit sent the rest to eager).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ class SharedInputGroup:
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = layers
-        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        for position, layer in enumerate(layers):
+            layer.shared_position = position
         self._input: torch.Tensor | None = None
         self._adapter: str | None = None
         self._hidden: torch.Tensor | None = None
@@ -27,7 +32,7 @@ class SharedInputGroup:
 
     def hidden(self, layer: nn.Module, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x A_layer^T`` [N, r] for ``layer``, from one shared matmul over all members."""
-        position = self.index[id(layer)]
+        position = layer.shared_position
         if self._input is not x or self._adapter != name or position not in self._pending:
             weights = torch.cat([member.lora_A[name].weight for member in self.layers]).to(dtype)
             self._hidden = x.reshape(-1, x.shape[-1]).to(dtype) @ weights.T  # [N, members * r]

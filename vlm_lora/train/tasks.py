@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lora.data.datasets import IGNORE_INDEX
+from vlm_lora.train.loss import labelled_token_loss, supports_labelled_head, training_kwargs
 
 
 class CaptionTask:
@@ -35,8 +36,12 @@ class CaptionTask:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
-        """(mean loss over answer tokens, number of answer tokens)."""
-        return model(**batch).loss, self.count_units(batch)
+        """(mean loss over answer tokens, number of answer tokens); ``lm_head`` sees only the answer
+        positions when ``train.head_on_labels`` is on and the model's loss allows it (same loss)."""
+        cfg, kwargs = self.recipe.train, training_kwargs(model)
+        if cfg.head_on_labels and cfg.kernels != "liger_flce" and supports_labelled_head(model):
+            return labelled_token_loss(model, batch, **kwargs), self.count_units(batch)
+        return model(**batch, **kwargs).loss, self.count_units(batch)
 
     def evaluate(self, model, dataset, desc: str = "eval") -> tuple[dict, list[dict]]:
         from vlm_lora.eval.captioning import evaluate_captions

@@ -1,0 +1,97 @@
+"""train/loss.py: lm_head and the loss on labelled positions only give the model's own loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import randomize_adapters
+from vlm_lora.train.loss import labelled_token_loss, next_token_targets, supports_labelled_head
+
+
+def _loss_and_grads(model, batch, fast: bool):
+    model.zero_grad(set_to_none=True)
+    loss = labelled_token_loss(model, batch) if fast else model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(model, batch) -> None:
+    """Same loss and trainable gradients as ``model(**batch).loss``; lm_head saw only the labelled rows."""
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1]))
+    plain_loss, plain = _loss_and_grads(model, batch, fast=False)
+    fast_loss, fast = _loss_and_grads(model, batch, fast=True)
+    hook.remove()
+    labelled = int((next_token_targets(batch["labels"]) != -100).sum())
+    assert rows == [batch["input_ids"].shape, (labelled,)] and labelled < batch["input_ids"].numel() // 2
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the gather hook is gone again
+    torch.testing.assert_close(fast_loss, plain_loss, atol=1e-6, rtol=1e-6)
+    assert any(".lora_A." in n for n in plain) and any(".lora_B." in n for n in plain) and plain.keys() == fast.keys()
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(fast[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_tiny_llava_labelled_head_equals_the_models_loss(tiny_llava, tiny_batch):
+    """LoRA on decoder and lm_head (a LoRA head sees only the gathered rows too), connector trained;
+    labels on a ragged tail of each row, padding included."""
+    import vlm_lora
+
+    model = tiny_llava.train()
+    vlm_lora.plan(model, "language_only", lm_head={"mode": "lora", "rank": 4, "alpha": 8}).apply(model)
+    randomize_adapters(model)
+    labels = batch_labels = tiny_batch["input_ids"].clone()
+    labels[0, :7] = -100
+    labels[1, :6] = -100
+    labels[1, 9] = -100  # a padded position
+    assert supports_labelled_head(model)
+    _assert_same(model, {**tiny_batch, "labels": batch_labels})
+
+
+def test_tiny_qwen2_5_vl_labelled_head_equals_the_models_loss(tmp_path):
+    """Tiny Qwen2.5-VL from its saved folder and chat collator (images of two shapes, right padding)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vlm_lora
+    from vlm_lora.architectures.tiny_processors import save_tiny_family
+    from vlm_lora.data.collate import ChatCollator
+    from vlm_lora.data.datasets import CaptionExample
+
+    folder = save_tiny_family("qwen2_5_vl", tmp_path / "qwen")
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").train()
+    collate = ChatCollator(AutoProcessor.from_pretrained(folder))
+    items = [(Image.new("RGB", size, (60 * i, 90, 200)), CaptionExample(f"{i}.png", [caption], row=i))
+             for i, (size, caption) in enumerate([((48, 48), "red"), ((64, 48), "a blue circle near the edge")])]
+    batch = collate(items)
+    vlm_lora.plan(model, "language_only").apply(model)
+    randomize_adapters(model)
+    assert supports_labelled_head(model)
+    _assert_same(model, batch)
+
+
+def test_other_models_keep_their_own_loss():
+    from vlm_lora.architectures.tiny_models import tiny_blip2_opt
+
+    assert not supports_labelled_head(tiny_blip2_opt())  # BLIP-2 slices logits itself: plain path
+
+
+@pytest.mark.parametrize("head_on_labels", [True, False])
+def test_caption_task_switch(tiny_llava, tiny_batch, head_on_labels):
+    """``train.head_on_labels`` picks the path; both give the same loss."""
+    from types import SimpleNamespace
+
+    from vlm_lora.train.tasks import CaptionTask
+
+    task = CaptionTask.__new__(CaptionTask)
+    task.recipe = SimpleNamespace(train=SimpleNamespace(head_on_labels=head_on_labels, kernels="none"))
+    labels = tiny_batch["input_ids"].clone()
+    labels[:, :6] = -100
+    batch = {**tiny_batch, "labels": labels}
+    seen = []
+    tiny_llava.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].dim()))
+    with torch.no_grad():
+        loss, units = task.loss(tiny_llava, batch)
+        torch.testing.assert_close(loss, tiny_llava(**batch).loss)
+    assert units == 2 * 4 and seen[0] == (2 if head_on_labels else 3)

@@ -1,0 +1,69 @@
+"""The next-token loss with ``lm_head`` applied to the labelled positions only.
+
+In a VLM batch most positions are image and prompt tokens whose labels are ``-100``: the model's own
+loss computes their logits ([B, S, vocab], then an fp32 copy) and throws them away. Here a forward
+pre-hook on the output embedding gathers the hidden states of the positions whose *next* token is
+labelled, so ``lm_head`` and the cross-entropy see [N, hidden] and [N, vocab] only (N = answer tokens).
+The loss is the model's own (mean cross-entropy over the labelled next tokens, fp32 logits) and so are
+the gradients: ignored positions contribute exact zeros to both. The whole model forward still runs
+through ``model(...)``, so autocast, DDP and FSDP hooks and LoRA on ``lm_head`` work as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from vlm_lora.data.datasets import IGNORE_INDEX
+
+# model types whose forward is ``logits = lm_head(hidden_states)`` over the whole sequence followed by
+# transformers' causal-LM loss (shift by one, ignore -100, mean): the gather below gives their loss exactly
+HEAD_ON_LABELS_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def supports_labelled_head(model) -> bool:
+    """Whether :func:`labelled_token_loss` computes ``model``'s own loss (DDP-wrapped models included)."""
+    inner = getattr(model, "module", model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    return (model_type in HEAD_ON_LABELS_MODEL_TYPES and hasattr(inner, "get_output_embeddings")
+            and isinstance(inner.get_output_embeddings(), torch.nn.Module))
+
+
+def training_kwargs(model) -> dict:
+    """``{"use_cache": False}`` when ``model``'s forward takes ``use_cache`` (or passes ``**kwargs`` on): a training forward needs no KV cache,
+    and with one each decoder layer writes its own cache slot, which makes ``torch.compile`` recompile every
+    layer (past the cache limit the rest run eager)."""
+    parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+    takes = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"use_cache": False} if takes else {}
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> [B, S]: the label each position predicts (the next one), ``-100`` at the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def labelled_token_loss(model, batch: dict, **forward_kwargs) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``batch`` (with ``labels`` [B, S]) over its labelled tokens,
+    ``lm_head`` applied to those positions only; equals ``model(**batch).loss``."""
+    targets = next_token_targets(batch["labels"]).flatten()  # [B * S]
+    # the one host sync (nonzero), before the forward is queued: the GPU has nothing to wait for yet
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [N]
+    head = getattr(model, "module", model).get_output_embeddings()
+
+    def gather(module, args):
+        hidden = args[0]  # [B, S, hidden]
+        return (hidden.flatten(0, -2).index_select(0, index), *args[1:])  # [N, hidden]
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **forward_kwargs).logits  # [N, vocab]
+    finally:
+        handle.remove()
+    if logits.dim() != 2 or logits.shape[0] != index.numel():
+        raise RuntimeError(f"labelled-position loss: {type(getattr(model, 'module', model)).__name__} returned logits "
+                           f"{tuple(logits.shape)} from {index.numel()} gathered positions; set "
+                           f"train.head_on_labels: false for this model")
+    return F.cross_entropy(logits.float(), targets.index_select(0, index), ignore_index=IGNORE_INDEX)
