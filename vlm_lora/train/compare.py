@@ -71,7 +71,8 @@ def _row(variant: str, run_dir: Path, results: dict, recipe: Recipe, peak_mb: fl
     samples = recipe.train.batch_size * recipe.train.grad_accum
     step_times = [samples / m["samples_per_s"] for m in metrics if m.get("samples_per_s")][1:]  # first: warm-up
     adapted = results.get("adapted", {})
-    metric = next((k for k in ("cider", "accuracy") if k in adapted), None)
+    preferred = (recipe.train.metric_for_best, "cider", "accuracy")
+    metric = next((k for k in preferred if k and k in adapted), None)
     return {"variant": variant, "trainable_params": trainable, "peak_memory_mb": peak_mb,
             "train_state_mb": trainable * 16 / 2 ** 20,
             "step_time_s": statistics.median(step_times) if step_times else None,

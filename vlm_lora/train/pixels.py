@@ -57,7 +57,7 @@ def apply_video_options(recipe, processor) -> None:
         raise TrainingError(f"data.video.max_pixels: {name} resizes every frame to a fixed size; remove it")
     if supports_video(processor):
         set_video_options(processor, video.fps, video.max_frames, video.max_pixels)
-    elif video.model_fields_set:
+    elif video != type(video)():  # set to anything but the defaults (a re-validated dump sets every field)
         raise TrainingError(f"data.video: {name} takes no videos here (video is supported for Qwen2-VL, Qwen2.5-VL, "
                             "Qwen3-VL and LLaVA-OneVision); remove data.video")
 

@@ -38,7 +38,8 @@ class CaptionTask:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         """(mean loss over answer tokens, number of answer tokens); ``lm_head`` sees only the answer
         positions when ``train.head_on_labels`` is on and the model's loss allows it (same loss)."""
-        cfg, kwargs = self.recipe.train, training_kwargs(model)
+        cfg = self.recipe.train
+        kwargs = {k: v for k, v in training_kwargs(model).items() if k not in batch}  # a packed batch sets its own
         if cfg.head_on_labels and cfg.kernels != "liger_flce" and supports_labelled_head(model):
             return labelled_token_loss(model, batch, **kwargs), self.count_units(batch)
         return model(**batch, **kwargs).loss, self.count_units(batch)
