@@ -95,6 +95,11 @@ def test_budget_trains_saves_and_survives_export(qwen_dir, tmp_path, capsys):
     exported = AutoProcessor.from_pretrained(tmp_path / "merged")
     assert (exported.image_processor.size["shortest_edge"], exported.image_processor.size["longest_edge"]) == (4096, 9216)
     assert _image_tokens(exported, [Image.new("RGB", (48, 48))]) == 64
+    from vlm_lora.adapters.export import export  # the serving export's base folder carries the budget too
+
+    export(str(qwen_dir), [tmp_path / "run" / "adapter"], tmp_path / "served", "vllm")
+    served = AutoProcessor.from_pretrained(tmp_path / "served" / "base")
+    assert (served.image_processor.size["shortest_edge"], served.image_processor.size["longest_edge"]) == (4096, 9216)
     # eval with the adapter: the base processor takes the adapter's budget; adapters that disagree are refused
     import shutil
 
