@@ -17,7 +17,7 @@ import yaml
 from conftest import ASSET_DATA, ASSET_MODEL, REPO
 from test_training_runs import _adapter, _cli, _recipe
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlm_lora", "finetune"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm_lora", "finetune"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 
 
@@ -185,6 +185,6 @@ def test_sharded_clip_equals_torch_clip_on_the_whole_model(tmp_path):
     script = tmp_path / "clip_check.py"
     script.write_text(CLIP_CHECK)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

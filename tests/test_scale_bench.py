@@ -21,7 +21,7 @@ def test_scale_bench_runs_both_setups_on_cpu():
 
     expected = sum(p.numel() for p in meta_model(qwen_config(2, 2, 64), "float32").parameters())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(REPO / "bench" / "scale.py"), "--layers", "2", "--vision-layers", "2", "--shrink", "64",
                              "--batch", "1", "--length", "32", "--steps", "1", "--dtype", "float32"],
                             capture_output=True, text=True, env=env, timeout=300)

@@ -176,7 +176,7 @@ def test_rank_with_a_text_only_batch_keeps_in_step_under_fsdp(one_process_text_f
     """FSDP with sharded loading; DDP is the 2-node test below (the same data, ranks and check)."""
     mode = "fsdp"
     recipe = _text_first_recipe(tmp_path, "two", mode)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlm_lora",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm_lora",
                              "finetune", str(recipe)], capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     _check_memory_rows(tmp_path / "two", result.stderr, ranks=2)

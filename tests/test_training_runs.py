@@ -76,7 +76,7 @@ def test_two_processes_match_one_process_with_doubled_accumulation(tmp_path):
     # no dropout: each process draws its own dropout masks, which one process would draw in sequence
     one = _cli("finetune", str(_recipe(tmp_path, "one", dropout=0.0, grad_accum=2, max_steps=3, save_steps=None)))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlm_lora",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm_lora",
                           "finetune", str(_recipe(tmp_path, "two", dropout=0.0, grad_accum=1, max_steps=3, save_steps=None))],
                          capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
