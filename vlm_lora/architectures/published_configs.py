@@ -33,6 +33,7 @@ _MLLAMA_VISION = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_la
                   "vision_output_dim": 7680, "intermediate_layers_indices": [3, 7, 15, 23, 30]}
 _MROPE = {"rope_type": "default", "mrope_section": [16, 24, 24]}
 _INTERLEAVED_MROPE = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}  # Qwen3-VL
+_QWEN_VL_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652}
 
 
 def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tie: bool, **extra) -> dict:
@@ -83,24 +84,24 @@ PUBLISHED_CONFIGS: dict[str, tuple[str, dict]] = {
         "text_config": {**_qwen2(3584, 18944, 28, 28, 4, 152064, False, max_position_embeddings=32768),
                         "model_type": "qwen2_vl_text", "rope_scaling": _MROPE},
         "vision_config": {**_QWEN2_VIT, "hidden_size": 3584},
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652}),
+        **_QWEN_VL_TOKENS}),
     "Qwen/Qwen2-VL-2B-Instruct": ("Qwen2VLConfig", {
         "text_config": {**_qwen2(1536, 8960, 28, 12, 2, 151936, True, max_position_embeddings=32768),
                         "model_type": "qwen2_vl_text", "rope_scaling": _MROPE},
         "vision_config": {**_QWEN2_VIT, "hidden_size": 1536},
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        **_QWEN_VL_TOKENS,
         "tie_word_embeddings": True}),
     "Qwen/Qwen2.5-VL-7B-Instruct": ("Qwen2_5_VLConfig", {
         "text_config": {**_qwen2(3584, 18944, 28, 28, 4, 152064, False, max_position_embeddings=128000),
                         "model_type": "qwen2_5_vl_text", "rope_scaling": _MROPE},
         "vision_config": {**_QWEN2_5_VIT, "out_hidden_size": 3584},
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        **_QWEN_VL_TOKENS,
         "tie_word_embeddings": False}),
     "Qwen/Qwen2.5-VL-3B-Instruct": ("Qwen2_5_VLConfig", {
         "text_config": {**_qwen2(2048, 11008, 36, 16, 2, 151936, True, max_position_embeddings=128000),
                         "model_type": "qwen2_5_vl_text", "rope_scaling": _MROPE},
         "vision_config": {**_QWEN2_5_VIT, "out_hidden_size": 2048},
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        **_QWEN_VL_TOKENS,
         "tie_word_embeddings": True}),
     "Qwen/Qwen3-VL-8B-Instruct": ("Qwen3VLConfig", {
         "text_config": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
@@ -108,7 +109,7 @@ PUBLISHED_CONFIGS: dict[str, tuple[str, dict]] = {
                         "max_position_embeddings": 262144, "rope_theta": 5000000.0, "tie_word_embeddings": False,
                         "rope_scaling": _INTERLEAVED_MROPE},
         "vision_config": {**_QWEN3_VIT, "out_hidden_size": 4096},
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        **_QWEN_VL_TOKENS,
         "tie_word_embeddings": False}),
     "Qwen/Qwen3-VL-30B-A3B-Instruct": ("Qwen3VLMoeConfig", {
         "text_config": {"hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
@@ -118,7 +119,7 @@ PUBLISHED_CONFIGS: dict[str, tuple[str, dict]] = {
                         "tie_word_embeddings": False,
                         "rope_scaling": _INTERLEAVED_MROPE},
         "vision_config": {**_QWEN3_VIT, "out_hidden_size": 2048},
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        **_QWEN_VL_TOKENS,
         "tie_word_embeddings": False}),
     # ---- Gemma 3, PaliGemma
     "google/gemma-3-4b-it": _gemma3(2560, 10240, 34, 8, 4, 256, 256),

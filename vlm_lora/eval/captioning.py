@@ -216,15 +216,17 @@ def compare_models(model, processor, dataset: CaptionDataset, adapters: list[tup
 @torch.no_grad()
 def generate_captions_mixed(model, processor, dataset: CaptionDataset, names: list[str | None], prompt: str,
                             batch_size: int = 32, max_new_tokens: int = 32, num_beams: int = 1,
-                            min_new_tokens: int = 0) -> list[list[str]]:
+                            min_new_tokens: int = 0, prompts: list[tuple[str, str]] | None = None) -> list[list[str]]:
     """Captions of every example by every adapter in ``names`` (None: the base model) in one pass:
     each generate call carries its ``batch_size`` images once per name (rows name-major), routed
-    per row with :func:`vlm_lora.adapters.multi.adapter_per_sample`. Returns one list per name."""
+    per row with :func:`vlm_lora.adapters.multi.adapter_per_sample`. Returns one list per name.
+
+    As in ``generate_captions``, a chat or video example is asked its conversation up to the last user
+    turn (``prompts``: those already rendered)."""
     from vlm_lora.adapters.multi import adapter_per_sample
 
     tokenizer = processor.tokenizer
-    # as generate_captions: a chat or video example is asked its conversation up to the last user turn
-    texts = [text for text, _ in example_prompts(processor, dataset.examples, prompt)]
+    texts = [text for text, _ in prompts or example_prompts(processor, dataset.examples, prompt)]
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -267,9 +269,10 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
     try:
         for name, label, adapter_dir in zip(names[1:], labels[1:], dirs):
             load_adapter(model, adapter_dir, name, full_as_delta=True, label=label)
+        prompts = example_prompts(processor, dataset.examples, prompt)
         start = time.perf_counter()
         generated = generate_captions_mixed(model, processor, dataset, names, prompt, batch_size, max_new_tokens,
-                                            num_beams, min_new_tokens)
+                                            num_beams, min_new_tokens, prompts=prompts)
         seconds = time.perf_counter() - start
     finally:
         for name in names[1:]:
@@ -286,8 +289,7 @@ def compare_models_mixed(model, processor, dataset: CaptionDataset, adapters: li
         log.info("%s: %s", label, format_metrics(metrics))
     log.info("mixed batches: %.2f samples/s (%d images x %d models in %.1fs)", speed["samples_per_s"], len(dataset),
              len(names), seconds)
-    users = [user for _, user in example_prompts(processor, dataset.examples, prompt)]
-    rows = [{"image": shown_path(ex), "prompt": users[i], "references": ex.captions,
+    rows = [{"image": shown_path(ex), "prompt": prompts[i][1], "references": ex.captions,
              "predictions": {label: captions[i] for label, captions in zip(labels, generated)},
              "cider": {label: cider[label][i] for label in labels}}
             for i, ex in enumerate(dataset.examples)]
