@@ -11,6 +11,7 @@ through ``model(...)``, so autocast, DDP and FSDP hooks and LoRA on ``lm_head`` 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -35,9 +36,13 @@ def training_kwargs(model) -> dict:
     """``{"use_cache": False}`` when ``model``'s forward takes ``use_cache`` (or passes ``**kwargs`` on): a training forward needs no KV cache,
     and with one each decoder layer writes its own cache slot, which makes ``torch.compile`` recompile every
     layer (past the cache limit the rest run eager)."""
-    parameters = inspect.signature(getattr(model, "module", model).forward).parameters
-    takes = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    return {"use_cache": False} if takes else {}
+    return {"use_cache": False} if _takes_use_cache(type(getattr(model, "module", model))) else {}
+
+
+@functools.cache  # called every step: read each model class's signature once
+def _takes_use_cache(model_class: type) -> bool:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
