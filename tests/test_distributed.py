@@ -178,6 +178,11 @@ norm = clip_grad_norm(list(model.parameters()), 0.5)
 diff = max((a.grad - b.grad.full_tensor()).abs().max().item() for a, b in zip(ref.parameters(), model.parameters()))
 assert abs(norm.item() - expected.item()) < 1e-4 * expected.item() and diff < 1e-6, (norm, expected, diff)
 dist.destroy_process_group()
+# torch 2.14's gloo threads can abort a finished process in its exit destructors ("terminate called without
+# an active exception", ~1 run in 10 on a loaded CPU): leave at once, the check above has passed
+import os, sys
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 '''
 
 
