@@ -9,11 +9,11 @@ from the published hyperparameters, with the tiny Qwen2.5-VL processor at the pr
 users run (LLaVA-1.5-7B 16, Qwen2.5-VL-7B 32):
 
   floor            the limit: the same model with no LoRA (base frozen, connector trained), HF Trainer with
-                   ``torch_compile`` (whole model, dynamic shapes), same data settings as ``hf_peft``
+                   ``torch_compile`` (whole model; fixed shapes: every batch padded to the longest sample), same data settings as ``hf_peft``
   hf_peft          ``transformers.Trainer`` + ``peft.get_peft_model`` as a user who tunes it runs it: bf16 on
                    CUDA, ``adamw_torch_fused``, length-grouped sampling, a padding collator, and as many
                    DataLoader workers as vlm-lora's default on this machine (``--workers``)
-  hf_peft_compile  the same with ``torch_compile=True`` (whole model, dynamic shapes)
+  hf_peft_compile  the same with ``torch_compile=True`` (whole model, fixed shapes as for the floor)
   vlm_lora         ``vlm-lora finetune`` on a generated recipe (its real loop, its defaults; recipe keys via
                    ``--vlm-set``); ``vlm_lora_packed``: ``data.packing: true``; ``vlm_lora_compile``:
                    ``train.compile: true``; ``vlm_lora_liger``: ``train.kernels: liger`` (CUDA);
@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_data import (PROMPT, REPO, CaptionRows, PaddingCollator, build_model_folder, conversation,  # noqa: E402,F401
-                      llava_config, make_data, qwen_config, real_tokens)
+                      llava_config, make_data, qwen_config, real_tokens, row_tokens)
 
 PRESETS = {
     # vision hidden/layers, image px, patch, text hidden/layers, MLP width, model vocab, batch, steps
@@ -119,8 +119,9 @@ def run_hf(model_dir: Path, data: Path, out: Path, args, lora: bool, compile: bo
         for name, module in model.named_modules():
             if name.endswith("." + connector):
                 module.requires_grad_(True)
-    if compile:  # padded batches change length every step: one dynamic-shape graph, not a recompile per length
-        os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = "1"
+    # Compiled systems get fixed shapes, as a user who compiles would arrange: every batch padded to the
+    # longest sample, so one static graph serves every step (dynamic shapes compiled for over 220 s on a 7B).
+    max_length = max(row_tokens(model_dir, data)) if compile else None
     fields = TrainingArguments.__dataclass_fields__
     grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields
                 else {"group_by_length": True})  # older transformers
@@ -144,7 +145,7 @@ def run_hf(model_dir: Path, data: Path, out: Path, args, lora: bool, compile: bo
 
     clock = StepClock()
     trainer = Trainer(model=model, args=training_args, train_dataset=CaptionRows(data, processor.tokenizer),
-                      data_collator=PaddingCollator(processor), callbacks=[clock])
+                      data_collator=PaddingCollator(processor, max_length), callbacks=[clock])
     trainer.train()
     return clock.times
 
@@ -252,7 +253,8 @@ def main() -> None:
     if not (work / "model" / "config.json").is_file():
         build_model_folder(p, work / "model", args.device)
     data = make_data(work / "data", n_samples, p["img"])
-    tokens = real_tokens(work / "model", data)
+    lengths = row_tokens(work / "model", data)
+    tokens = sum(lengths)
     lm_params = language_model_params(work / "model")
     args.device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}"
     rows = earlier_rows(args)
@@ -274,6 +276,9 @@ def main() -> None:
         measured = json.loads(result[-1][4:])
         rows[system] = summarize(system, measured["times"], measured["peak_mib"], tokens, n_samples, args,
                                  measured["setup_s"], lm_params)
+        if HF_SYSTEMS.get(system, {}).get("compile"):  # its batches are padded: say how much of them is padding
+            rows[system]["settings"] = {**rows[system]["settings"], "fixed_length": max(lengths),
+                                        "padding_share": round(1 - tokens / (max(lengths) * len(lengths)), 3)}
         if "floor" in rows:
             rows[system]["vs_floor"] = round(rows[system]["steady_step_s"] / rows["floor"]["steady_step_s"], 3)
         print(json.dumps(rows[system]), flush=True)

@@ -116,19 +116,24 @@ def conversation(caption: str) -> list[dict]:
             {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
 
 
-def real_tokens(model_dir: Path, data: Path) -> int:
-    """Image + text tokens of every sample (what a padding-free batch holds)."""
+def row_tokens(model_dir: Path, data: Path) -> list[int]:
+    """Image + text tokens of each sample (what a padding-free batch holds of it)."""
     from PIL import Image
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    total = 0
+    lengths = []
     for line in data.read_text().splitlines():
         row = json.loads(line)
         text = processor.apply_chat_template(conversation(row["caption"]), tokenize=False)
         image = Image.open(data.parent / row["image"]).convert("RGB")
-        total += processor(images=[image], text=[text], return_tensors="pt")["input_ids"].shape[1]
-    return total
+        lengths.append(processor(images=[image], text=[text], return_tensors="pt")["input_ids"].shape[1])
+    return lengths
+
+
+def real_tokens(model_dir: Path, data: Path) -> int:
+    """Image + text tokens of every sample."""
+    return sum(row_tokens(model_dir, data))
 
 
 
@@ -151,8 +156,9 @@ class CaptionRows(torch.utils.data.Dataset):
 class PaddingCollator:
     """What LLaVA/TRL scripts do: render, process with ``padding=True``, labels = answer tokens."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, max_length: int | None = None):
         self.processor = processor
+        self.max_length = max_length  # pad every batch to this length (fixed shapes for torch.compile)
         processor.tokenizer.padding_side = "right"  # training pads right (LLaVA's train.py does the same)
 
     def __call__(self, items: list[dict]) -> dict:
@@ -162,7 +168,8 @@ class PaddingCollator:
         texts = [self.processor.apply_chat_template(conversation(it["caption"]), tokenize=False) for it in items]
         prompts = [self.processor.apply_chat_template(conversation(it["caption"])[:1], tokenize=False,
                                                       add_generation_prompt=True) for it in items]
-        batch = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        padding = dict(padding="max_length", max_length=self.max_length) if self.max_length else dict(padding=True)
+        batch = self.processor(images=images, text=texts, return_tensors="pt", **padding)
         prompt_lens = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")[
             "attention_mask"].sum(1)
         labels = batch["input_ids"].clone()

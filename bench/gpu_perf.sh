@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The README's performance rows on one GPU, in two calls of under 10 minutes made back to back on one
+# The README's performance rows on one GPU, in three calls of under 10 minutes made back to back on one
 # machine (JSON lines and profiler tables in $OUT; e2e rows also appended to bench/results/e2e_*.jsonl):
 #   bash bench/gpu_perf.sh llava   end to end on LLaVA-1.5-7B shapes: floor (compiled), hf_peft, vlm_lora,
-#                                  vlm_lora_compile, hf_peft_compile
-#   bash bench/gpu_perf.sh rest    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile; then the
-#                                  LoRA step at LLaVA-1.5-7B shapes (floor, vlm-lora with the model's loss and with
-#                                  lm_head on labelled positions), profiled
+#                                  vlm_lora_compile
+#   bash bench/gpu_perf.sh family  end to end hf_peft_compile on the same shapes (its rows join llava's through
+#                                  bench/results/), then the LoRA family on the step bench (floor, LoRA, DoRA,
+#                                  VeRA, DyLoRA, AdaLoRA, QLoRA), profiled
+#   bash bench/gpu_perf.sh qwen    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile
 #   bash bench/gpu_perf.sh step    the LoRA step alone: floor, PEFT, vlm-lora (model's loss / labelled head), DoRA,
 #                                  and regionally compiled floor and vlm-lora, every variant profiled
 # Batch sizes: the presets' (LLaVA 16, Qwen 32: an H200's memory), or LLAVA_BATCH / QWEN_BATCH (8 fits an H100).
@@ -19,7 +20,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/prof bench/results
 DEVICE=${DEVICE:-cuda}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD/.whl/site:$PWD  # .whl/site: unpacked packages (bitsandbytes, its CUDA 13 builds)
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -37,20 +38,27 @@ nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
 case "$MODE" in
   llava)
     echo "== e2e ($LLAVA)"
-    timeout 555 python3 bench/e2e.py $LLAVA --systems floor,hf_peft,vlm_lora,vlm_lora_compile,hf_peft_compile \
-      --system-timeout 220 --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
+    timeout 560 python3 bench/e2e.py $LLAVA --systems floor,hf_peft,vlm_lora,vlm_lora_compile \
+      --system-timeout 260 --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
       2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
     cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
     ;;
-  rest)
+  family)
+    echo "== e2e hf_peft_compile ($LLAVA)"
+    timeout 300 python3 bench/e2e.py $LLAVA --systems hf_peft_compile --system-timeout 280 --work /tmp/e2e_llava \
+      --results bench/results/e2e_llava_b$LB.jsonl 2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
+    cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
+    echo "== LoRA step, batch $LB: the LoRA family next to LoRA, profiled"
+    timeout ${STEP_TIMEOUT:-270} python3 bench/lora_step.py $STEP --variants \
+      ${VARIANTS:-floor,vlm_lora,vlm_lora_head,vlm_lora_dora,peft_vera,vlm_lora_vera,vlm_lora_dylora,vlm_lora_adalora,vlm_lora_qlora} \
+      --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_family_b$LB.jsonl"
+    for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
+    ;;
+  qwen)
     echo "== e2e ($QWEN)"
-    timeout 260 python3 bench/e2e.py $QWEN --steps 16 --systems hf_peft,vlm_lora,vlm_lora_compile --system-timeout 120 \
+    timeout 560 python3 bench/e2e.py $QWEN --systems hf_peft,vlm_lora,vlm_lora_compile --system-timeout 170 \
       --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b$QB.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
     cp bench/results/e2e_qwen_b$QB.jsonl "$OUT/"
-    echo "== LoRA step, batch $LB, profiled"
-    timeout 100 python3 bench/lora_step.py $STEP --variants floor,vlm_lora,vlm_lora_head --profile-dir /tmp/prof \
-      2>"$OUT/step.err" | tee "$OUT/step_b$LB.jsonl"
-    for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     ;;
   step)
     echo "== LoRA step, batch $LB: eager and regionally compiled, lm_head on every / labelled position, profiled"
@@ -59,6 +67,6 @@ case "$MODE" in
       --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_b$LB.jsonl"
     for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     ;;
-  *) echo "unknown mode $MODE; valid: llava, rest, step"; exit 2 ;;
+  *) echo "unknown mode $MODE; valid: llava, family, qwen, step"; exit 2 ;;
 esac
 echo "== done"

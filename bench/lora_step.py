@@ -337,13 +337,20 @@ def main() -> None:
             quantize_language_decoder(model)
             quantized = True
         step_model, undo = setup_variant(model, variant, arch)
-        result = time_variant(step_model, batch, args.device, autocast, steps, warmup, variant)
-        if args.profile_dir:
-            result["profile"] = profile_variant(step_model, batch, args.device, autocast,
-                                                f"{args.profile_dir}/profile_{variant}.txt", variant)
+        try:
+            result = time_variant(step_model, batch, args.device, autocast, steps, warmup, variant)
+            if args.profile_dir:
+                result["profile"] = profile_variant(step_model, batch, args.device, autocast,
+                                                    f"{args.profile_dir}/profile_{variant}.txt", variant)
+        except torch.cuda.OutOfMemoryError:  # one variant over the card's memory: say so, run the others
+            result = None
         for fn in reversed(undo):
             fn()
         model.requires_grad_(False)
+        if result is None:
+            torch.cuda.empty_cache()
+            print(json.dumps({"variant": variant, "error": "out of GPU memory", **shape}), flush=True)
+            continue
         result.update(variant=variant, tokens_per_s=round(tokens / result["step_s"]), **shape)
         result["step_s"] = round(result["step_s"], 4)
         results[variant] = result
