@@ -84,3 +84,21 @@ def test_hf_systems_get_vlm_loras_default_workers():
     assert parser_default >= (1 if len(os.sched_getaffinity(0)) > 1 else 0)
     assert set(e2e.HF_SYSTEMS) == {"floor", "hf_peft", "hf_peft_compile"}
     assert e2e.HF_SYSTEMS["floor"] == {"lora": False, "compile": True}
+
+
+def test_fixed_length_collator_pads_to_the_longest_sample_and_labels_the_same_tokens(tmp_path):
+    """The compiled HF systems' batches all have the data set's longest length (one static graph) and
+    label exactly the tokens of the padding=True batch; the rows name the padding share."""
+    from transformers import AutoProcessor
+
+    data = e2e.make_data(tmp_path, 4, 48)
+    processor = AutoProcessor.from_pretrained(ASSET_MODEL)
+    items = e2e.CaptionRows(data, processor.tokenizer)
+    lengths = e2e.row_tokens(ASSET_MODEL, data)
+    longest = max(lengths)
+    dynamic = e2e.PaddingCollator(processor)([items[i] for i in range(2)])
+    fixed = e2e.PaddingCollator(processor, longest)([items[i] for i in range(2)])
+    assert fixed["input_ids"].shape[1] == longest and fixed["attention_mask"].sum(1).tolist() == lengths[:2]
+    width = dynamic["labels"].shape[1]
+    torch.testing.assert_close(fixed["labels"][:, :width], dynamic["labels"])
+    assert (fixed["labels"][:, width:] == -100).all()
