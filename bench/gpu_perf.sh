@@ -3,9 +3,9 @@
 # machine (JSON lines and profiler tables in $OUT; e2e rows also appended to bench/results/e2e_*.jsonl):
 #   bash bench/gpu_perf.sh llava   end to end on LLaVA-1.5-7B shapes: floor (compiled), hf_peft, vlm_lora,
 #                                  vlm_lora_compile
-#   bash bench/gpu_perf.sh family  end to end hf_peft_compile on the same shapes (its rows join llava's through
-#                                  bench/results/), then the LoRA family on the step bench (floor, LoRA, DoRA,
-#                                  VeRA, DyLoRA, AdaLoRA, QLoRA), profiled
+#   bash bench/gpu_perf.sh family  the LoRA family on the step bench (floor, LoRA, DoRA, VeRA, DyLoRA, AdaLoRA,
+#                                  QLoRA), profiled; then end to end E2E_SYSTEMS (default hf_peft_compile) on
+#                                  the llava shapes (rows join llava's through bench/results/)
 #   bash bench/gpu_perf.sh qwen    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile
 #   bash bench/gpu_perf.sh step    the LoRA step alone: floor, PEFT, vlm-lora (model's loss / labelled head), DoRA,
 #                                  and regionally compiled floor and vlm-lora, every variant profiled
@@ -44,15 +44,16 @@ case "$MODE" in
     cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
     ;;
   family)
-    echo "== e2e hf_peft_compile ($LLAVA)"
-    timeout 300 python3 bench/e2e.py $LLAVA --systems hf_peft_compile --system-timeout 280 --work /tmp/e2e_llava \
-      --results bench/results/e2e_llava_b$LB.jsonl 2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
-    cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
     echo "== LoRA step, batch $LB: the LoRA family next to LoRA, profiled"
     timeout ${STEP_TIMEOUT:-270} python3 bench/lora_step.py $STEP --variants \
       ${VARIANTS:-floor,vlm_lora,vlm_lora_head,vlm_lora_dora,peft_vera,vlm_lora_vera,vlm_lora_dylora,vlm_lora_adalora,vlm_lora_qlora} \
       --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_family_b$LB.jsonl"
     for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
+    echo "== e2e ${E2E_SYSTEMS:-hf_peft_compile} ($LLAVA)"
+    timeout ${E2E_TIMEOUT:-300} python3 bench/e2e.py $LLAVA --systems ${E2E_SYSTEMS:-hf_peft_compile} \
+      --system-timeout 280 --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
+      2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
+    cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
     ;;
   qwen)
     echo "== e2e ($QWEN)"
