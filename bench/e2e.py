@@ -121,7 +121,7 @@ def run_hf(model_dir: Path, data: Path, out: Path, args, lora: bool, compile: bo
                 module.requires_grad_(True)
     # Compiled systems get fixed shapes, as a user who compiles would arrange: every batch padded to the
     # longest sample, so one static graph serves every step (dynamic shapes compiled for over 220 s on a 7B).
-    max_length = max(row_tokens(model_dir, data)) if compile else None
+    max_length = args.fixed_length if compile else None
     fields = TrainingArguments.__dataclass_fields__
     grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields
                 else {"group_by_length": True})  # older transformers
@@ -234,6 +234,7 @@ def main() -> None:
                         "rows of the same preset, batch, steps and device count for vs_floor and the ratios")
     parser.add_argument("--system-timeout", type=float, default=None, help="seconds one system may run")
     parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child process: run this one
+    parser.add_argument("--fixed-length", type=int, default=None, help=argparse.SUPPRESS)  # compiled HF systems' pad
     args = parser.parse_args()
     args.preset = args.preset or ("llava-7b" if args.device == "cuda" else "cpu")
     p = PRESETS[args.preset]
@@ -261,7 +262,7 @@ def main() -> None:
     for system in systems:
         command = [sys.executable, __file__, "--system", system, "--work", str(work), "--device", args.device,
                    "--preset", args.preset, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--workers", str(args.workers)]
+                   "--workers", str(args.workers), "--fixed-length", str(max(lengths))]
         command += [f"--vlm-set={s}" for s in args.vlm_set]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         try:
