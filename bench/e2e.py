@@ -89,14 +89,15 @@ def run_vlm_lora(model_dir: Path, data: Path, out: Path, args, overrides: list[s
                        "connector": {"mode": "full"}, "vision_encoder": {"mode": "frozen"}},
         "data": {"train": str(data), "prompt": PROMPT, "num_workers": args.workers},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": 2e-4, "warmup_steps": 0,
-                  "log_steps": 1, "save_steps": None, "eval_base": False, "tensorboard": False,
+                  "log_steps": args.steps, "save_steps": None, "eval_base": False, "tensorboard": False,
                   "mixed_precision": "bf16" if cuda else "no"},
         "output_dir": str(out),
     }
     finetune(validate_recipe(apply_overrides(recipe, overrides + args.vlm_set)), overwrite=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # log_steps 1: each row's samples_per_s covers exactly one step (data, forward, backward, optimizer)
-    return [args.batch / r["samples_per_s"] for r in rows if "samples_per_s" in r]
+    # host wall time of each step, read the way the HF rows read theirs (a callback at each step's end, one
+    # log at the end): with no per-step host sync the host runs ahead, and the times sum to the run's
+    return [t for r in rows for t in r.get("step_seconds", [])]
 
 
 def run_hf(model_dir: Path, data: Path, out: Path, args, lora: bool, compile: bool) -> list[float]:
@@ -272,7 +273,11 @@ def main() -> None:
             continue
         result = [line for line in done.stdout.splitlines() if line.startswith("E2E ")]
         if done.returncode or not result:
-            print(json.dumps({"system": system, "error": done.stderr.strip().splitlines()[-3:]}), flush=True)
+            log_file = work / f"{system}.failed.log"  # the child's whole output: the last lines may be a progress bar
+            log_file.write_text(f"exit status {done.returncode}\n== stdout\n{done.stdout}\n== stderr\n{done.stderr}")
+            tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
+            print(json.dumps({"system": system, "error": tail, "returncode": done.returncode, "log": str(log_file)}),
+                  flush=True)
             continue
         measured = json.loads(result[-1][4:])
         rows[system] = summarize(system, measured["times"], measured["peak_mib"], tokens, n_samples, args,

@@ -38,10 +38,10 @@ nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
 case "$MODE" in
   llava)
     echo "== e2e ($LLAVA)"
-    timeout 560 python3 bench/e2e.py $LLAVA --systems floor,hf_peft,vlm_lora,vlm_lora_compile \
-      --system-timeout 260 --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
+    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $LLAVA --systems ${E2E_SYSTEMS:-floor,hf_peft,vlm_lora,vlm_lora_compile} \
+      --system-timeout ${SYSTEM_TIMEOUT:-260} --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
       2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
-    cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
+    cp bench/results/e2e_llava_b$LB.jsonl /tmp/e2e_llava/*.failed.log "$OUT/" 2>/dev/null
     ;;
   family)
     echo "== LoRA step, batch $LB: the LoRA family next to LoRA, profiled"
@@ -59,7 +59,7 @@ case "$MODE" in
     echo "== e2e ($QWEN)"
     timeout 560 python3 bench/e2e.py $QWEN --systems hf_peft,vlm_lora,vlm_lora_compile --system-timeout 170 \
       --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b$QB.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
-    cp bench/results/e2e_qwen_b$QB.jsonl "$OUT/"
+    cp bench/results/e2e_qwen_b$QB.jsonl /tmp/e2e_qwen/*.failed.log "$OUT/" 2>/dev/null
     ;;
   step)
     echo "== LoRA step, batch $LB: eager and regionally compiled, lm_head on every / labelled position, profiled"

@@ -28,6 +28,7 @@ line of ratios to the matching floor. Examples::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -242,7 +243,9 @@ def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: 
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
     del optimizer
-    return {"step_s": statistics.median(times), "peak_mib": peak, "loss": loss.item(),
+    # what stays allocated between steps (weights, gradients freed): the base's share of the peak
+    resident = torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else None
+    return {"step_s": statistics.median(times), "peak_mib": peak, "resident_mib": resident, "loss": loss.item(),
             "trainable": sum(p.numel() for p in trainable)}
 
 
@@ -288,11 +291,30 @@ def profile_variant(model, batch, device: str, autocast_dtype, path: str, varian
             **{f"{k}_ms": round(v, 1) for k, v in kinds.items()}}
 
 
+def run_variant(model, variant: str, arch, batch: dict, args, autocast, steps: int, warmup: int) -> dict | None:
+    """Time (and profile) ``variant`` on ``model``, then undo it; None when it ran out of GPU memory.
+
+    A function of its own so that the variant's layers (held by its undo closures, and through them the
+    base linears) are gone when it returns: ``quantize_language_decoder`` must leave no bf16 copy alive."""
+    step_model, undo = setup_variant(model, variant, arch)
+    try:
+        result = time_variant(step_model, batch, args.device, autocast, steps, warmup, variant)
+        if args.profile_dir:
+            result["profile"] = profile_variant(step_model, batch, args.device, autocast,
+                                                f"{args.profile_dir}/profile_{variant}.txt", variant)
+    except torch.cuda.OutOfMemoryError:  # one variant over the card's memory: say so, run the others
+        result = None
+    for fn in reversed(undo):
+        fn()
+    return result
+
+
 def quantize_language_decoder(model) -> None:
     from vlm_lora.quantize import quantize_linears
 
     quantize_linears(model, ["model.language_model"], compute_dtype="bfloat16" if model.dtype == torch.bfloat16
                      else "float32")
+    gc.collect()  # the replaced bf16 linears, before the peak of the QLoRA variant is measured
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -336,16 +358,7 @@ def main() -> None:
         if variant.endswith("qlora") and not quantized:
             quantize_language_decoder(model)
             quantized = True
-        step_model, undo = setup_variant(model, variant, arch)
-        try:
-            result = time_variant(step_model, batch, args.device, autocast, steps, warmup, variant)
-            if args.profile_dir:
-                result["profile"] = profile_variant(step_model, batch, args.device, autocast,
-                                                    f"{args.profile_dir}/profile_{variant}.txt", variant)
-        except torch.cuda.OutOfMemoryError:  # one variant over the card's memory: say so, run the others
-            result = None
-        for fn in reversed(undo):
-            fn()
+        result = run_variant(model, variant, arch, batch, args, autocast, steps, warmup)
         model.requires_grad_(False)
         if result is None:
             torch.cuda.empty_cache()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -42,3 +43,27 @@ def test_bench_qwen_preset_runs_floor_peft_and_vlm_lora_side_by_side():
     assert list(rows) == variants and rows["floor"]["seq"] == 1 + 4 + 8  # vision start + 4 image + 8 text tokens
     assert rows["peft"]["trainable"] == rows["vlm_lora"]["trainable"] > rows["floor"]["trainable"]
     assert rows["vlm_lora_vision"]["trainable"] > rows["vlm_lora"]["trainable"]
+
+
+def test_quantizing_after_a_variant_leaves_no_full_precision_copy_of_the_decoder():
+    """The step bench quantizes the base after the eager variants; were their layers still alive, the old
+    linears' weights would stay allocated and count in the QLoRA row's memory."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    pytest.importorskip("bitsandbytes")
+    sys.path.insert(0, str(REPO / "bench"))
+    import lora_step
+
+    preset = lora_step.PRESETS["tiny"]
+    model = lora_step.build_model(preset, "cpu", torch.float32)
+    arch = lora_step.ARCH[preset.get("arch", "llava")]
+    batch = lora_step.make_batch(preset, model, "cpu", torch.float32)
+    old = [weakref.ref(m.weight) for n, m in model.named_modules()
+           if n.startswith("model.language_model") and type(m) is torch.nn.Linear]
+    args = SimpleNamespace(device="cpu", profile_dir=None)
+    assert lora_step.run_variant(model, "vlm_lora", arch, batch, args, None, 1, 0)["step_s"] > 0
+    lora_step.quantize_language_decoder(model)
+    gc.collect()
+    assert old and all(ref() is None for ref in old)

@@ -168,3 +168,44 @@ def test_quickstart_runs_on_a_4bit_base(tmp_path):
     bad = _cli("finetune", str(_recipe(tmp_path, "pissa", max_steps=1)), "--set", "model.quantization.bits=4",
                "--set", "components.language_decoder.init=pissa")
     assert bad.returncode == 2 and "pissa needs a full-precision base" in bad.stderr
+
+
+def test_a_deferred_divergence_check_stops_where_a_per_step_check_does(tmp_path):
+    """log_steps 1 reads the loss every step; log_steps 8 lets the device record the first bad step and reads
+    it before the next save: the same step is named and the same (finite) checkpoints are on disk."""
+    results, kept = {}, {}
+    for log_steps in (1, 8):
+        name = f"nan_every_{log_steps}"
+        result = _cli("finetune", str(_recipe(tmp_path, name, learning_rate=1.0e6, max_grad_norm=None,
+                                              log_steps=log_steps, save_steps=3)))
+        assert result.returncode == 2, result.stderr[-2000:]
+        results[log_steps] = result.stderr[result.stderr.index("training diverged at step"):].split(";")[0]
+        kept[log_steps] = sorted(p.name for p in (tmp_path / name).glob("checkpoint-*"))
+    assert results[1] == results[8], results
+    assert kept[1] == kept[8], kept
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """Reading a tensor on the host (.item(), bool(), float()) makes the host wait for the GPU; the step (loop,
+    task, loss) does it only at log steps: 2 and 6 steps with one log each make the same number of reads."""
+    from vlm_lora.recipe import load_recipe
+    from vlm_lora.train.loop import finetune
+
+    step_files = {str(REPO / "vlm_lora" / "train" / f) for f in ("loop.py", "tasks.py", "loss.py", "guard.py")}
+    reads = []
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename in step_files:
+                reads.append(original.__name__)
+            return original(self, *args, **kwargs)
+        return read
+
+    for method in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, counting(getattr(torch.Tensor, method)))
+    counts = {}
+    for steps in (2, 6):
+        before = len(reads)
+        finetune(load_recipe(_recipe(tmp_path, f"steps_{steps}", max_steps=steps, log_steps=steps, save_steps=None)))
+        counts[steps] = len(reads) - before
+    assert counts[2] == counts[6] and counts[2] > 0, counts  # > 0: the log step's reads are seen

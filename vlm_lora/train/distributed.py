@@ -105,8 +105,8 @@ def gradient_sync(model: nn.Module, accelerator, sync: bool):
             yield
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale the gradients in place so that their global L2 norm is at most ``max_norm``; returns the norm.
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``params`` (0-d fp32 tensor, no host sync).
 
     Sharded gradients contribute their local squares to one all-reduce (torch's own ``clip_grad_norm_``
     reduces every DTensor gradient separately: hundreds of small collectives per step with LoRA);
@@ -125,9 +125,15 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     total = squares(sharded)
     if sharded and dist.is_initialized():
         dist.all_reduce(total)
-    total = (total + squares(replicated)).sqrt()
+    return (total + squares(replicated)).sqrt()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients in place so that their global L2 norm is at most ``max_norm``; returns the norm."""
+    total = grad_norm(params)
+    grads = [local(p.grad) for p in params if p.grad is not None]
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(sharded + replicated, scale)
+    torch._foreach_mul_(grads, scale)
     return total
 
 
@@ -300,7 +306,7 @@ def eval_loss_split(task, model, dataset, batch_size: int, collate_to_device) ->
         chunk = batches[k] if k < len(batches) else indices[-1:]
         loss, n = task.loss(model, collate_to_device([dataset[i] for i in chunk]))
         if k < len(batches):
-            total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+            total += torch.tensor([loss.item() * float(n), float(n)], dtype=torch.float64)
     model.train(was_training)
     if size > 1:
         device = next(model.parameters()).device

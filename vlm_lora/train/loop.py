@@ -33,6 +33,7 @@ from vlm_lora.adapters.peft_format import save_adapter
 from vlm_lora.train.checkpoint import (load_trainer_state, rank_rng_state, restore_weights, rng_state,
                                        save_checkpoint, set_rng_state)
 from vlm_lora.train import distributed, memory, sharded_load
+from vlm_lora.train.guard import DivergenceGuard
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
 from vlm_lora.train.optim import lr_lambda, make_optimizer, param_groups
@@ -173,14 +174,23 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not main)
-    window = {"loss": 0.0, "samples": 0, "start": time.time()}
+    window = {"loss": 0.0, "samples": 0, "start": time.time(), "step_seconds": []}
     last_saved = False
     peaks: list[float] = []
     model.train()
+    guard = DivergenceGuard(accelerator.device)
+
+    def stop_if_diverged() -> None:  # one host sync; every rank calls it at the same steps
+        found = guard.check()
+        if found is not None:
+            raise TrainingError(divergence_error(out, found[0], found[1], recipe))
+
     while step < total_steps:
+        step_started = time.perf_counter()
         batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
-        units = [task.count_units(b) for b in batches]
-        total_units = accelerator.reduce(torch.tensor(float(sum(units)), device=accelerator.device), "sum").item()
+        # units (answer tokens, samples) per micro-batch and over every process: device tensors, no host sync
+        units = [torch.as_tensor(task.count_units(b), device=accelerator.device).double() for b in batches]
+        total_units = accelerator.reduce(torch.stack(units).sum(), "sum").clamp(min=1.0)
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for i, (batch, n) in enumerate(zip(batches, units)):
             sync = i == len(batches) - 1
@@ -188,39 +198,45 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
                 with scaling.autocast():
                     loss, _ = task.loss(model, batch)
                 # sum over micro-batches of (mean loss x units) / all units; DDP averages over processes
-                accelerator.backward(scaling.scale(loss * (n * world / max(total_units, 1.0))))
-            step_loss += loss.detach().double() * n  # no host sync per micro-batch
-        step_loss = accelerator.reduce(step_loss, "sum").item() / max(total_units, 1.0)
-        if not math.isfinite(step_loss):  # the same value on every rank: all stop, before the optimizer step
-            raise TrainingError(divergence_error(out, step, f"loss {step_loss}", recipe))
+                accelerator.backward(scaling.scale(loss * (n * world / total_units).to(loss.dtype)))
+            step_loss += loss.detach().double() * n
+        step_loss = accelerator.reduce(step_loss, "sum") / total_units
         scaling.unscale(optimizer)
         if cfg.max_grad_norm and fsdp:
-            distributed.clip_grad_norm(trainable, cfg.max_grad_norm)  # one all-reduce for every shard
+            norm = distributed.clip_grad_norm(trainable, cfg.max_grad_norm)  # one all-reduce for every shard
         elif cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        else:
+            norm = distributed.grad_norm(trainable)
+        # fp16: the scaler itself skips steps with inf/NaN gradients (and lowers the scale); only the loss counts
+        guard.record(step, step_loss, norm if not scaling.enabled else None)
         scaling.step(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if not distributed.all_finite(trainable):
-            raise TrainingError(divergence_error(out, step, "non-finite weights after the optimizer step", recipe))
         step += 1
         bar.update(1)
-        window["loss"] += step_loss
+        window["loss"] = window["loss"] + step_loss  # a device tensor, read at the log step
         window["samples"] += n_samples * world
+        window["step_seconds"].append(time.perf_counter() - step_started)  # host time; asynchronous, sums right
         if step % cfg.log_steps == 0 or step == total_steps:
+            stop_if_diverged()
             peaks = memory.rank_peaks(accelerator.device)  # collective: every rank
         if main and (step % cfg.log_steps == 0 or step == total_steps):
             n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
-            row = {"step": step, "epoch": loader.epoch(), "loss": window["loss"] / n_steps,
+            row = {"step": step, "epoch": loader.epoch(), "loss": float(window["loss"]) / n_steps,
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"]),
-                   "data_wait": loader.waited() / (time.time() - window["start"]), "peak_mem_mib": peaks}
+                   "data_wait": loader.waited() / (time.time() - window["start"]), "peak_mem_mib": peaks,
+                   "step_seconds": [round(t, 4) for t in window["step_seconds"]]}
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
-            window = {"loss": 0.0, "samples": 0, "start": time.time()}
+        if step % cfg.log_steps == 0 or step == total_steps:
+            window = {"loss": 0.0, "samples": 0, "start": time.time(), "step_seconds": []}
         if step == total_steps:  # saved before the last eval, which may fail (a kernel without CPU support)
             write_adapter(out / "adapter_last")
             last_saved = True
         if eval_set is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == total_steps):
+            stop_if_diverged()
+
             def rescue() -> None:  # the eval failed mid-run: keep what was trained
                 write_adapter(out / "adapter_last")
                 if best["step"] is None:
@@ -229,6 +245,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
                 scores = _periodic_eval(task, unwrapped, eval_set, cfg, step, writer, out)  # every rank
             _track_best(best, scores, metric, step, unwrapped, out / "adapter", write_adapter)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+            stop_if_diverged()
             position = {"step": step, "micro_batches": loader.position, "best": _best_summary(best),
                         "data": loader.state()}
             state = {"optimizer": distributed.optimizer_state(unwrapped, optimizer), "scheduler": scheduler.state_dict(),

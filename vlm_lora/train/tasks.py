@@ -31,12 +31,13 @@ class CaptionTask:
         self.eval_task = getattr(recipe.data, "task", "caption")
         self.default_metric = DEFAULT_METRIC[self.eval_task]
 
-    def count_units(self, batch: dict) -> int:
-        """Answer tokens the loss averages over (labels are shifted by one inside the model)."""
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    def count_units(self, batch: dict) -> torch.Tensor:
+        """Answer tokens the loss averages over (labels are shifted by one inside the model): a 0-d tensor on
+        the batch's device, so that the training step need not wait for the GPU to count them."""
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
-        """(mean loss over answer tokens, number of answer tokens); ``lm_head`` sees only the answer
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over answer tokens, number of answer tokens as a 0-d tensor); ``lm_head`` sees only the answer
         positions when ``train.head_on_labels`` is on and the model's loss allows it (same loss)."""
         cfg = self.recipe.train
         kwargs = {k: v for k, v in training_kwargs(model).items() if k not in batch}  # a packed batch sets its own
