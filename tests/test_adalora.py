@@ -11,7 +11,7 @@ from torch import nn
 import vlm_lora
 from conftest import randomize_adapters
 from vlm_lora.lora import AdapterSpec, inject_lora, iter_lora_layers, unload_lora
-from vlm_lora.lora.adalora import final_ranks, orthogonality_loss
+from vlm_lora.lora.adalora import adalora_layers, final_ranks, orthogonality_loss
 from vlm_lora.lora.hooks import attach_step_hooks
 
 peft = pytest.importorskip("peft")
@@ -195,3 +195,21 @@ def test_a_schedule_longer_than_the_run_is_a_clear_error(tiny_llava):
     optimizer = torch.optim.SGD([p for p in tiny_llava.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(ValueError, match=r"tinit \(3\) \+ tfinal \(2\) .* run of 5 steps"):
         attach_step_hooks(tiny_llava, optimizer, 0, 5)
+
+
+def test_the_batched_regularizer_equals_peft_per_matrix_formula(tiny_llava):
+    """PEFT's regularizer is a loop over every P and Q; ours stacks layers of one shape: same value."""
+    vlm_lora.plan(tiny_llava, "both", language_decoder={"variant": "adalora", "rank": 4},
+                  vision_encoder={"variant": "adalora", "rank": 8}).apply(tiny_llava)
+    with torch.no_grad():
+        for _, layer, name in adalora_layers(tiny_llava):  # away from orthogonal, so every term differs
+            layer.lora_A[name].weight.normal_(std=0.5)
+            layer.lora_B[name].weight.normal_(std=0.5)
+    terms = []
+    for n, p in tiny_llava.named_parameters():  # PEFT AdaLoraModel.forward's loop
+        if "lora_A" in n or "lora_B" in n:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            terms.append(torch.norm(cov - torch.eye(*cov.size()), p="fro"))
+    shapes = {tuple(layer.lora_B[name].weight.shape) for _, layer, name in adalora_layers(tiny_llava)}
+    assert len(shapes) > 1 and len(terms) > 2 * len(shapes)  # several groups, several layers per group
+    torch.testing.assert_close(orthogonality_loss(tiny_llava), torch.stack(terms).mean(), rtol=1e-6, atol=1e-6)

@@ -88,7 +88,7 @@ def training_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             if name in pname.split(".") and not pname.startswith("base_layer."):
                 state[f"{path}.{pname}"] = param.detach().contiguous().cpu()
         if name in getattr(layer, "adalora_mask", {}):
-            state[f"{path}.adalora_mask.{name}"] = layer.adalora_mask[name].to(torch.uint8)
+            state[f"{path}.adalora_mask.{name}"] = layer.adalora_mask[name].to("cpu", torch.uint8)
     return state
 
 
@@ -100,7 +100,8 @@ def restore_training_state(model: nn.Module, state: dict[str, torch.Tensor]) -> 
         for key, value in state.items():
             path, _, rest = key.partition(".adalora_mask.")
             if rest:
-                model.get_submodule(path).adalora_mask[rest] = value.bool()
+                layer = model.get_submodule(path)
+                layer.adalora_mask[rest] = value.bool().to(layer.lora_E[rest].device)
                 continue
             params[key].copy_(value)
             filled.add(next(p for p, _ in iter_lora_layers(model) if key.startswith(p + ".")))
