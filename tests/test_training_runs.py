@@ -209,3 +209,32 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
         finetune(load_recipe(_recipe(tmp_path, f"steps_{steps}", max_steps=steps, log_steps=steps, save_steps=None)))
         counts[steps] = len(reads) - before
     assert counts[2] == counts[6] and counts[2] > 0, counts  # > 0: the log step's reads are seen
+
+
+def test_an_adalora_run_resumes_exactly(tmp_path):
+    """AdaLoRA's budget masks come from importance averages over every step: a resumed run must restore
+    them (checkpointed in vlm_lora_state.safetensors), or its masks, and so its adapter, drift."""
+    adalora = {"variant": "adalora", "rank": 4, "dropout": 0.0,
+               "adalora": {"target_r": 2, "tinit": 1, "tfinal": 1, "delta_t": 1}}
+    paths = {}
+    for name in ("full", "cut"):
+        path = _recipe(tmp_path, name, dropout=0.0, max_steps=8, save_steps=4, log_steps=1)
+        recipe = yaml.safe_load(path.read_text())
+        recipe["components"]["language_decoder"].update(adalora)
+        path.write_text(yaml.safe_dump(recipe))
+        paths[name] = path
+        done = _cli("finetune", str(path))
+        assert done.returncode == 0, done.stderr[-2000:]
+    cut = tmp_path / "cut"  # as if killed after checkpoint-4: everything later is gone
+    for later in ("adapter", "adapter_last", "checkpoint-6"):
+        if (cut / later).exists():
+            import shutil
+            shutil.rmtree(cut / later)
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in (cut / "metrics.jsonl").read_text().splitlines()
+                                               if json.loads(line).get("step", 0) <= 4))
+    resumed = _cli("finetune", str(paths["cut"]), "--resume")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    expected, got = _adapter(tmp_path / "full"), _adapter(cut)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

@@ -78,7 +78,7 @@ STATE_NAME = "vlm_lora_state.safetensors"  # trainable state of VeRA/AdaLoRA lay
 
 def training_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The trainable tensors of the adapter's layers whose variant has its own form (VeRA, AdaLoRA),
-    under the model's parameter names, plus AdaLoRA's masks: what a resumed run needs, which
+    under the model's parameter names, plus AdaLoRA's masks and importance averages: what a resumed run needs, which
     neither PEFT's format nor a LoRA equivalent holds (AdaLoRA's files are pruned)."""
     state = {}
     for path, layer in _adapted_layers(model, name).items():
@@ -89,6 +89,9 @@ def training_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
                 state[f"{path}.{pname}"] = param.detach().contiguous().cpu()
         if name in getattr(layer, "adalora_mask", {}):
             state[f"{path}.adalora_mask.{name}"] = layer.adalora_mask[name].to("cpu", torch.uint8)
+        for key, (avg, unc) in getattr(layer, "adalora_scores", {}).get(name, {}).items():  # importance averages
+            state[f"{path}.adalora_scores.{name}.{key}.avg"] = avg.detach().contiguous().cpu()
+            state[f"{path}.adalora_scores.{name}.{key}.unc"] = unc.detach().contiguous().cpu()
     return state
 
 
@@ -97,11 +100,19 @@ def restore_training_state(model: nn.Module, state: dict[str, torch.Tensor]) -> 
     params = dict(model.named_parameters())
     filled = set()
     with torch.no_grad():
-        for key, value in state.items():
+        for key, value in sorted(state.items()):  # avg before unc
             path, _, rest = key.partition(".adalora_mask.")
             if rest:
                 layer = model.get_submodule(path)
                 layer.adalora_mask[rest] = value.bool().to(layer.lora_E[rest].device)
+                continue
+            path, _, rest = key.partition(".adalora_scores.")
+            if rest:  # NAME.KEY.avg|unc
+                layer = model.get_submodule(path)
+                name, score_key, which = rest.rsplit(".", 2)
+                value = value.to(layer.lora_E[name].device)
+                avg, unc = layer.adalora_scores.setdefault(name, {}).get(score_key, (None, None))
+                layer.adalora_scores[name][score_key] = (value, unc) if which == "avg" else (avg, value)
                 continue
             params[key].copy_(value)
             filled.add(next(p for p, _ in iter_lora_layers(model) if key.startswith(p + ".")))
