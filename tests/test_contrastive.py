@@ -79,3 +79,17 @@ def test_open_clip_finetunes_contrastively(tiny_clip_dir, tmp_path, monkeypatch)
     print(f"open_clip: loss {losses[0]:.3f} -> {losses[-1]:.3f}; zero-shot accuracy "
           f"{results['base']['accuracy']:.2f} -> {results['adapted']['accuracy']:.2f}")
     assert results["adapted"]["accuracy"] > results["base"]["accuracy"]
+
+
+def test_a_caption_metric_for_a_contrastive_model_fails_before_training(tiny_clip_dir, tmp_path, monkeypatch):
+    """The recipe accepts cider (some task scores it), but this model's eval is zero-shot accuracy."""
+    from vlm_lora.train import finetune
+    from vlm_lora.train.setup import TrainingError
+
+    monkeypatch.chdir(REPO)
+    recipe = _recipe(tmp_path, tiny_clip_dir, steps=2)
+    recipe.train.metric_for_best = "cider"
+    with pytest.raises(TrainingError, match="'cider' is not a metric of the contrastive task of this model; "
+                                            "valid: accuracy, eval_loss"):
+        finetune(recipe)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing was trained

@@ -159,3 +159,16 @@ def test_fsdp_config_reaches_accelerates_plugin():
 def test_set_value_that_is_not_yaml_is_one_clear_error():
     with pytest.raises(RecipeError, match=r"--set 'data.prompt=\{label\} stain': the value is not valid YAML.*quote it"):
         apply_overrides(_minimal(), ["data.prompt={label} stain"])
+
+
+def test_a_misspelt_metric_for_best_fails_before_the_model_loads():
+    bad = _minimal()
+    bad["train"] = {"metric_for_best": "cidr", "learning_rate": -1}
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(bad)
+    message = str(info.value)
+    assert message.startswith("recipe has 2 error(s)")  # collected with the other errors
+    assert "train.metric_for_best: unknown metric 'cidr'; did you mean 'cider'? valid: accuracy, anls, bleu1" in message
+    good = _minimal()
+    good["train"] = {"metric_for_best": "eval_loss"}
+    assert validate_recipe(good).train.metric_for_best == "eval_loss"

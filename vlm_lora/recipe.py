@@ -137,6 +137,18 @@ class TrainConfig(_Strict):
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML reads a bare `no` as false
 
+    @field_validator("metric_for_best")
+    @classmethod
+    def _known_metric(cls, value: str | None) -> str | None:
+        """Any task's metric (the run checks its own task's once the model is loaded): a typo fails here,
+        before the model loads, not at the first eval."""
+        from vlm_lora.eval.tasks import TASK_METRICS
+
+        valid = sorted({m for names in TASK_METRICS.values() for m in names} | {"accuracy", "eval_loss"})
+        if value is not None and value not in valid:
+            raise ValueError(unknown_name(f"unknown metric {value!r}", value, valid, f"valid: {', '.join(valid)}"))
+        return value
+
     @field_validator("gradient_checkpointing", "kernels", mode="before")
     @classmethod
     def _bool_modes(cls, value, info):

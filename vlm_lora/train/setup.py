@@ -124,13 +124,13 @@ def build_task_and_data(recipe: Recipe, model, processor):
         line = report_image_tokens(recipe, processor, train_set)
         if line:
             log.info("%s", line)
+    metric, valid = recipe.train.metric_for_best, (*task.metric_names, "eval_loss")
+    if eval_set is not None and metric and metric not in valid:  # before the base eval and any training
+        what = f"data.task {recipe.data.task!r}" if kind == "caption" else f"the {task.name} task of this model"
+        raise TrainingError(f"train.metric_for_best {metric!r} is not a metric of {what}; valid: {', '.join(valid)}")
     if kind == "caption" and eval_set is not None:
-        from vlm_lora.eval.tasks import TASK_METRICS, check_task_rows
+        from vlm_lora.eval.tasks import check_task_rows
 
-        metric, valid = recipe.train.metric_for_best, (*TASK_METRICS[recipe.data.task], "eval_loss")
-        if metric and metric not in valid:
-            raise TrainingError(f"train.metric_for_best {metric!r} is not a metric of data.task "
-                                f"{recipe.data.task!r}; valid: {', '.join(valid)}")
         if recipe.data.task != "caption":  # vqa/choice rows: answers (and options) before training
             check_task_rows(eval_set, recipe.data.task)
     if eval_set is not None and not hasattr(eval_set, "subset"):

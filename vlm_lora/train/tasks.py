@@ -23,13 +23,14 @@ class CaptionTask:
 
     def __init__(self, processor, recipe):
         from vlm_lora.data.collate import make_collator
-        from vlm_lora.eval.tasks import DEFAULT_METRIC
+        from vlm_lora.eval.tasks import DEFAULT_METRIC, TASK_METRICS
 
         self.processor = processor
         self.recipe = recipe
         self.collate = make_collator(processor, recipe)
         self.eval_task = getattr(recipe.data, "task", "caption")
         self.default_metric = DEFAULT_METRIC[self.eval_task]
+        self.metric_names = TASK_METRICS[self.eval_task]  # what ``evaluate`` scores
 
     def count_units(self, batch: dict) -> torch.Tensor:
         """Answer tokens the loss averages over (labels are shifted by one inside the model): a 0-d tensor on
@@ -71,6 +72,7 @@ class ClassificationTask:
 
     name = "classify"
     default_metric = "accuracy"
+    metric_names = ("accuracy",)
 
     def __init__(self, data_config: dict, classes: list[str], recipe):
         import timm.data
@@ -125,6 +127,7 @@ class ContrastiveTask:
 
     name = "contrastive"
     default_metric = "accuracy"
+    metric_names = ("accuracy",)
     CLASS_TEMPLATE = "a photo of {label}."
 
     def __init__(self, processor, classes: list[str], recipe):
