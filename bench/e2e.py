@@ -169,7 +169,9 @@ def child(args) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     setup = time.perf_counter() - started - sum(times)
-    print("E2E " + json.dumps({"times": times, "peak_mib": peak, "setup_s": setup}), flush=True)
+    measured = json.dumps({"times": times, "peak_mib": peak, "setup_s": setup})
+    (work / f"{args.system}.result.json").write_text(measured)  # not parsed from stdout, which libraries share
+    print("E2E " + measured, flush=True)
 
 
 def language_model_params(model_dir: Path) -> int:
@@ -266,22 +268,26 @@ def main() -> None:
                    "--workers", str(args.workers), "--fixed-length", str(max(lengths))]
         command += [f"--vlm-set={s}" for s in args.vlm_set]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        result_file = work / f"{system}.result.json"
+        result_file.unlink(missing_ok=True)
         try:
             done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.system_timeout)
         except subprocess.TimeoutExpired:
             print(json.dumps({"system": system, "error": f"over --system-timeout {args.system_timeout} s"}), flush=True)
             continue
-        result = [line for line in done.stdout.splitlines() if line.startswith("E2E ")]
-        if done.returncode or not result:
-            log_file = work / f"{system}.failed.log"  # the child's whole output: the last lines may be a progress bar
+        if done.returncode:  # the child's whole output: its last lines may be a progress bar
+            log_file = work / f"{system}.failed.log"
             log_file.write_text(f"exit status {done.returncode}\n== stdout\n{done.stdout}\n== stderr\n{done.stderr}")
+        if not result_file.is_file():
             tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
             print(json.dumps({"system": system, "error": tail, "returncode": done.returncode, "log": str(log_file)}),
                   flush=True)
             continue
-        measured = json.loads(result[-1][4:])
+        measured = json.loads(result_file.read_text())
         rows[system] = summarize(system, measured["times"], measured["peak_mib"], tokens, n_samples, args,
                                  measured["setup_s"], lm_params)
+        if done.returncode:  # it measured, then failed (e.g. at exit): the figures stand, the failure shows
+            rows[system]["child_exit_status"] = done.returncode
         if HF_SYSTEMS.get(system, {}).get("compile"):  # its batches are padded: say how much of them is padding
             rows[system]["settings"] = {**rows[system]["settings"], "fixed_length": max(lengths),
                                         "padding_share": round(1 - tokens / (max(lengths) * len(lengths)), 3)}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +105,15 @@ def test_fixed_length_collator_pads_to_the_longest_sample_and_labels_the_same_to
     width = dynamic["labels"].shape[1]
     torch.testing.assert_close(fixed["labels"][:, :width], dynamic["labels"])
     assert (fixed["labels"][:, width:] == -100).all()
+
+
+def test_a_failed_system_keeps_its_whole_output(tmp_path):
+    """The last stderr lines of a child are often its progress bar: the whole output goes to a file."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "e2e.py"), "--preset", "tiny", "--steps", "1",
+                             "--systems", "vlm_lora", "--work", str(tmp_path), "--vlm-set=train.no_such_key=1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["system"] == "vlm_lora" and row["returncode"] == 1
+    log = Path(row["log"]).read_text()
+    assert log.startswith("exit status 1") and "train.no_such_key" in log
