@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from vlm_lora.policy import STRATEGIES, ComponentPolicy
 from vlm_lora.architectures.registry import COMPONENTS, NEVER_ADAPTED
+from vlm_lora.metrics.names import TASK_METRICS
 
 
 class RecipeError(ValueError):
@@ -142,8 +143,6 @@ class TrainConfig(_Strict):
     def _known_metric(cls, value: str | None) -> str | None:
         """Any task's metric (the run checks its own task's once the model is loaded): a typo fails here,
         before the model loads, not at the first eval."""
-        from vlm_lora.eval.tasks import TASK_METRICS
-
         valid = sorted({m for names in TASK_METRICS.values() for m in names} | {"accuracy", "eval_loss"})
         if value is not None and value not in valid:
             raise ValueError(unknown_name(f"unknown metric {value!r}", value, valid, f"valid: {', '.join(valid)}"))

@@ -17,13 +17,9 @@ from pathlib import Path
 from vlm_lora.data.datasets import DataError
 from vlm_lora.data.formats import Problem, format_problems
 from vlm_lora.data.video import shown_path
+from vlm_lora.metrics.names import DEFAULT_METRIC, TASK_METRICS, TASKS  # noqa: F401  (re-exported)
 
 log = logging.getLogger("vlm_lora")
-
-TASKS = ("caption", "vqa", "choice")
-TASK_METRICS = {"caption": ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "cider"),
-                "vqa": ("vqa_accuracy", "exact_match", "anls"), "choice": ("choice_accuracy",)}
-DEFAULT_METRIC = {"caption": "cider", "vqa": "vqa_accuracy", "choice": "choice_accuracy"}  # also the report's
 
 
 def check_task(task: str) -> str:
