@@ -21,7 +21,7 @@ from torch import nn
 
 from vlm_lora.lora.base import TRAINABLE_KEYS, LoraLayer, PeftEntry
 from vlm_lora.lora.inject import POST_INJECT, iter_lora_layers
-from vlm_lora.lora.variants import VARIANTS, LoraVariant
+from vlm_lora.lora.variants import VARIANTS, LoraVariant, _AddLowRank
 
 PRNG_KEY = 0  # the seed of the shared projections, recorded in the adapter (projection_prng_key)
 D_INITIAL = 0.1
@@ -80,6 +80,12 @@ class VeraVariant(LoraVariant):
         return F.linear(hidden, b.to(dtype)) * layer.vera_lambda_b[name].to(dtype)
 
     def add_to(self, layer: LoraLayer, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``base_out`` plus the update. Without dropout, d and b are folded into the LoRA pair
+        (d A_s, b B_s) and the LoRA node runs it: backward keeps x and [tokens, r], where
+        ``(... ) B_s^T * b`` would keep a [tokens, out] product for b's gradient in every layer."""
+        if isinstance(layer.lora_dropout[name], nn.Identity) and base_out.dtype.is_floating_point:
+            lora_a, lora_b = self.factors(layer, name)  # differentiable in d and b
+            return _AddLowRank.apply(base_out, x, lora_a, lora_b, 1.0)
         return base_out + self.forward_delta(layer, name, x, base_out).to(base_out.dtype)
 
     def factors(self, layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
