@@ -219,3 +219,25 @@ def test_4bit_adapter_merge_reports_small_logit_difference(tmp_path):
                           extra_meta={"quantization": quant})
     report = merge_adapter(str(ASSET_MODEL), tmp_path / "a", tmp_path / "merged")
     assert report["max_logit_diff"] < 1e-3  # merged into the dequantized NF4 weights the adapter saw
+
+
+def test_the_fused_lora_linear_scales_and_casts_b_inside_its_node():
+    """In eager mode every autograd node costs host time and kernels: B's scale and cast happen inside
+    the one-node path, so the graph of a bf16 LoRA linear has no multiply or cast node for B."""
+    from vlm_lora.lora import AdapterSpec, inject_lora
+
+    model = nn.Sequential(nn.Linear(16, 24)).to(torch.bfloat16).requires_grad_(False)
+    inject_lora(model, {"0": AdapterSpec(rank=4, alpha=8)})
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    nodes, stack = [], [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            nodes.append(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    assert nodes[0] == "_LinearPlusLowRankBackward"
+    b_path = nodes[:1] + [n for n in nodes[1:] if "Mul" in n]
+    assert b_path == ["_LinearPlusLowRankBackward"], nodes  # no MulBackward for s * B
+    assert nodes.count("ToCopyBackward0") == 1, nodes  # A's cast only
