@@ -122,3 +122,32 @@ def test_shared_input_groups_give_the_same_outputs_and_gradients(tiny_llava, tin
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_shared_input_group_is_one_autograd_node_with_fresh_gradients(tiny_llava, tiny_batch):
+    """The group's A product is one node (not cat, cast, matmul and a slice per member), and each A
+    gets a gradient of its own (not a view of the group's, which would be copied again)."""
+    import vlm_lora
+
+    vlm_lora.plan(tiny_llava, "language_only").apply(tiny_llava)
+    model = tiny_llava.to(torch.bfloat16).train()
+    for _, layer in vlm_lora.lora.iter_lora_layers(model):
+        for module in (*layer.lora_A.values(), *layer.lora_B.values()):
+            module.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**{**tiny_batch, "pixel_values": tiny_batch["pixel_values"].bfloat16()}).logits
+    nodes, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    groups = {id(layer.shared_group) for _, layer in vlm_lora.lora.iter_lora_layers(model) if layer.shared_group}
+    assert nodes.count("_SharedLowRankInputBackward") == len(groups) > 0
+    out.float().sum().backward()
+    attn = model.model.language_model.layers[0].self_attn
+    grads = [attn.q_proj.lora_A["default"].weight.grad, attn.k_proj.lora_A["default"].weight.grad]
+    assert all(g is not None and g.dtype == torch.float32 and g._base is None for g in grads)
+    assert grads[0].untyped_storage().data_ptr() != grads[1].untyped_storage().data_ptr()

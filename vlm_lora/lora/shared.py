@@ -18,6 +18,34 @@ from torch import nn
 from vlm_lora.lora.linear import LoraLinear
 
 
+class _SharedLowRankInput(torch.autograd.Function):
+    """``x [A_1; ...; A_m]^T`` split into the members' [N, r] inputs, as one node.
+
+    Through autograd (cat, cast, matmul, one slice per member) backward zero-filled an [N, m r] buffer
+    per member and handed each A a view of one gradient, which the optimizer's gradient then had to
+    copy; here backward is two GEMMs and each A gets a fresh fp32 gradient. Same arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x2, *weights):
+        """x2 [N, in] in the compute dtype; weights: m fp32 [r, in] -> m outputs [N, r]."""
+        stacked = torch.cat(weights).to(x2.dtype)  # [m r, in]
+        hidden = x2 @ stacked.T  # [N, m r]
+        ctx.save_for_backward(x2, stacked)
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        return hidden.split(weights[0].shape[0], dim=1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, stacked = ctx.saved_tensors
+        rank = stacked.shape[0] // len(grads)
+        grad_hidden = torch.cat([g if g is not None else x2.new_zeros(x2.shape[0], rank) for g in grads], dim=1)
+        grad_x = grad_hidden @ stacked if ctx.needs_input_grad[0] else None
+        grad_stacked = grad_hidden.T @ x2  # [m r, in]
+        grad_weights = [part.to(dtype) if needed else None for part, dtype, needed in
+                        zip(grad_stacked.split(rank), ctx.weight_dtypes, ctx.needs_input_grad[1:])]
+        return grad_x, *grad_weights
+
+
 class SharedInputGroup:
     """Links LoRA layers that are always called with the same input tensor."""
 
@@ -34,13 +62,12 @@ class SharedInputGroup:
         """``x A_layer^T`` [N, r] for ``layer``, from one shared matmul over all members."""
         position = layer.shared_position
         if self._input is not x or self._adapter != name or position not in self._pending:
-            weights = torch.cat([member.lora_A[name].weight for member in self.layers]).to(dtype)
-            self._hidden = x.reshape(-1, x.shape[-1]).to(dtype) @ weights.T  # [N, members * r]
+            weights = [member.lora_A[name].weight for member in self.layers]
+            self._hidden = _SharedLowRankInput.apply(x.reshape(-1, x.shape[-1]).to(dtype), *weights)
             self._input, self._adapter = x, name
             self._pending = set(range(len(self.layers)))
         self._pending.discard(position)
-        rank = layer.lora_A[name].weight.shape[0]
-        hidden = self._hidden[:, position * rank:(position + 1) * rank]
+        hidden = self._hidden[position]
         if not self._pending:  # every member has its slice: drop the references
             self._input = self._hidden = None
         return hidden
