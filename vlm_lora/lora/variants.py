@@ -111,24 +111,37 @@ class _LinearPlusLowRank(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, hidden, weight, bias, weight_b, scaling):
+    def forward(ctx, x, hidden, weight, bias, weight_b, scaling, weight_a=None):
+        """``hidden`` [N, r] from a shared-input group, or None with ``weight_a`` [r, in]: h = x A^T here."""
         x2 = x.reshape(-1, x.shape[-1])
+        a = None
+        if hidden is None:
+            a = weight_a.to(x.dtype)
+            hidden = x2 @ a.T
         b_scaled = (weight_b * scaling).to(x.dtype)  # [out, r]
         low_rank = torch.addmm(bias, hidden, b_scaled.T) if bias is not None else hidden @ b_scaled.T
         out = torch.addmm(low_rank, x2, weight.T)
-        ctx.save_for_backward(hidden, weight, b_scaled)
+        ctx.save_for_backward(hidden, weight, b_scaled, x2 if a is not None else None, a)
         ctx.x_shape, ctx.scaling, ctx.weight_b_dtype = x.shape, scaling, weight_b.dtype
+        ctx.weight_a_dtype = weight_a.dtype if a is not None else None
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, b_scaled = ctx.saved_tensors
+        hidden, weight, b_scaled, x2, a = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = (g @ weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_hidden = g @ b_scaled if ctx.needs_input_grad[1] else None
+        grad_hidden = g @ b_scaled if ctx.needs_input_grad[1] or a is not None else None
         # as autograd did it: the product in the activations' dtype, cast to B's, then scaled
         grad_b = (g.T @ hidden).to(ctx.weight_b_dtype) * ctx.scaling if ctx.needs_input_grad[4] else None
-        return grad_x, grad_hidden, None, None, grad_b, None
+        grad_a = None
+        if a is not None:  # h = x A^T was computed here: its two products, as autograd's would be
+            if ctx.needs_input_grad[6]:
+                grad_a = (grad_hidden.T @ x2).to(ctx.weight_a_dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_x + (grad_hidden @ a).view(ctx.x_shape)
+            grad_hidden = None
+        return grad_x, grad_hidden, None, None, grad_b, None, grad_a
 
 
 class _DoraLinear(torch.autograd.Function):
@@ -218,13 +231,13 @@ class LoraVariant:
             return None
         source, x = x, x.to(dtype)  # no-op unless autocast would have cast it for the base matmul
         group = layer.shared_group
+        base = layer.base_layer
         if group is not None and group.eligible(name):
             hidden = group.hidden(layer, name, source, dtype)  # keyed on the siblings' shared input
-        else:
-            hidden = x.reshape(-1, x.shape[-1]) @ layer.lora_A[name].weight.to(dtype).T
-        base = layer.base_layer
-        return _LinearPlusLowRank.apply(x, hidden, base.weight, base.bias, layer.lora_B[name].weight,
-                                        layer.scaling[name])
+            return _LinearPlusLowRank.apply(x, hidden, base.weight, base.bias, layer.lora_B[name].weight,
+                                            layer.scaling[name])
+        return _LinearPlusLowRank.apply(x, None, base.weight, base.bias, layer.lora_B[name].weight,
+                                        layer.scaling[name], layer.lora_A[name].weight)
 
     def add_to(self, layer: "LoraLayer", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """``base_out`` plus this adapter's update; one fused node when there is no dropout."""
