@@ -21,7 +21,8 @@ from torch import nn
 
 from vlm_lora.lora.base import TRAINABLE_KEYS, LoraLayer, PeftEntry
 from vlm_lora.lora.inject import POST_INJECT, iter_lora_layers
-from vlm_lora.lora.variants import VARIANTS, LoraVariant, _AddLowRank
+from vlm_lora.lora.nodes import _AddLowRank
+from vlm_lora.lora.variants import VARIANTS, LoraVariant
 
 PRNG_KEY = 0  # the seed of the shared projections, recorded in the adapter (projection_prng_key)
 D_INITIAL = 0.1

@@ -137,16 +137,6 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
-def all_finite(params: list[torch.Tensor]) -> torch.Tensor:
-    """One bool tensor: every value of every parameter is finite, on every rank (sharded ones reduced)."""
-    flags = torch.stack([torch.isfinite(local(p).detach()).all() for p in params]).all()
-    if params and any(isinstance(p, DTensor) for p in params):
-        flag = flags.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return flag.bool()
-    return flags
-
-
 # ---------------------------------------------------------------- trainable state
 
 def local(param: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,6 +30,7 @@ from vlm_lora.adapters.peft_format import save_adapter
 from vlm_lora.train.checkpoint import (load_trainer_state, rank_rng_state, restore_weights, rng_state,
                                        save_checkpoint, set_rng_state)
 from vlm_lora.train import distributed, memory, sharded_load
+from vlm_lora.train.best import best_summary, eval_failure, track_best
 from vlm_lora.train.guard import DivergenceGuard
 from vlm_lora.eval.captioning import write_predictions
 from vlm_lora.planner import Plan, PlanError, plan as make_plan
@@ -218,10 +216,11 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         window["loss"] = window["loss"] + step_loss  # a device tensor, read at the log step
         window["samples"] += n_samples * world
         window["step_seconds"].append(time.perf_counter() - step_started)  # host time; asynchronous, sums right
-        if step % cfg.log_steps == 0 or step == total_steps:
+        log_now = step % cfg.log_steps == 0 or step == total_steps
+        if log_now:
             stop_if_diverged()
             peaks = memory.rank_peaks(accelerator.device)  # collective: every rank
-        if main and (step % cfg.log_steps == 0 or step == total_steps):
+        if main and log_now:
             n_steps = cfg.log_steps if step % cfg.log_steps == 0 else step % cfg.log_steps
             row = {"step": step, "epoch": loader.epoch(), "loss": float(window["loss"]) / n_steps,
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window["samples"] / (time.time() - window["start"]),
@@ -229,7 +228,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
                    "step_seconds": [round(t, 4) for t in window["step_seconds"]]}
             writer.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.1f}")
-        if step % cfg.log_steps == 0 or step == total_steps:
+        if log_now:
             window = {"loss": 0.0, "samples": 0, "start": time.time(), "step_seconds": []}
         if step == total_steps:  # saved before the last eval, which may fail (a kernel without CPU support)
             write_adapter(out / "adapter_last")
@@ -241,12 +240,12 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
                 write_adapter(out / "adapter_last")
                 if best["step"] is None:
                     write_adapter(out / "adapter")
-            with _eval_failure(f"eval at step {step}", out / "adapter_last", rescue), scaling.autocast():
+            with eval_failure(f"eval at step {step}", out / "adapter_last", rescue), scaling.autocast():
                 scores = _periodic_eval(task, unwrapped, eval_set, cfg, step, writer, out)  # every rank
-            _track_best(best, scores, metric, step, unwrapped, out / "adapter", write_adapter)
+            track_best(best, scores, metric, step, unwrapped, out / "adapter", write_adapter)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             stop_if_diverged()
-            position = {"step": step, "micro_batches": loader.position, "best": _best_summary(best),
+            position = {"step": step, "micro_batches": loader.position, "best": best_summary(best),
                         "data": loader.state()}
             state = {"optimizer": distributed.optimizer_state(unwrapped, optimizer), "scheduler": scheduler.state_dict(),
                      "rng": distributed.gather_objects(rng_state()), "position": position, "scaler": scaling.state_dict()}
@@ -271,7 +270,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             restore_weights(unwrapped, out / "adapter")
     train_time = time.time() - started
     if eval_set is not None:
-        with _eval_failure("the final eval", out / "adapter", writer.close if writer else lambda: None), \
+        with eval_failure("the final eval", out / "adapter", writer.close if writer else lambda: None), \
                 scaling.autocast():
             results["adapted"], rows = distributed.evaluate_split(task, unwrapped, eval_set, desc="scoring adapted")
         if best["step"] is not None:
@@ -294,19 +293,6 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-@contextmanager
-def _eval_failure(what: str, adapter: Path, before) -> Iterator[None]:
-    """An eval that crashes (a bad image, a kernel without CPU support) becomes one ``TrainingError`` saying
-    where the trained adapter is; ``before()`` first saves what is not saved yet."""
-    try:
-        yield
-    except Exception as error:  # noqa: BLE001 - whatever broke the eval, the trained weights are kept
-        before()
-        raise TrainingError(f"{what} failed ({type(error).__name__}: {error}); the trained adapter is saved in "
-                            f"{adapter}: score it with `vlm-lora eval --model MODEL --adapter {adapter} --data EVAL "
-                            f"--out DIR`") from error
 
 
 def _mixed_precision(setting: str) -> str:
@@ -369,21 +355,6 @@ def _periodic_eval(task, model, eval_set, cfg, step: int, writer, out: Path) -> 
         writer.write({"step": step, "eval_loss": eval_loss, **{f"eval_{k}": v for k, v in scores.items()}})
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     return {"eval_loss": eval_loss, **scores}
-
-
-def _track_best(best: dict, scores: dict, metric: str, step: int, model, adapter_dir: Path, write_adapter) -> None:
-    if metric not in scores:
-        raise TrainingError(f"train.metric_for_best {metric!r} is not among the eval metrics {sorted(scores)}")
-    value = scores[metric]
-    lower_is_better = metric.endswith("loss")
-    if best["value"] is None or (value < best["value"] if lower_is_better else value > best["value"]):
-        best.update(value=value, step=step, state=distributed.snapshot_trainable(model))
-        write_adapter(adapter_dir)  # collective: every rank tracks the same best
-        log.info("step %d: new best %s %.4f -> %s", step, metric, value, adapter_dir)
-
-
-def _best_summary(best: dict) -> dict:
-    return {"value": best["value"], "step": best["step"]}
 
 
 def _restore(checkpoint: Path, model, optimizer, scheduler, scaling: LossScaling, metric: str,

@@ -23,7 +23,7 @@ class CaptionTask:
 
     def __init__(self, processor, recipe):
         from vlm_lora.data.collate import make_collator
-        from vlm_lora.eval.tasks import DEFAULT_METRIC, TASK_METRICS
+        from vlm_lora.metrics.names import DEFAULT_METRIC, TASK_METRICS
 
         self.processor = processor
         self.recipe = recipe
