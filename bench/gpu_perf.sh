@@ -5,7 +5,7 @@
 #                                  vlm_lora_compile
 #   bash bench/gpu_perf.sh family  the LoRA family on the step bench (floor, LoRA, DoRA, VeRA, DyLoRA, AdaLoRA,
 #                                  QLoRA), profiled; then end to end E2E_SYSTEMS (default hf_peft_compile) on
-#                                  the llava shapes (rows join llava's through bench/results/)
+#                                  the llava shapes (rows join llava's through bench/results/); none skips them
 #   bash bench/gpu_perf.sh qwen    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile
 #   bash bench/gpu_perf.sh step    the LoRA step alone: floor, PEFT, vlm-lora (model's loss / labelled head), DoRA,
 #                                  and regionally compiled floor and vlm-lora, every variant profiled
@@ -49,6 +49,7 @@ case "$MODE" in
       ${VARIANTS:-floor,vlm_lora,vlm_lora_head,vlm_lora_dora,peft_vera,vlm_lora_vera,vlm_lora_dylora,vlm_lora_adalora,vlm_lora_qlora} \
       --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_family_b$LB.jsonl"
     for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
+    [ "${E2E_SYSTEMS:-}" = none ] && { echo "== done"; exit 0; }
     echo "== e2e ${E2E_SYSTEMS:-hf_peft_compile} ($LLAVA)"
     timeout ${E2E_TIMEOUT:-300} python3 bench/e2e.py $LLAVA --systems ${E2E_SYSTEMS:-hf_peft_compile} \
       --system-timeout 280 --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
@@ -57,7 +58,8 @@ case "$MODE" in
     ;;
   qwen)
     echo "== e2e ($QWEN)"
-    timeout 560 python3 bench/e2e.py $QWEN --systems hf_peft,vlm_lora,vlm_lora_compile --system-timeout 170 \
+    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $QWEN --systems ${E2E_SYSTEMS:-hf_peft,vlm_lora,vlm_lora_compile} \
+      --system-timeout ${SYSTEM_TIMEOUT:-170} \
       --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b$QB.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
     cp bench/results/e2e_qwen_b$QB.jsonl /tmp/e2e_qwen/*.failed.log "$OUT/" 2>/dev/null
     ;;

@@ -9,7 +9,8 @@ from transformers import LlavaForConditionalGeneration
 
 import vlm_lora
 from conftest import randomize_adapters, tiny_llava_config
-from vlm_lora.adapters.base_weights import hashable_weight, weight_records, weight_sha256, weights_mismatch
+from vlm_lora.adapters.base_weights import (SAMPLE_SIZE, hashable_weight, sample_positions, weight_records, weight_sample,
+                                            weight_sha256, weights_mismatch)
 from vlm_lora.adapters.fingerprint import config_differences
 from vlm_lora.adapters.peft_format import AdapterError
 
@@ -209,3 +210,19 @@ def test_4bit_layers_are_not_hashed():
     vision = [p for p in paths if "vision_tower" in p]
     assert list(hashes) == [vision[0], vision[-1]]  # the 4-bit decoder layers are skipped
     assert all(hashable_weight(model.get_submodule(p)) is None for p in paths if "language_model" in p)
+
+
+@pytest.mark.parametrize("numel", [4096 * 11008, 2 ** 24 + 1, 5120 * 13824, 37, 1])
+def test_sample_positions_stay_in_range_past_float32_precision(numel):
+    # a LLaVA-7B MLP weight (45M elements): float32 linspace rounds its last position up to numel, an
+    # out-of-bounds index that crashed saving the first 7B adapter on a GPU
+    positions = sample_positions(numel)
+    assert positions.dtype == torch.int64 and len(positions) == min(numel, SAMPLE_SIZE)
+    assert positions[0] == 0 and positions[-1] == numel - 1 and (positions[1:] > positions[:-1]).all()
+
+
+def test_weight_sample_reads_a_large_weight_at_its_last_element():
+    weight = torch.zeros(4096 * 11008, dtype=torch.bfloat16)
+    weight[-1] = 3.0
+    sample = weight_sample(weight.view(11008, 4096))
+    assert sample[0] == 0.0 and sample[-1] == 3.0

@@ -53,11 +53,17 @@ def weight_sha256(weight: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def sample_positions(numel: int) -> torch.Tensor:
+    """``min(SAMPLE_SIZE, numel)`` evenly spaced positions in ``range(numel)`` (int64, on the CPU)."""
+    # float32 linspace, as adapters saved before were sampled; past 2^24 elements its last position can round
+    # up to ``numel`` (a 4096 x 11008 weight), so it is clamped into range
+    return torch.linspace(0, numel - 1, min(SAMPLE_SIZE, numel)).round().long().clamp_(max=numel - 1)
+
+
 def weight_sample(weight: torch.Tensor) -> list[float]:
     """``SAMPLE_SIZE`` values of the flattened weight at evenly spaced positions, as floats."""
     flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(SAMPLE_SIZE, flat.numel())).round().long()
-    return flat[index.to(flat.device)].float().cpu().tolist()
+    return flat[sample_positions(flat.numel()).to(flat.device)].float().cpu().tolist()
 
 
 def weight_records(model: nn.Module, paths: list[str]) -> dict[str, dict]:
