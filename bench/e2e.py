@@ -66,6 +66,8 @@ CONNECTOR = {"llava": "multi_modal_projector", "qwen2_5_vl": "merger"}  # PEFT m
 VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recipe
     "vlm_lora": [], "vlm_lora_packed": ["data.packing=true"], "vlm_lora_compile": ["train.compile=true"],
     "vlm_lora_liger": ["train.kernels=liger"], "vlm_lora_full_head": ["train.head_on_labels=false"],
+    "vlm_lora_pad64": ["data.pad_to_multiple_of=64"],
+    "vlm_lora_compile_pad64": ["train.compile=true", "data.pad_to_multiple_of=64"],
 }
 HF_SYSTEMS = {"floor": dict(lora=False, compile=True), "hf_peft": dict(lora=True, compile=False),
               "hf_peft_compile": dict(lora=True, compile=True)}

@@ -9,8 +9,8 @@ from transformers import LlavaForConditionalGeneration
 
 import vlm_lora
 from conftest import randomize_adapters, tiny_llava_config
-from vlm_lora.adapters.base_weights import (SAMPLE_SIZE, hashable_weight, sample_positions, weight_records, weight_sample,
-                                            weight_sha256, weights_mismatch)
+from vlm_lora.adapters.base_weights import (SAMPLE_SIZE, hashable_weight, sample_positions, weight_records,
+                                            weight_sample, weight_sha256, weights_mismatch)
 from vlm_lora.adapters.fingerprint import config_differences
 from vlm_lora.adapters.peft_format import AdapterError
 

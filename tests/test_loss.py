@@ -95,3 +95,36 @@ def test_caption_task_switch(tiny_llava, tiny_batch, head_on_labels):
         loss, units = task.loss(tiny_llava, batch)
         torch.testing.assert_close(loss, tiny_llava(**batch).loss)
     assert units == 2 * 4 and seen[0] == (2 if head_on_labels else 3)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl", "gemma3"])
+def test_padding_to_a_multiple_keeps_the_loss_and_gradients(tmp_path, family):
+    """``data.pad_to_multiple_of``: the extra right padding is masked and unlabelled, so the loss and every
+    trainable gradient equal the unpadded batch's (both heads); the batch length is the next multiple."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vlm_lora
+    from vlm_lora.architectures.tiny_processors import save_tiny_family
+    from vlm_lora.data.collate import ChatCollator
+    from vlm_lora.data.datasets import CaptionExample
+
+    folder = save_tiny_family(family, tmp_path / family)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").train()
+    vlm_lora.plan(model, "language_only").apply(model)
+    randomize_adapters(model)
+    items = [(Image.new("RGB", (48, 48), (60 * i, 90, 200)), CaptionExample(f"{i}.png", [caption], row=i))
+             for i, caption in enumerate(["red", "a blue circle near the edge"])]
+    plain = ChatCollator(processor)(items)
+    padded = ChatCollator(processor, pad_to_multiple_of=32)(items)
+    length, padded_length = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
+    assert padded_length % 32 == 0 and length < padded_length < length + 32
+    assert (padded["labels"][:, length:] == -100).all() and (padded["attention_mask"][:, length:] == 0).all()
+    for fast in (False, True):
+        plain_loss, plain_grads = _loss_and_grads(model, plain, fast)
+        padded_loss, padded_grads = _loss_and_grads(model, padded, fast)
+        torch.testing.assert_close(padded_loss, plain_loss, atol=1e-6, rtol=1e-6)
+        for name, grad in plain_grads.items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(padded_grads[name], grad, atol=1e-6, rtol=1e-5)

@@ -172,3 +172,17 @@ def test_a_misspelt_metric_for_best_fails_before_the_model_loads():
     good = _minimal()
     good["train"] = {"metric_for_best": "eval_loss"}
     assert validate_recipe(good).train.metric_for_best == "eval_loss"
+
+
+def test_padding_to_a_multiple_is_checked_and_refused_with_packing():
+    recipe = _minimal()
+    recipe["data"] = {**recipe.get("data", {}), "pad_to_multiple_of": 64}
+    assert validate_recipe(recipe).data.pad_to_multiple_of == 64
+    recipe["data"].update(pad_to_multiple_of=0, packing=True)
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(recipe)
+    assert "data.pad_to_multiple_of: Input should be greater than or equal to 1" in str(info.value)
+    recipe["data"]["pad_to_multiple_of"] = 64
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(recipe)
+    assert "data.pad_to_multiple_of: packed rows are not padded per batch" in str(info.value)

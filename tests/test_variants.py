@@ -242,3 +242,22 @@ def test_the_fused_lora_linear_scales_and_casts_a_and_b_inside_its_node():
     b_path = nodes[:1] + [n for n in nodes[1:] if "Mul" in n]
     assert b_path == ["_LinearPlusLowRankBackward"], nodes  # no MulBackward for s * B
     assert "ToCopyBackward0" not in nodes and "MmBackward0" not in nodes, nodes  # nor for A (no shared group)
+
+
+def test_the_fused_lora_linear_writes_its_output_once():
+    """The base GEMM adds into the low-rank product in place: no copy of the [N, out] output first
+    (an out-of-place addmm copies its ``self`` argument, a device-to-device memcpy per layer on CUDA)."""
+    from torch.profiler import profile
+
+    from vlm_lora.lora import AdapterSpec, inject_lora
+
+    model = nn.Sequential(nn.Linear(16, 24, bias=False)).requires_grad_(False)
+    inject_lora(model, {"0": AdapterSpec(rank=4, alpha=8)})
+    x = torch.randn(3, 16, requires_grad=True)
+    with profile(record_shapes=True) as prof:
+        out = model(x)
+    ops = {event.key: event.count for event in prof.key_averages()}
+    assert ops.get("aten::addmm_") == 1 and "aten::addmm" not in ops, ops
+    copies = [event.input_shapes for event in prof.events() if event.name == "aten::copy_"]
+    assert not [shapes for shapes in copies if [3, 24] in shapes], copies
+    assert out.grad_fn.name() == "_LinearPlusLowRankBackward"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from vlm_lora.policy import STRATEGIES, ComponentPolicy
@@ -93,6 +93,17 @@ class DataConfig(_Strict):
     label_key: str = Field(default="label", description="row key holding the class label (classification)")
     packing: bool = Field(default=False, description="pack each micro-batch's samples whole into rows without padding; "
                                                      "positions restart per sample, attention stays within samples")
+    pad_to_multiple_of: int | None = Field(
+        default=None, ge=1, description="right-pad each batch to a length that is a multiple of this (e.g. 64): "
+                                        "fewer distinct shapes for train.compile and attention kernels; the "
+                                        "padding is masked and unlabelled (same loss and gradients); not with packing")
+
+    @model_validator(mode="after")
+    def _padding_or_packing(self):
+        if self.packing and self.pad_to_multiple_of:
+            raise ValueError("data.pad_to_multiple_of: packed rows are not padded per batch; set data.packing: false "
+                             "or drop data.pad_to_multiple_of")
+        return self
 
 
 class TrainConfig(_Strict):

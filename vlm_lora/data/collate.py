@@ -17,7 +17,8 @@ from PIL import Image
 from vlm_lora.data.datasets import FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample
 from vlm_lora.data.processors import (FLAT_IMAGE_PROCESSORS, SINGLE_IMAGE_PROCESSORS, SUFFIX_PROCESSORS,
-                                      build_prompt, inserts_image_tokens, pad_batch)
+                                      build_prompt, inserts_image_tokens, pad_batch,
+                                      pad_length_to_multiple)
 from vlm_lora.data.video import (VideoClip, blank_clip, load_media, media_turn, media_turns,
                                  processor_kwargs, refuse_video)
 
@@ -54,11 +55,13 @@ class ChatCollator:
     ``cross_attention_mask`` [B, T, images, tiles]) right-padded with zeros; the others (``pixel_values``
     [B, 3, H, W] or Qwen-VL's flattened patches [N, D], ``image_grid_thw``, ``aspect_ratio_ids``,
     ``pixel_attention_mask`` ...) concatenated along dim 0, zero-padded first where per-sample shapes
-    differ (different tile or split counts).
+    differ (different tile or split counts). ``pad_to_multiple_of``: the per-token tensors are right-padded further,
+    to the next multiple of it (masked, unlabelled), so a run sees few distinct lengths.
     """
 
     def __init__(self, processor, max_length: int | None = None, chat_template: str | None = None,
-                 on_bad_sample: str = "error", prompt: str = DEFAULT_PROMPT):
+                 on_bad_sample: str = "error", prompt: str = DEFAULT_PROMPT,
+                 pad_to_multiple_of: int | None = None):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise DataError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         self.processor = processor
@@ -66,6 +69,7 @@ class ChatCollator:
         if self.tokenizer.pad_token_id is None:
             raise DataError("the tokenizer has no pad token; set one in the model folder")
         self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.on_bad_sample = on_bad_sample
         self.user_prompt = prompt
         self.template = chat_template or getattr(processor, "chat_template", None)
@@ -323,7 +327,11 @@ class ChatCollator:
         return self._dummy
 
     def _pad(self, encoded: list[dict], per_token: set[str]) -> dict[str, torch.Tensor]:
-        return pad_batch(encoded, per_token, {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX})
+        fill = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
+        batch = pad_batch(encoded, per_token, fill)
+        if self.pad_to_multiple_of:
+            batch = pad_length_to_multiple(batch, per_token, fill, self.pad_to_multiple_of)
+        return batch
 
 
 class CaptionCollator(ChatCollator):
@@ -356,7 +364,8 @@ def _problem(example, reason: str) -> Problem:
 def make_collator(processor, recipe) -> ChatCollator:
     """The training collator of a recipe: ``data.chat_template``/``on_bad_sample``/``prompt``, ``train.max_length``."""
     collator = ChatCollator(processor, max_length=recipe.train.max_length, chat_template=recipe.data.chat_template,
-                            on_bad_sample=recipe.data.on_bad_sample, prompt=recipe.data.prompt)
+                            on_bad_sample=recipe.data.on_bad_sample, prompt=recipe.data.prompt,
+                            pad_to_multiple_of=recipe.data.pad_to_multiple_of)
     if getattr(recipe.data, "max_total_pixels", None):
         from vlm_lora.data.pixels import PixelBudget
 

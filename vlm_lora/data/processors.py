@@ -65,6 +65,21 @@ def pad_batch(encoded: list[dict], per_token: set[str], fill: dict[str, int]) ->
     return batch
 
 
+def pad_length_to_multiple(batch: dict[str, torch.Tensor], per_token: set[str], fill: dict[str, int],
+                           multiple: int) -> dict[str, torch.Tensor]:
+    """The per-token [B, T, ...] tensors right-padded along T to the next multiple of ``multiple``
+    (``fill[key]``, else 0: attention mask 0, labels ignored)."""
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if not extra:
+        return batch
+    for key in per_token & batch.keys():
+        value = batch[key]
+        pad = [0, 0] * (value.dim() - 2) + [0, extra]
+        batch[key] = torch.nn.functional.pad(value, pad, value=fill.get(key, 0))
+    return batch
+
+
 # ---------------------------------------------------------------- prompts
 
 def user_turn(text: str, n_images: int) -> dict:
