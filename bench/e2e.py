@@ -68,7 +68,11 @@ VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recip
     "vlm_lora_liger": ["train.kernels=liger"], "vlm_lora_full_head": ["train.head_on_labels=false"],
     "vlm_lora_pad64": ["data.pad_to_multiple_of=64"],
     "vlm_lora_compile_pad64": ["train.compile=true", "data.pad_to_multiple_of=64"],
+    "vlm_lora_cudnn_ragged": [],
 }
+# Environment of a system's process. On Hopper, SDPA runs cuDNN attention, which builds a plan for every new
+# sequence length (most steps of a dynamic-length run); this asks torch to serve every length from one plan.
+SYSTEM_ENV = {"vlm_lora_cudnn_ragged": {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}}
 HF_SYSTEMS = {"floor": dict(lora=False, compile=True), "hf_peft": dict(lora=True, compile=False),
               "hf_peft_compile": dict(lora=True, compile=True)}
 SYSTEMS = [*HF_SYSTEMS, *VLM_LORA_SYSTEMS]
@@ -77,10 +81,9 @@ DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
                    "A10": 125e12, "L4": 121e12, "B200": 2250e12}  # dense (no sparsity) bf16 FLOP/s by datasheet
 
 
-def run_vlm_lora(model_dir: Path, data: Path, out: Path, args, overrides: list[str]) -> list[float]:
-    """``vlm-lora finetune`` on a generated recipe; returns the wall time of every optimizer step."""
-    from vlm_lora.recipe import apply_overrides, validate_recipe
-    from vlm_lora.train.loop import finetune
+def vlm_lora_recipe(model_dir: Path, data: Path, out: Path, args, overrides: list[str]) -> dict:
+    """The generated recipe of a vlm-lora system (LoRA r16 on the decoder linears, connector trained)."""
+    from vlm_lora.recipe import apply_overrides
 
     cuda = args.device == "cuda"
     recipe = {
@@ -95,7 +98,15 @@ def run_vlm_lora(model_dir: Path, data: Path, out: Path, args, overrides: list[s
                   "mixed_precision": "bf16" if cuda else "no"},
         "output_dir": str(out),
     }
-    finetune(validate_recipe(apply_overrides(recipe, overrides + args.vlm_set)), overwrite=True)
+    return apply_overrides(recipe, overrides + args.vlm_set)
+
+
+def run_vlm_lora(model_dir: Path, data: Path, out: Path, args, overrides: list[str]) -> list[float]:
+    """``vlm-lora finetune`` on a generated recipe; returns the wall time of every optimizer step."""
+    from vlm_lora.recipe import validate_recipe
+    from vlm_lora.train.loop import finetune
+
+    finetune(validate_recipe(vlm_lora_recipe(model_dir, data, out, args, overrides)), overwrite=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # host wall time of each step, read the way the HF rows read theirs (a callback at each step's end, one
     # log at the end): with no per-step host sync the host runs ahead, and the times sum to the run's
@@ -207,7 +218,8 @@ def summarize(system: str, times: list[float], peak: float, tokens: int, n_sampl
             "max_step_s": round(max(steady), 4), "slowest_steps_s": [round(t, 3) for t in sorted(steady)[-3:][::-1]],
             "total_s": round(total, 2), "setup_s": round(setup_s, 1), "mfu": mfu, "vs_floor": None,
             "peak_mib": round(peak, 1),
-            "settings": VLM_LORA_SYSTEMS[system] + args.vlm_set if system in VLM_LORA_SYSTEMS else HF_SYSTEMS.get(system)}
+            "settings": HF_SYSTEMS.get(system) if system in HF_SYSTEMS else (
+                VLM_LORA_SYSTEMS[system] + args.vlm_set + [f"{k}={v}" for k, v in SYSTEM_ENV.get(system, {}).items()])}
 
 
 def earlier_rows(args) -> dict:
@@ -269,7 +281,8 @@ def main() -> None:
                    "--preset", args.preset, "--steps", str(args.steps), "--batch", str(args.batch),
                    "--workers", str(args.workers), "--fixed-length", str(max(lengths))]
         command += [f"--vlm-set={s}" for s in args.vlm_set]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               **SYSTEM_ENV.get(system, {})}
         result_file = work / f"{system}.result.json"
         result_file.unlink(missing_ok=True)
         try:

@@ -117,3 +117,17 @@ def test_a_failed_system_keeps_its_whole_output(tmp_path):
     assert row["system"] == "vlm_lora" and row["returncode"] == 1
     log = Path(row["log"]).read_text()
     assert log.startswith("exit status 1") and "train.no_such_key" in log
+
+
+@pytest.mark.parametrize("system", sorted(e2e.VLM_LORA_SYSTEMS))
+def test_every_vlm_lora_system_is_a_valid_recipe(tmp_path, system):
+    """A system's overrides are checked here, not first on a lent GPU."""
+    from vlm_lora.recipe import validate_recipe
+
+    args = argparse.Namespace(device="cuda", workers=8, steps=24, batch=16, vlm_set=[])
+    recipe = validate_recipe(e2e.vlm_lora_recipe(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "out",
+                                                 args, e2e.VLM_LORA_SYSTEMS[system]))
+    assert recipe.train.batch_size == 16 and recipe.train.mixed_precision == "bf16"
+    if "pad64" in system:
+        assert recipe.data.pad_to_multiple_of == 64
+    assert set(e2e.SYSTEM_ENV) <= set(e2e.VLM_LORA_SYSTEMS)
