@@ -8,7 +8,8 @@
 #                                  the llava shapes (rows join llava's through bench/results/); none skips them
 #   bash bench/gpu_perf.sh qwen    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile
 #   bash bench/gpu_perf.sh step    the LoRA step alone: floor, PEFT, vlm-lora (model's loss / labelled head), DoRA,
-#                                  and regionally compiled floor and vlm-lora, every variant profiled
+#                                  and regionally compiled floor and vlm-lora, every variant profiled; VARY=8 gives
+#                                  the steps 8 sequence lengths in turn (a new length per step, as in a run)
 # Batch sizes: the presets' (LLaVA 16, Qwen 32: an H200's memory), or LLAVA_BATCH / QWEN_BATCH (8 fits an H100).
 # HF systems get as many DataLoader workers as vlm-lora's default (CPUs - 1, at most 8).
 # Wheels the GPU image lacks (pydantic, ...) are installed from .whl/ when it is there.
@@ -67,7 +68,7 @@ case "$MODE" in
     echo "== LoRA step, batch $LB: eager and regionally compiled, lm_head on every / labelled position, profiled"
     timeout ${STEP_TIMEOUT:-250} python3 bench/lora_step.py $STEP --variants \
       ${VARIANTS:-floor,peft,vlm_lora,vlm_lora_head,vlm_lora_dora,floor_compile,vlm_lora_compile,vlm_lora_compile_head} \
-      --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_b$LB.jsonl"
+      --vary-length ${VARY:-1} --profile-dir /tmp/prof 2>"$OUT/step.err" | tee "$OUT/step_b${LB}_lengths${VARY:-1}.jsonl"
     for f in /tmp/prof/profile_*.txt; do echo "== $(basename "$f" .txt)"; cat "$f"; done > "$OUT/profiles.txt"
     ;;
   *) echo "unknown mode $MODE; valid: llava, family, qwen, step"; exit 2 ;;

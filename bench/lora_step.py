@@ -144,6 +144,15 @@ def make_batch(p: dict, model, device: str, dtype: torch.dtype) -> dict:
             "labels": labels.to(device), "pixel_values": pixels.to(device, dtype)}
 
 
+def shorter_batch(batch: dict, drop: int) -> dict:
+    """``batch`` without its last ``drop`` text tokens (every per-token tensor [B, T, ...] cut alike)."""
+    if not drop:
+        return batch
+    length = batch["input_ids"].shape[1]
+    return {key: value[:, :length - drop] if value.dim() >= 2 and value.shape[:2] == batch["input_ids"].shape
+            else value for key, value in batch.items()}
+
+
 def split_variant(variant: str) -> tuple[str, str]:
     """'vlm_lora_dora' -> ('vlm_lora', 'dora'); 'peft' -> ('peft', '')."""
     for family in ("vlm_lora", "peft", "floor"):
@@ -219,7 +228,9 @@ def step_loss(model, batch: dict, variant: str) -> torch.Tensor:
     return model(**batch, **training_kwargs(model)).loss
 
 
-def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: int, variant: str = "") -> dict:
+def time_variant(model, batches: list[dict], device: str, autocast_dtype, steps: int, warmup: int,
+                 variant: str = "") -> dict:
+    """Median step time and memory; step i runs ``batches[i % len(batches)]``."""
     from vlm_lora.lora.hooks import attach_step_hooks
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -234,7 +245,7 @@ def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: 
         sync()
         start = time.perf_counter()
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = step_loss(model, batch, variant)
+            loss = step_loss(model, batches[i % len(batches)], variant)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -249,7 +260,7 @@ def time_variant(model, batch, device: str, autocast_dtype, steps: int, warmup: 
             "trainable": sum(p.numel() for p in trainable)}
 
 
-def profile_variant(model, batch, device: str, autocast_dtype, path: str, variant: str = "") -> dict:
+def profile_variant(model, batches: list[dict], device: str, autocast_dtype, path: str, variant: str = "") -> dict:
     """Profile two training steps (torch.profiler): the top-25 op table goes to ``path``; returns per-step
     figures: wall time, GPU kernel time (``busy`` = kernel time / wall), kernel launches, and kernel time
     by kind (GEMM, attention, optimizer, other: elementwise, copies, reductions)."""
@@ -262,9 +273,9 @@ def profile_variant(model, batch, device: str, autocast_dtype, path: str, varian
     sync()
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(2):
+        for i in range(2):
             with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = step_loss(model, batch, variant)
+                loss = step_loss(model, batches[i % len(batches)], variant)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -291,16 +302,17 @@ def profile_variant(model, batch, device: str, autocast_dtype, path: str, varian
             **{f"{k}_ms": round(v, 1) for k, v in kinds.items()}}
 
 
-def run_variant(model, variant: str, arch, batch: dict, args, autocast, steps: int, warmup: int) -> dict | None:
+def run_variant(model, variant: str, arch, batches: list[dict], args, autocast, steps: int, warmup: int
+                ) -> dict | None:
     """Time (and profile) ``variant`` on ``model``, then undo it; None when it ran out of GPU memory.
 
     A function of its own so that the variant's layers (held by its undo closures, and through them the
     base linears) are gone when it returns: ``quantize_language_decoder`` must leave no bf16 copy alive."""
     step_model, undo = setup_variant(model, variant, arch)
     try:
-        result = time_variant(step_model, batch, args.device, autocast, steps, warmup, variant)
+        result = time_variant(step_model, batches, args.device, autocast, steps, warmup, variant)
         if args.profile_dir:
-            result["profile"] = profile_variant(step_model, batch, args.device, autocast,
+            result["profile"] = profile_variant(step_model, batches, args.device, autocast,
                                                 f"{args.profile_dir}/profile_{variant}.txt", variant)
     except torch.cuda.OutOfMemoryError:  # one variant over the card's memory: say so, run the others
         result = None
@@ -329,6 +341,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default: the preset's)")
     parser.add_argument("--profile-dir", default=None, help="also write a torch.profiler table per variant here")
+    parser.add_argument("--vary-length", type=int, default=1, metavar="N",
+                        help="step i drops (i %% N) x 8 text tokens (fewer for short texts) from the batch's end: N lengths in turn, as "
+                             "a run whose batches are padded to their own longest sample (default 1: one length)")
     args = parser.parse_args()
     preset = args.preset or ("llava-7b" if args.device == "cuda" else "cpu")
     p = PRESETS[preset] if args.batch is None else {**PRESETS[preset], "batch": args.batch}
@@ -349,8 +364,10 @@ def main() -> None:
     model = build_model(p, args.device, dtype)
     arch = ARCH[p.get("arch", "llava")]
     batch = make_batch(p, model, args.device, dtype)
-    tokens = batch["input_ids"].numel()
-    shape = {"preset": preset, "batch": p["batch"], "seq": batch["input_ids"].shape[1],
+    stride = max(1, min(8, (p["text"] - 1) // max(1, args.vary_length - 1)))  # never into the image tokens
+    batches = [shorter_batch(batch, stride * k) for k in range(args.vary_length)]
+    tokens = statistics.mean(b["input_ids"].numel() for b in batches)
+    shape = {"preset": preset, "batch": p["batch"], "seq": batch["input_ids"].shape[1], "lengths": args.vary_length,
              "params": sum(x.numel() for x in model.parameters()),
              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     results, quantized = {}, False
@@ -358,7 +375,7 @@ def main() -> None:
         if variant.endswith("qlora") and not quantized:
             quantize_language_decoder(model)
             quantized = True
-        result = run_variant(model, variant, arch, batch, args, autocast, steps, warmup)
+        result = run_variant(model, variant, arch, batches, args, autocast, steps, warmup)
         model.requires_grad_(False)
         if result is None:
             torch.cuda.empty_cache()

@@ -67,3 +67,24 @@ def test_quantizing_after_a_variant_leaves_no_full_precision_copy_of_the_decoder
     lora_step.quantize_language_decoder(model)
     gc.collect()
     assert old and all(ref() is None for ref in old)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen-tiny"])
+def test_shorter_batches_keep_the_image_tokens_and_cut_every_per_token_tensor(preset):
+    """``--vary-length``: each shorter batch loses text tokens only, and every per-token tensor alike."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import lora_step
+
+    p = lora_step.PRESETS[preset]
+    model = lora_step.build_model(p, "cpu", torch.float32)
+    batch = lora_step.make_batch(p, model, "cpu", torch.float32)
+    image = model.config.image_token_id
+    shorter = lora_step.shorter_batch(batch, 3)
+    assert shorter["input_ids"].shape[1] == batch["input_ids"].shape[1] - 3
+    assert (shorter["input_ids"] == image).sum() == (batch["input_ids"] == image).sum()
+    for key, value in shorter.items():
+        same = batch[key]
+        per_token = same.dim() >= 2 and same.shape[:2] == batch["input_ids"].shape
+        assert torch.equal(value, same[:, :-3] if per_token else same), key
+    assert lora_step.shorter_batch(batch, 0) is batch
+    model.train()(**shorter).loss.backward()  # the model accepts it
