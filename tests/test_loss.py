@@ -128,3 +128,39 @@ def test_padding_to_a_multiple_keeps_the_loss_and_gradients(tmp_path, family):
         for name, grad in plain_grads.items():
             assert grad.abs().sum() > 0, name
             torch.testing.assert_close(padded_grads[name], grad, atol=1e-6, rtol=1e-5)
+
+
+class _FixedCollate:
+    """A collator (module level: it pickles) that returns one batch."""
+    skipped = ["kept"]
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __call__(self, items):
+        return dict(self.batch)
+
+
+def test_positions_found_with_the_batch_give_the_same_loss_and_never_reach_the_model(tiny_llava, tiny_batch):
+    """``WithLabelledPositions`` finds the answer positions on the CPU (the training loader's collator):
+    the loss with them equals the loss that finds them itself, and the model does not see the key."""
+    import pickle
+
+    import vlm_lora
+    from vlm_lora.data.labelled import LABELLED_POSITIONS, WithLabelledPositions
+
+    model = tiny_llava.train()
+    vlm_lora.plan(model, "language_only").apply(model)
+    randomize_adapters(model)
+    labels = tiny_batch["input_ids"].clone()
+    labels[:, :7] = -100
+    collate = pickle.loads(pickle.dumps(WithLabelledPositions(_FixedCollate({**tiny_batch, "labels": labels}))))
+    batch = collate([])
+    assert collate.skipped == ["kept"]
+    assert batch[LABELLED_POSITIONS].tolist() == [6, 7, 8, 16, 17, 18]  # next token labelled: rows of 10
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    own_loss, own = _loss_and_grads(model, {**tiny_batch, "labels": labels}, fast=True)
+    given_loss, given = _loss_and_grads(model, batch, fast=True)
+    assert seen[0] == seen[1] and LABELLED_POSITIONS not in seen[1] and "input_ids" in seen[1]
+    assert torch.equal(given_loss, own_loss) and all(torch.equal(given[n], own[n]) for n in own)

@@ -211,6 +211,28 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     assert counts[2] == counts[6] and counts[2] > 0, counts  # > 0: the log step's reads are seen
 
 
+def test_the_training_loader_hands_the_labelled_head_its_positions(tmp_path, monkeypatch):
+    """The answer positions come with every training batch, found on the CPU (on CUDA, finding them in the
+    step is a nonzero that makes the host wait for the GPU), and they are the batch's own."""
+    from vlm_lora.data.labelled import LABELLED_POSITIONS, labelled_positions
+    from vlm_lora.recipe import load_recipe
+    from vlm_lora.train import tasks
+    from vlm_lora.train.loop import finetune
+
+    batches = []
+    original = tasks.labelled_token_loss
+
+    def spy(model, batch, **kwargs):
+        batches.append(batch)
+        return original(model, batch, **kwargs)
+
+    monkeypatch.setattr(tasks, "labelled_token_loss", spy)
+    finetune(load_recipe(_recipe(tmp_path, "positions", max_steps=3, log_steps=3, save_steps=None)))
+    assert len(batches) == 3
+    for batch in batches:
+        assert torch.equal(batch[LABELLED_POSITIONS], labelled_positions(batch["labels"]))
+
+
 def test_an_adalora_run_resumes_exactly(tmp_path):
     """AdaLoRA's budget masks come from importance averages over every step: a resumed run must restore
     them (checkpointed in vlm_lora_state.safetensors), or its masks, and so its adapter, drift."""

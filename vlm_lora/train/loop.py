@@ -46,6 +46,7 @@ from vlm_lora.train.precision import LossScaling, divergence_error, upcast_train
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
 from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe, make_train_loader
 from vlm_lora.train.speed import apply_speed_options, packing_rope_positions, packing_row_tokens
+from vlm_lora.data.labelled import WithLabelledPositions
 from vlm_lora.data.packing import PackingCollator
 
 log = logging.getLogger("vlm_lora")
@@ -140,7 +141,10 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.learning_rate)
     world = accelerator.num_processes
     per_step = world * cfg.grad_accum  # micro-batches one optimizer step consumes, over all processes
-    loader = make_train_loader(recipe, train_set, task.collate, accelerator)
+    collate = task.collate
+    if getattr(task, "uses_labelled_head", None) and task.uses_labelled_head(model):
+        collate = WithLabelledPositions(collate)  # found on the CPU: the step then never waits for the GPU
+    loader = make_train_loader(recipe, train_set, collate, accelerator)
     total_steps = loader.total_steps(cfg.epochs, per_step, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
     if not fsdp:  # sharded models are not handed to accelerate, which would wrap them in DDP

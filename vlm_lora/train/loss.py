@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lora.data.datasets import IGNORE_INDEX
+from vlm_lora.data.labelled import LABELLED_POSITIONS, labelled_positions, next_token_targets
 
 # model types whose forward is ``logits = lm_head(hidden_states)`` over the whole sequence followed by
 # transformers' causal-LM loss (shift by one, ignore -100, mean): the gather below gives their loss exactly
@@ -45,17 +46,14 @@ def _takes_use_cache(model_class: type) -> bool:
     return "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """[B, S] -> [B, S]: the label each position predicts (the next one), ``-100`` at the last position."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
 def labelled_token_loss(model, batch: dict, **forward_kwargs) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (with ``labels`` [B, S]) over its labelled tokens,
-    ``lm_head`` applied to those positions only; equals ``model(**batch).loss``."""
+    ``lm_head`` applied to those positions only; equals ``model(**batch).loss``. The positions come with the
+    batch (``LABELLED_POSITIONS``, found on the CPU by the training loader), or are found here."""
     targets = next_token_targets(batch["labels"]).flatten()  # [B * S]
-    # the one host sync (nonzero), before the forward is queued: the GPU has nothing to wait for yet
-    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [N]
+    index = batch.get(LABELLED_POSITIONS)  # [N]
+    if index is None:  # a nonzero on the device: on CUDA the host waits for the GPU here
+        index = labelled_positions(batch["labels"])
     head = getattr(model, "module", model).get_output_embeddings()
 
     def gather(module, args):
@@ -64,7 +62,8 @@ def labelled_token_loss(model, batch: dict, **forward_kwargs) -> torch.Tensor:
 
     handle = head.register_forward_pre_hook(gather)
     try:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **forward_kwargs).logits  # [N, vocab]
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", LABELLED_POSITIONS)}
+        logits = model(**inputs, **forward_kwargs).logits  # [N, vocab]
     finally:
         handle.remove()
     if logits.dim() != 2 or logits.shape[0] != index.numel():

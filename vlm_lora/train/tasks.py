@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lora.data.datasets import IGNORE_INDEX
+from vlm_lora.data.labelled import LABELLED_POSITIONS
 from vlm_lora.train.loss import labelled_token_loss, supports_labelled_head, training_kwargs
 
 
@@ -40,11 +41,16 @@ class CaptionTask:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over answer tokens, number of answer tokens as a 0-d tensor); ``lm_head`` sees only the answer
         positions when ``train.head_on_labels`` is on and the model's loss allows it (same loss)."""
-        cfg = self.recipe.train
         kwargs = {k: v for k, v in training_kwargs(model).items() if k not in batch}  # a packed batch sets its own
-        if cfg.head_on_labels and cfg.kernels != "liger_flce" and supports_labelled_head(model):
+        if self.uses_labelled_head(model):
             return labelled_token_loss(model, batch, **kwargs), self.count_units(batch)
-        return model(**batch, **kwargs).loss, self.count_units(batch)
+        inputs = {k: v for k, v in batch.items() if k != LABELLED_POSITIONS}
+        return model(**inputs, **kwargs).loss, self.count_units(batch)
+
+    def uses_labelled_head(self, model) -> bool:
+        """Whether ``loss`` runs lm_head on the answer positions only (``train.head_on_labels``, model allows)."""
+        cfg = self.recipe.train
+        return cfg.head_on_labels and cfg.kernels != "liger_flce" and supports_labelled_head(model)
 
     def evaluate(self, model, dataset, desc: str = "eval") -> tuple[dict, list[dict]]:
         from vlm_lora.eval.captioning import evaluate_captions
