@@ -290,9 +290,10 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             print(json.dumps({"system": system, "error": f"over --system-timeout {args.system_timeout} s"}), flush=True)
             continue
-        if done.returncode:  # the child's whole output: its last lines may be a progress bar
-            log_file = work / f"{system}.failed.log"
-            log_file.write_text(f"exit status {done.returncode}\n== stdout\n{done.stdout}\n== stderr\n{done.stderr}")
+        # the child's whole output, kept whether it failed or not: the last lines may be a progress bar, and
+        # the rest shows recompiles (TORCH_LOGS=recompiles) and warnings
+        log_file = work / f"{system}.log"
+        log_file.write_text(f"exit status {done.returncode}\n== stdout\n{done.stdout}\n== stderr\n{done.stderr}")
         if not result_file.is_file():
             tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
             print(json.dumps({"system": system, "error": tail, "returncode": done.returncode, "log": str(log_file)}),

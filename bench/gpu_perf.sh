@@ -15,7 +15,7 @@
 # Wheels the GPU image lacks (pydantic, ...) are installed from .whl/ when it is there.
 # CPU analogue (tiny presets, same code paths): DEVICE=cpu bash bench/gpu_perf.sh llava
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TORCH_LOGS=${TORCH_LOGS:-recompiles}
 MODE=${1:-llava}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/prof bench/results
 DEVICE=${DEVICE:-cuda}
@@ -42,7 +42,7 @@ case "$MODE" in
     timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $LLAVA --systems ${E2E_SYSTEMS:-floor,hf_peft,vlm_lora,vlm_lora_compile} \
       --system-timeout ${SYSTEM_TIMEOUT:-260} --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
       2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
-    cp bench/results/e2e_llava_b$LB.jsonl /tmp/e2e_llava/*.failed.log "$OUT/" 2>/dev/null
+    cp bench/results/e2e_llava_b$LB.jsonl /tmp/e2e_llava/*.log "$OUT/" 2>/dev/null
     ;;
   family)
     echo "== LoRA step, batch $LB: the LoRA family next to LoRA, profiled"
@@ -55,14 +55,14 @@ case "$MODE" in
     timeout ${E2E_TIMEOUT:-300} python3 bench/e2e.py $LLAVA --systems ${E2E_SYSTEMS:-hf_peft_compile} \
       --system-timeout 280 --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
       2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
-    cp bench/results/e2e_llava_b$LB.jsonl "$OUT/"
+    cp bench/results/e2e_llava_b$LB.jsonl /tmp/e2e_llava/*.log "$OUT/" 2>/dev/null
     ;;
   qwen)
     echo "== e2e ($QWEN)"
     timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $QWEN --systems ${E2E_SYSTEMS:-hf_peft,vlm_lora,vlm_lora_compile} \
       --system-timeout ${SYSTEM_TIMEOUT:-170} \
       --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b$QB.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
-    cp bench/results/e2e_qwen_b$QB.jsonl /tmp/e2e_qwen/*.failed.log "$OUT/" 2>/dev/null
+    cp bench/results/e2e_qwen_b$QB.jsonl /tmp/e2e_qwen/*.log "$OUT/" 2>/dev/null
     ;;
   step)
     echo "== LoRA step, batch $LB: eager and regionally compiled, lm_head on every / labelled position, profiled"
