@@ -133,6 +133,9 @@ class TrainConfig(_Strict):
         default="none", description="recompute activations in backward: full (every decoder layer), selective "
                                     "(every other layer), offload (full, saved inputs kept in CPU memory); true = full")
     compile: bool = Field(default=False, description="torch.compile each decoder layer (regional compilation)")
+    batched_vision_attention: bool = Field(
+        default=False, description="Qwen2/2.5/3-VL vision towers under SDPA: one attention call per chunk length "
+                                   "instead of one per window or image (same attention per chunk)")
     head_on_labels: bool = Field(default=True, description="lm_head and loss on the answer positions only (same "
                                  "loss and gradients; LLaVA, Qwen-VL); false: the model's loss over every position")
     kernels: Literal["none", "liger", "liger_flce"] = Field(

@@ -1,4 +1,5 @@
-"""Speed options of a run (``train.kernels``, ``train.gradient_checkpointing``, ``train.compile``, ``data.packing``).
+"""Speed options of a run (``train.kernels``, ``train.gradient_checkpointing``, ``train.compile``, ``data.packing``,
+``train.batched_vision_attention``).
 
 Applied after the adapters are in place, in this order: Liger kernels (they replace modules and
 forwards), activation checkpointing, then ``torch.compile`` of each decoder layer (regional
@@ -52,10 +53,21 @@ def apply_speed_options(model, train_cfg, packing: bool = False):
             raise SpeedOptionError(f"train.kernels: {train_cfg.kernels} runs Triton kernels on a CUDA GPU; "
                                    "this run is on CPU, set train.kernels: none")
         apply_liger(model, fused_cross_entropy=train_cfg.kernels == "liger_flce")
+    if getattr(train_cfg, "batched_vision_attention", False):
+        from vlm_lora.train.vision_attention import CHUNKED_VISION_ATTENTION, batch_vision_attention
+
+        if not batch_vision_attention(model) and not _uses_flash_attention(model):
+            raise SpeedOptionError("train.batched_vision_attention: this model has no chunked vision attention "
+                                   f"(supported: {', '.join(CHUNKED_VISION_ATTENTION)}, the Qwen2/2.5/3-VL towers); "
+                                   "set train.batched_vision_attention: false")
     enable_gradient_checkpointing(model, train_cfg.gradient_checkpointing)
     if train_cfg.compile:
         compile_decoder_layers(model)
     return model
+
+
+def _uses_flash_attention(model) -> bool:
+    return "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
 
 
 def check_packable(model) -> None:

@@ -1,0 +1,124 @@
+"""``train.batched_vision_attention``: Qwen-VL vision towers attend within each window or image in a few calls.
+
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers attend within chunks of the flattened patch sequence:
+one image, or in Qwen2.5-VL's windowed layers one window of up to 8 x 8 patches. ``cu_seqlens`` [chunks + 1]
+marks the chunks. Without FlashAttention's varlen kernel, transformers handles this in two costly steps:
+
+- it reads the chunk lengths back from the GPU in every layer (``.tolist()``, a host sync);
+- it runs one SDPA call per chunk. A 728 px image has 49 windows, and 28 of Qwen2.5-VL's 32 vision layers
+  are windowed.
+
+Here the chunks of equal length go through one batched SDPA call. Window lengths take few values: full
+windows, and the smaller ones at the right and bottom edges. The lengths are read once per ``cu_seqlens``
+tensor, which every layer of one forward shares. Each chunk gets the same attention as before, with the
+same kernel; only the batch dimension differs. A test compares the tower's outputs and gradients with the
+per-chunk path.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+# vision attention classes whose forward is transformers' chunked ``cu_seqlens`` attention (the same code in
+# each, checked for transformers 5.17 and 5.25): class name -> the module that defines it
+CHUNKED_VISION_ATTENTION = {
+    "VisionAttention": "transformers.models.qwen2_vl.modeling_qwen2_vl",
+    "Qwen2_5_VLVisionAttention": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "Qwen3VLVisionAttention": "transformers.models.qwen3_vl.modeling_qwen3_vl",
+}
+
+
+class ChunkPlan:
+    """How to batch the chunks marked by one ``cu_seqlens``: groups of equal length, in a permuted order.
+
+    ``order`` [L] (None when the chunks are already grouped) gathers the positions group by group;
+    ``inverse`` undoes it; ``groups`` lists (chunk length, chunk count) in that order."""
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # the one host read for this cu_seqlens
+        starts, position = [], 0
+        for length in lengths:
+            starts.append(position)
+            position += length
+        by_length: dict[int, list[int]] = {}
+        for start, length in zip(starts, lengths):
+            if length:
+                by_length.setdefault(length, []).append(start)
+        self.groups = [(length, len(group)) for length, group in by_length.items()]
+        grouped = [start + i for length, group in by_length.items() for start in group for i in range(length)]
+        if grouped == list(range(position)):
+            self.order = self.inverse = None
+        else:
+            self.order = torch.tensor(grouped, device=cu_seqlens.device)
+            self.inverse = torch.argsort(self.order)
+
+
+class PlanCache:
+    """``ChunkPlan`` per ``cu_seqlens`` tensor object (the layers of one forward share it); a dead weak
+    reference means the tensor is gone, so a new tensor that reuses its id is never matched."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[tuple[weakref.ref, ChunkPlan]] = []
+
+    def get(self, cu_seqlens: torch.Tensor) -> ChunkPlan:
+        for ref, plan in self.entries:
+            if ref() is cu_seqlens:
+                return plan
+        plan = ChunkPlan(cu_seqlens)
+        self.entries = [(weakref.ref(cu_seqlens), plan), *self.entries][: self.size]
+        return plan
+
+
+def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: ChunkPlan,
+                      scaling: float) -> torch.Tensor:
+    """[1, heads, L, d] query/key/value -> [L, heads, d]: attention within each chunk of ``plan``."""
+    if plan.order is not None:
+        query, key, value = (t.index_select(2, plan.order) for t in (query, key, value))
+    heads, dim = query.shape[1], query.shape[-1]
+    outputs, offset = [], 0
+    for length, count in plan.groups:
+        size = length * count
+
+        def chunks(t: torch.Tensor) -> torch.Tensor:  # [1, heads, L, d] -> [count, heads, length, d]
+            return t[0, :, offset:offset + size].reshape(heads, count, length, dim).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(chunks(query), chunks(key), chunks(value), scale=scaling)
+        outputs.append(out.transpose(1, 2).reshape(size, heads, dim))  # tokens first, chunk by chunk
+        offset += size
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out.index_select(0, plan.inverse) if plan.inverse is not None else out
+
+
+def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings=None,
+                     max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+    """transformers' chunked vision attention forward ([L, hidden] -> [L, hidden]), chunks batched."""
+    seq_length = hidden_states.shape[0]
+    query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    query, key = self._rotary(query, key, cos, sin)
+    query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, heads, L, d]
+    out = chunked_attention(query, key, value, self._chunk_plans.get(cu_seqlens), self.scaling)
+    return self.proj(out.reshape(seq_length, -1).contiguous())
+
+
+def batch_vision_attention(model: torch.nn.Module) -> int:
+    """Give every chunked vision attention module of ``model`` the batched forward; returns how many.
+    Modules under FlashAttention keep theirs (its varlen kernel already takes every chunk in one call)."""
+    plans = PlanCache()
+    count = 0
+    for module in model.modules():
+        if CHUNKED_VISION_ATTENTION.get(type(module).__name__) != type(module).__module__:
+            continue
+        if "flash" in str(getattr(module.config, "_attn_implementation", "") or ""):
+            continue
+        module._rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        module._chunk_plans = plans
+        module.forward = types.MethodType(_batched_forward, module)
+        count += 1
+    return count
