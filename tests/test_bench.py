@@ -63,7 +63,7 @@ def test_quantizing_after_a_variant_leaves_no_full_precision_copy_of_the_decoder
     old = [weakref.ref(m.weight) for n, m in model.named_modules()
            if n.startswith("model.language_model") and type(m) is torch.nn.Linear]
     args = SimpleNamespace(device="cpu", profile_dir=None)
-    assert lora_step.run_variant(model, "vlm_lora", arch, batch, args, None, 1, 0)["step_s"] > 0
+    assert lora_step.run_variant(model, "vlm_lora", arch, [batch], args, None, 1, 0)["step_s"] > 0
     lora_step.quantize_language_decoder(model)
     gc.collect()
     assert old and all(ref() is None for ref in old)
@@ -88,3 +88,13 @@ def test_shorter_batches_keep_the_image_tokens_and_cut_every_per_token_tensor(pr
         assert torch.equal(value, same[:, :-3] if per_token else same), key
     assert lora_step.shorter_batch(batch, 0) is batch
     model.train()(**shorter).loss.backward()  # the model accepts it
+
+
+def test_vision_attention_bench_counts_fewer_attention_calls_when_batched():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "vision_attention.py"), "--pixels", "224",
+                             "--images", "2", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    per_chunk, batched, ratio = (json.loads(line) for line in result.stdout.strip().splitlines())
+    # 224 px: 16 x 16 patches, 2 x 2 windows of 8 x 8 per image; 28 windowed layers, 4 full-attention ones
+    assert per_chunk["attention_calls"] == 28 * 2 * 4 + 4 * 2 and batched["attention_calls"] == 32
+    assert ratio["speedup"] > 0
