@@ -82,7 +82,8 @@ def main() -> None:
     for path in ("per_chunk", "batched"):
         if path == "batched":
             batch_vision_attention(tower)
-        rows[path] = {"path": path, "forward_s": round(time_forward(tower, patches, grid, args.device, args.repeats), 4),
+        seconds = time_forward(tower, patches, grid, args.device, args.repeats)
+        rows[path] = {"path": path, "forward_s": round(seconds, 4),
                       "attention_calls": count_attention_calls(tower, patches, grid), "images": args.images,
                       "pixels": args.pixels, "full_width": args.full,
                       "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}

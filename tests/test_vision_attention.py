@@ -67,7 +67,8 @@ def test_the_plan_cache_never_matches_a_new_tensor():
     assert cache.get(first) is cache.get(first)
     plan = cache.get(first)
     del first
-    assert cache.get(torch.tensor([0, 3, 4])).groups == [(3, 1), (1, 1)] and cache.get(torch.tensor([0, 3, 4])) is not plan
+    other = torch.tensor([0, 3, 4])
+    assert cache.get(other).groups == [(3, 1), (1, 1)] and cache.get(other) is not plan
 
 
 def test_the_option_is_refused_for_a_model_without_chunked_vision_attention(tiny_llava):
