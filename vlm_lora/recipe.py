@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from vlm_lora.policy import STRATEGIES, ComponentPolicy
@@ -98,12 +98,13 @@ class DataConfig(_Strict):
                                         "fewer distinct shapes for train.compile and attention kernels; the "
                                         "padding is masked and unlabelled (same loss and gradients); not with packing")
 
-    @model_validator(mode="after")
-    def _padding_or_packing(self):
-        if self.packing and self.pad_to_multiple_of:
-            raise ValueError("data.pad_to_multiple_of: packed rows are not padded per batch; set data.packing: false "
-                             "or drop data.pad_to_multiple_of")
-        return self
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _not_with_packing(cls, value, info: ValidationInfo):
+        if value and info.data.get("packing"):  # packing is declared (so validated) first
+            raise ValueError("packed rows are not padded per batch; set data.packing: false or drop "
+                             "data.pad_to_multiple_of")
+        return value
 
 
 class TrainConfig(_Strict):

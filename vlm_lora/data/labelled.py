@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlm_lora.data.collate import CollatorWrapper
 from vlm_lora.data.datasets import IGNORE_INDEX
 
 LABELLED_POSITIONS = "labelled_positions"  # batch key: [N] int64 flat positions whose next token is labelled
@@ -24,26 +25,19 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """[B, S] labels -> [N] int64: the flat positions (``b * S + s``) whose next token is labelled."""
-    return (next_token_targets(labels).flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+    return positions_of(next_token_targets(labels).flatten())
 
 
-class WithLabelledPositions:
-    """Wraps a collator so that each batch with ``labels`` also carries ``LABELLED_POSITIONS``.
+def positions_of(targets: torch.Tensor) -> torch.Tensor:
+    """[B * S] flat next-token targets -> [N] int64 positions of those not ``IGNORE_INDEX``."""
+    return (targets != IGNORE_INDEX).nonzero().squeeze(1)
 
-    Attributes other than the call (``check_lengths``, ``skipped``, ...) are the wrapped collator's. It holds
-    only the collator, so it pickles into DataLoader workers.
-    """
 
-    def __init__(self, collate):
-        self.collate = collate
+class WithLabelledPositions(CollatorWrapper):
+    """Wraps a collator so that each batch with ``labels`` also carries ``LABELLED_POSITIONS``."""
 
     def __call__(self, items) -> dict:
         batch = self.collate(items)
         if "labels" in batch:
             batch[LABELLED_POSITIONS] = labelled_positions(batch["labels"])
         return batch
-
-    def __getattr__(self, name: str):
-        if name == "collate":  # not set yet (unpickling): avoid recursing into ourselves
-            raise AttributeError(name)
-        return getattr(self.collate, name)

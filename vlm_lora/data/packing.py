@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vlm_lora.data.collate import CollatorWrapper
 from vlm_lora.data.datasets import IGNORE_INDEX, DataError
 
 # processor outputs of videos (Qwen2-VL family): their temporal rope positions scale with time, not packed
@@ -138,16 +139,15 @@ def sample_positions(lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(total) - starts
 
 
-class PackingCollator:
+class PackingCollator(CollatorWrapper):
     """Wraps a collator so that its batches come out packed (``pack_batch``).
 
-    Attributes other than the call (``check_lengths``, ``skipped``, ...) are the wrapped collator's.
-    Module-level and holding only the collator (and ``rope_positions``, a module-level function or a
-    ``functools.partial`` of one), so it pickles into DataLoader workers.
+    It also holds ``rope_positions`` (a module-level function or a ``functools.partial`` of one), which
+    pickles into DataLoader workers too.
     """
 
     def __init__(self, collate, row_tokens: int | None = None, rope_positions=None):
-        self.collate = collate
+        super().__init__(collate)
         self.row_tokens = row_tokens
         self.rope_positions = rope_positions  # multi-axis rope families: see ``pack_batch``
         tokenizer = getattr(collate, "tokenizer", None)
@@ -155,8 +155,3 @@ class PackingCollator:
 
     def __call__(self, items) -> dict[str, torch.Tensor]:
         return pack_batch(self.collate(items), self.row_tokens, self.pad_id, self.rope_positions)
-
-    def __getattr__(self, name: str):
-        if name == "collate":  # not set yet (unpickling): avoid recursing into ourselves
-            raise AttributeError(name)
-        return getattr(self.collate, name)

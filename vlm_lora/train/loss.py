@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lora.data.datasets import IGNORE_INDEX
-from vlm_lora.data.labelled import LABELLED_POSITIONS, labelled_positions, next_token_targets
+from vlm_lora.data.labelled import LABELLED_POSITIONS, next_token_targets, positions_of
 
 # model types whose forward is ``logits = lm_head(hidden_states)`` over the whole sequence followed by
 # transformers' causal-LM loss (shift by one, ignore -100, mean): the gather below gives their loss exactly
@@ -53,7 +53,7 @@ def labelled_token_loss(model, batch: dict, **forward_kwargs) -> torch.Tensor:
     targets = next_token_targets(batch["labels"]).flatten()  # [B * S]
     index = batch.get(LABELLED_POSITIONS)  # [N]
     if index is None:  # a nonzero on the device: on CUDA the host waits for the GPU here
-        index = labelled_positions(batch["labels"])
+        index = positions_of(targets)
     head = getattr(model, "module", model).get_output_embeddings()
 
     def gather(module, args):

@@ -87,8 +87,7 @@ def packing_rope_positions(model):
 def packing_row_tokens(model) -> int | None:
     """Row length for ``PackingCollator``: FlashAttention finds sample boundaries from position ids only
     in a single row (one row per micro-batch); mask-based attention gets rows of the longest sample."""
-    attention = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
-    return 2 ** 31 if "flash" in attention else None
+    return 2 ** 31 if _uses_flash_attention(model) else None
 
 
 # ---------------------------------------------------------------- activation checkpointing
