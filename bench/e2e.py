@@ -99,6 +99,8 @@ def vlm_lora_recipe(model_dir: Path, data: Path, out: Path, args, overrides: lis
                   "mixed_precision": "bf16" if cuda else "no"},
         "output_dir": str(out),
     }
+    if getattr(args, "profile", None):
+        recipe["train"]["profile_steps"] = list(args.profile)
     return apply_overrides(recipe, overrides + args.vlm_set)
 
 
@@ -158,9 +160,21 @@ def run_hf(model_dir: Path, data: Path, out: Path, args, lora: bool, compile: bo
             self.times.append(now - self.last)
             self.last = now
 
+    class Profile(TrainerCallback):  # --profile: the same record of the same steps as vlm-lora's profile_steps
+        def __init__(self):
+            from vlm_lora.train.profiling import StepProfiler
+
+            self.profiler = StepProfiler(args.profile, out / "profile", torch.device(args.device))
+
+        def on_step_begin(self, training_args, state, control, **k):
+            self.profiler.before(state.global_step + 1)
+
+        def on_step_end(self, training_args, state, control, **k):
+            self.profiler.after(state.global_step)
+
     clock = StepClock()
     trainer = Trainer(model=model, args=training_args, train_dataset=CaptionRows(data, processor.tokenizer),
-                      data_collator=PaddingCollator(processor, max_length), callbacks=[clock])
+                      data_collator=PaddingCollator(processor, max_length), callbacks=[clock, Profile()])
     trainer.train()
     return clock.times
 
@@ -251,6 +265,9 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="JSONL file the rows are appended to; its floor and hf_peft "
                         "rows of the same preset, batch, steps and device count for vs_floor and the ratios")
     parser.add_argument("--system-timeout", type=float, default=None, help="seconds one system may run")
+    parser.add_argument("--profile", default=None, type=lambda v: [int(x) for x in v.split(",")], metavar="FIRST,COUNT",
+                        help="record steps FIRST..FIRST+COUNT-1 of every system with torch.profiler, to "
+                             "WORK/run_<system>/profile/ (trace.json, ops.txt, summary.json)")
     parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child process: run this one
     parser.add_argument("--fixed-length", type=int, default=None, help=argparse.SUPPRESS)  # compiled HF systems' pad
     args = parser.parse_args()
@@ -282,6 +299,7 @@ def main() -> None:
                    "--preset", args.preset, "--steps", str(args.steps), "--batch", str(args.batch),
                    "--workers", str(args.workers), "--fixed-length", str(max(lengths))]
         command += [f"--vlm-set={s}" for s in args.vlm_set]
+        command += ["--profile", ",".join(map(str, args.profile))] if args.profile else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                **SYSTEM_ENV.get(system, {})}
         result_file = work / f"{system}.result.json"

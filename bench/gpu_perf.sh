@@ -10,11 +10,26 @@
 #   bash bench/gpu_perf.sh step    the LoRA step alone: floor, PEFT, vlm-lora (model's loss / labelled head), DoRA,
 #                                  and regionally compiled floor and vlm-lora, every variant profiled; VARY=8 gives
 #                                  the steps 8 sequence lengths in turn (a new length per step, as in a run)
+# PROFILE=FIRST,COUNT (llava, qwen): every system's steps FIRST.. recorded with torch.profiler ($OUT/<system>_profile/:
+# summary.json, ops.txt, trace.json.gz), the way `train.profile_steps` records a vlm-lora run.
 # Batch sizes: the presets' (LLaVA 16, Qwen 32: an H200's memory), or LLAVA_BATCH / QWEN_BATCH (8 fits an H100).
 # HF systems get as many DataLoader workers as vlm-lora's default (CPUs - 1, at most 8).
 # Wheels the GPU image lacks (pydantic, ...) are installed from .whl/ when it is there.
 # CPU analogue (tiny presets, same code paths): DEVICE=cpu bash bench/gpu_perf.sh llava
 set -u
+PROFILE_ARGS=${PROFILE:+--profile $PROFILE}
+copy_profiles() {  # $1: e2e work folder
+  for d in "$1"/run_*/profile; do
+    [ -d "$d" ] || continue
+    s=$(basename "$(dirname "$d")"); s=${s#run_}; mkdir -p "$OUT/profiles/$s"
+    cp "$d"/summary.json "$d"/ops.txt "$OUT/profiles/$s/" 2>/dev/null
+    gzip -c "$d"/trace.json > "$OUT/trace_$s.json.gz" 2>/dev/null
+  done
+}
+# $OUT returns at most 8 files: everything but the traces travels as one results.tgz
+pack_out() { (cd "$OUT" && tar czf /tmp/results.tgz --exclude='trace_*' . && find . -mindepth 1 ! -name 'trace_*' -delete \
+  && mv /tmp/results.tgz .); }
+trap pack_out EXIT
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TORCH_LOGS=${TORCH_LOGS:-recompiles}
 MODE=${1:-llava}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/prof bench/results
@@ -39,10 +54,11 @@ nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
 case "$MODE" in
   llava)
     echo "== e2e ($LLAVA)"
-    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $LLAVA --systems ${E2E_SYSTEMS:-floor,hf_peft,vlm_lora,vlm_lora_compile} \
+    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $LLAVA $PROFILE_ARGS --systems ${E2E_SYSTEMS:-floor,hf_peft,vlm_lora,vlm_lora_compile} \
       --system-timeout ${SYSTEM_TIMEOUT:-260} --work /tmp/e2e_llava --results bench/results/e2e_llava_b$LB.jsonl \
       2>"$OUT/e2e_llava.err" | tee "$OUT/e2e_llava.log"
     cp bench/results/e2e_llava_b$LB.jsonl /tmp/e2e_llava/*.log "$OUT/" 2>/dev/null
+    copy_profiles /tmp/e2e_llava
     ;;
   family)
     echo "== LoRA step, batch $LB: the LoRA family next to LoRA, profiled"
@@ -59,10 +75,11 @@ case "$MODE" in
     ;;
   qwen)
     echo "== e2e ($QWEN)"
-    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $QWEN --systems ${E2E_SYSTEMS:-hf_peft,vlm_lora,vlm_lora_compile} \
+    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $QWEN $PROFILE_ARGS --systems ${E2E_SYSTEMS:-hf_peft,vlm_lora,vlm_lora_compile} \
       --system-timeout ${SYSTEM_TIMEOUT:-170} \
       --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b$QB.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
     cp bench/results/e2e_qwen_b$QB.jsonl /tmp/e2e_qwen/*.log "$OUT/" 2>/dev/null
+    copy_profiles /tmp/e2e_qwen
     ;;
   step)
     echo "== LoRA step, batch $LB: eager and regionally compiled, lm_head on every / labelled position, profiled"

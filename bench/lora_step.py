@@ -35,6 +35,8 @@ import time
 
 import torch
 
+from vlm_lora.train.profiling import kernel_summary
+
 PRESETS = {
     # name: (vision hidden, vision layers, image, patch, text hidden, text layers, intermediate, vocab, batch, text tokens)
     "tiny": dict(vh=32, vl=2, img=16, patch=8, th=64, tl=2, inter=128, vocab=128, batch=2, text=8),
@@ -284,22 +286,7 @@ def profile_variant(model, batches: list[dict], device: str, autocast_dtype, pat
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=25))
-    kinds = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
-    launches = 0
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False) \
-                or event.name.startswith(("Optimizer.", "ProfilerStep")):  # ranges on the GPU timeline, not kernels
-            continue
-        launches += 1
-        name = event.name.lower()
-        kind = ("attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa"))
-                else "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas"))
-                else "optimizer" if "adam" in name or "multi_tensor" in name else "other")
-        kinds[kind] += event.device_time / 1e3 / 2  # us -> ms, per step
-    kernel_ms = sum(kinds.values())
-    return {"wall_ms": round(wall * 1e3, 1), "kernel_ms": round(kernel_ms, 1),
-            "busy": round(kernel_ms / (wall * 1e3), 3) if wall else None, "launches": launches // 2,
-            **{f"{k}_ms": round(v, 1) for k, v in kinds.items()}}
+    return kernel_summary(prof.events(), 2, wall * 2)
 
 
 def run_variant(model, variant: str, arch, batches: list[dict], args, autocast, steps: int, warmup: int

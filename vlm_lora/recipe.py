@@ -147,6 +147,9 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on GPUs that support it, else no")
     tensorboard: bool = Field(default=True, description="write TensorBoard events when tensorboard is installed")
+    profile_steps: tuple[int, int] | None = Field(
+        default=None, description="[first, count]: record optimizer steps first..first+count-1 with torch.profiler "
+                                  "to output_dir/profile/ (trace.json for Perfetto, ops.txt, summary.json)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -161,6 +164,13 @@ class TrainConfig(_Strict):
         valid = sorted({m for names in TASK_METRICS.values() for m in names} | {"accuracy", "eval_loss"})
         if value is not None and value not in valid:
             raise ValueError(unknown_name(f"unknown metric {value!r}", value, valid, f"valid: {', '.join(valid)}"))
+        return value
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _positive_steps(cls, value):
+        if value is not None and (value[0] < 1 or value[1] < 1):
+            raise ValueError(f"[first, count] counts steps from 1 and records at least one; got {list(value)}")
         return value
 
     @field_validator("gradient_checkpointing", "kernels", mode="before")

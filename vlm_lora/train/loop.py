@@ -42,6 +42,7 @@ from vlm_lora.lora.hooks import attach_step_hooks
 from vlm_lora.quantize import quantize_linears
 from vlm_lora.recipe import Recipe
 from vlm_lora.train.output_dir import check_writable, prepare_output_dir, resume_point
+from vlm_lora.train.profiling import StepProfiler
 from vlm_lora.train.precision import LossScaling, divergence_error, upcast_trainable, uses_fp16_amp
 from vlm_lora.train.run_log import MetricsWriter, fmt, summary
 from vlm_lora.train.setup import RunExistsError, TrainingError, build_task_and_data, load_for_recipe, make_train_loader
@@ -146,6 +147,9 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         collate = WithLabelledPositions(collate)  # found on the CPU: the step then never waits for the GPU
     loader = make_train_loader(recipe, train_set, collate, accelerator)
     total_steps = loader.total_steps(cfg.epochs, per_step, cfg.max_steps)
+    if cfg.profile_steps and sum(cfg.profile_steps) - 1 > total_steps:
+        raise TrainingError(f"train.profile_steps: {list(cfg.profile_steps)} records up to step "
+                            f"{sum(cfg.profile_steps) - 1}, but this run has {total_steps} steps; record earlier steps")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps))
     if not fsdp:  # sharded models are not handed to accelerate, which would wrap them in DDP
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -181,6 +185,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
     peaks: list[float] = []
     model.train()
     guard = DivergenceGuard(accelerator.device)
+    profiler = StepProfiler(cfg.profile_steps, out / "profile", accelerator.device, enabled=main)
 
     def stop_if_diverged() -> None:  # one host sync; every rank calls it at the same steps
         found = guard.check()
@@ -188,6 +193,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
             raise TrainingError(divergence_error(out, found[0], found[1], recipe))
 
     while step < total_steps:
+        profiler.before(step + 1)
         step_started = time.perf_counter()
         batches, n_samples = loader.next(cfg.grad_accum, accelerator.device)
         # units (answer tokens, samples) per micro-batch and over every process: device tensors, no host sync
@@ -216,6 +222,7 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        profiler.after(step)
         bar.update(1)
         window["loss"] = window["loss"] + step_loss  # a device tensor, read at the log step
         window["samples"] += n_samples * world
