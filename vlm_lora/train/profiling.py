@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger("vlm_lora")
 
 KERNEL_KINDS = {  # kind -> substrings of kernel names (lower case); first match wins, "other" takes the rest
-    "attention": ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa"),
+    "attention": ("flash", "fmha", "attention", "sdpa"),
     "gemm": ("gemm", "nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "cublas"),
     "optimizer": ("adam", "multi_tensor"),
 }
