@@ -66,8 +66,7 @@ CONNECTOR = {"llava": "multi_modal_projector", "qwen2_5_vl": "merger"}  # PEFT m
 VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recipe
     "vlm_lora": [], "vlm_lora_packed": ["data.packing=true"], "vlm_lora_compile": ["train.compile=true"],
     "vlm_lora_liger": ["train.kernels=liger"], "vlm_lora_full_head": ["train.head_on_labels=false"],
-    "vlm_lora_pad64": ["data.pad_to_multiple_of=64"],
-    "vlm_lora_compile_pad64": ["train.compile=true", "data.pad_to_multiple_of=64"],
+    "vlm_lora_unpadded": ["data.pad_to_multiple_of=null"],  # each batch as long as its longest sample
     "vlm_lora_cudnn_ragged": [],
     "vlm_lora_batched_vision": ["train.batched_vision_attention=true"],  # Qwen-VL: windows batched by length
 }
@@ -218,7 +217,9 @@ def peak_flops(device_name: str) -> float | None:
 
 def summarize(system: str, times: list[float], peak: float, tokens: int, n_samples: int, args,
               setup_s: float = 0.0, lm_params: int | None = None) -> dict:
-    steady = times[args.skip:] or times
+    # --profile: the recorded steps and the one after (HF's clock counts the record's writing there) are not steady
+    recorded = set(range(args.profile[0] - 1, sum(args.profile))) if getattr(args, "profile", None) else set()
+    steady = [t for i, t in enumerate(times) if i >= args.skip and i not in recorded] or times
     total = sum(times)
     per_sample = tokens / n_samples
     steady_sps = args.batch / statistics.mean(steady)

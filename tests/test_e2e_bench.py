@@ -58,6 +58,9 @@ def test_summary_separates_first_steps_from_steady_state():
     assert row["slowest_steps_s"] == [2.0, 1.0, 1.0] and row["steady_median_s"] == 1.0
     assert row["workers"] == 1 and row["mfu"] is None  # no peak rate on CPU
     assert row["settings"] == []  # vlm-lora's defaults
+    args.profile = [4, 1]  # step 4 recorded (the record written after it, counted in step 5 by HF's clock)
+    row = e2e.summarize("vlm_lora", [5.0, 3.0, 1.0, 9.0, 7.0, 2.0], 100.0, tokens=2000, n_samples=24, args=args)
+    assert row["steady_step_s"] == 1.5 and row["slowest_steps_s"] == [2.0, 1.0] and row["total_s"] == 27.0
 
 
 def test_mfu_counts_four_flops_per_language_model_parameter_and_token():
@@ -128,6 +131,5 @@ def test_every_vlm_lora_system_is_a_valid_recipe(tmp_path, system):
     recipe = validate_recipe(e2e.vlm_lora_recipe(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "out",
                                                  args, e2e.VLM_LORA_SYSTEMS[system]))
     assert recipe.train.batch_size == 16 and recipe.train.mixed_precision == "bf16"
-    if "pad64" in system:
-        assert recipe.data.pad_to_multiple_of == 64
+    assert recipe.data.pad_to_multiple_of == (None if system == "vlm_lora_unpadded" else "auto")
     assert set(e2e.SYSTEM_ENV) <= set(e2e.VLM_LORA_SYSTEMS)

@@ -174,6 +174,17 @@ def test_a_misspelt_metric_for_best_fails_before_the_model_loads():
     assert validate_recipe(good).train.metric_for_best == "eval_loss"
 
 
+def test_padding_auto_means_64_on_cuda_and_none_on_cpu_or_packed():
+    from vlm_lora.data.collate import length_multiple
+
+    data = validate_recipe(_minimal()).data
+    assert data.pad_to_multiple_of == "auto"
+    assert length_multiple(data, cuda=True) == 64 and length_multiple(data, cuda=False) is None
+    assert length_multiple(data.model_copy(update={"packing": True}), cuda=True) is None
+    assert length_multiple(data.model_copy(update={"pad_to_multiple_of": None}), cuda=True) is None
+    assert length_multiple(data.model_copy(update={"pad_to_multiple_of": 8}), cuda=False) == 8
+
+
 def test_padding_to_a_multiple_is_checked_and_refused_with_packing():
     recipe = _minimal()
     recipe["data"] = {**recipe.get("data", {}), "pad_to_multiple_of": 64}
@@ -181,7 +192,13 @@ def test_padding_to_a_multiple_is_checked_and_refused_with_packing():
     recipe["data"].update(pad_to_multiple_of=0, packing=True)
     with pytest.raises(RecipeError) as info:
         validate_recipe(recipe)
-    assert "data.pad_to_multiple_of: Input should be greater than or equal to 1" in str(info.value)
+    assert "data.pad_to_multiple_of: expected a positive number of tokens, auto or null (got 0)" in str(info.value)
+    recipe["data"]["pad_to_multiple_of"] = "sixty"
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(recipe)
+    assert "recipe has 1 error(s)" in str(info.value) and "(got 'sixty')" in str(info.value)
+    recipe["data"]["pad_to_multiple_of"] = "auto"  # the default: no padding for packed rows, no error
+    assert validate_recipe(recipe).data.pad_to_multiple_of == "auto"
     recipe["data"]["pad_to_multiple_of"] = 64
     with pytest.raises(RecipeError) as info:
         validate_recipe(recipe)

@@ -93,15 +93,24 @@ class DataConfig(_Strict):
     label_key: str = Field(default="label", description="row key holding the class label (classification)")
     packing: bool = Field(default=False, description="pack each micro-batch's samples whole into rows without padding; "
                                                      "positions restart per sample, attention stays within samples")
-    pad_to_multiple_of: int | None = Field(
-        default=None, ge=1, description="right-pad each batch to a length that is a multiple of this (e.g. 64): "
-                                        "fewer distinct shapes for train.compile and attention kernels; the "
-                                        "padding is masked and unlabelled (same loss and gradients); not with packing")
+    pad_to_multiple_of: int | Literal["auto"] | None = Field(
+        default="auto", description="right-pad each batch to a length that is a multiple of this: fewer distinct "
+                                    "shapes for train.compile and attention kernels (on CUDA, SDPA's cuDNN kernels "
+                                    "build a plan for every new length); the padding is masked and unlabelled (same "
+                                    "loss and gradients). auto: 64 on CUDA, none on CPU or with packing; null: none")
+
+    @field_validator("pad_to_multiple_of", mode="before")
+    @classmethod
+    def _tokens_auto_or_null(cls, value):
+        if value is not None and value != "auto" and (not isinstance(value, int) or isinstance(value, bool)
+                                                      or value < 1):
+            raise ValueError("expected a positive number of tokens, auto or null")
+        return value
 
     @field_validator("pad_to_multiple_of")
     @classmethod
     def _not_with_packing(cls, value, info: ValidationInfo):
-        if value and info.data.get("packing"):  # packing is declared (so validated) first
+        if value not in (None, "auto") and info.data.get("packing"):  # packing is declared (so validated) first
             raise ValueError("packed rows are not padded per batch; set data.packing: false or drop "
                              "data.pad_to_multiple_of")
         return value

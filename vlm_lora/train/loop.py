@@ -222,11 +222,11 @@ def finetune(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> d
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        profiler.after(step)
         bar.update(1)
         window["loss"] = window["loss"] + step_loss  # a device tensor, read at the log step
         window["samples"] += n_samples * world
         window["step_seconds"].append(time.perf_counter() - step_started)  # host time; asynchronous, sums right
+        profiler.after(step)  # (writing the record is not the step's time)
         log_now = step % cfg.log_steps == 0 or step == total_steps
         if log_now:
             stop_if_diverged()
