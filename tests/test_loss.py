@@ -121,6 +121,8 @@ def test_padding_to_a_multiple_keeps_the_loss_and_gradients(tmp_path, family):
     length, padded_length = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
     assert padded_length % 32 == 0 and length < padded_length < length + 32
     assert (padded["labels"][:, length:] == -100).all() and (padded["attention_mask"][:, length:] == 0).all()
+    capped = ChatCollator(processor, max_length=length + 1, pad_to_multiple_of=32)(items)  # train.max_length caps it
+    assert capped["input_ids"].shape[1] == length + 1
     for fast in (False, True):
         plain_loss, plain_grads = _loss_and_grads(model, plain, fast)
         padded_loss, padded_grads = _loss_and_grads(model, padded, fast)

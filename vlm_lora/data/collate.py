@@ -330,7 +330,7 @@ class ChatCollator:
         fill = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
         batch = pad_batch(encoded, per_token, fill)
         if self.pad_to_multiple_of:
-            batch = pad_length_to_multiple(batch, per_token, fill, self.pad_to_multiple_of)
+            batch = pad_length_to_multiple(batch, per_token, fill, self.pad_to_multiple_of, limit=self.max_length)
         return batch
 
 

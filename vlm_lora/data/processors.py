@@ -66,11 +66,14 @@ def pad_batch(encoded: list[dict], per_token: set[str], fill: dict[str, int]) ->
 
 
 def pad_length_to_multiple(batch: dict[str, torch.Tensor], per_token: set[str], fill: dict[str, int],
-                           multiple: int) -> dict[str, torch.Tensor]:
-    """The per-token [B, T, ...] tensors right-padded along T to the next multiple of ``multiple``
-    (``fill[key]``, else 0: attention mask 0, labels ignored)."""
+                           multiple: int, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """The per-token [B, T, ...] tensors right-padded along T to the next multiple of ``multiple``, but not past
+    ``limit`` (``train.max_length``: a model's positions may end there) (``fill[key]``, else 0: attention mask 0,
+    labels ignored)."""
     length = batch["input_ids"].shape[1]
     extra = -length % multiple
+    if limit is not None and length + extra > limit:
+        extra = max(limit - length, 0)
     if not extra:
         return batch
     for key in per_token & batch.keys():
