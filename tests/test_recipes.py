@@ -175,7 +175,7 @@ def test_a_misspelt_metric_for_best_fails_before_the_model_loads():
 
 
 def test_padding_auto_means_64_on_cuda_and_none_on_cpu_or_packed():
-    from vlm_lora.data.collate import length_multiple
+    from vlm_lora.data.processors import length_multiple
 
     data = validate_recipe(_minimal()).data
     assert data.pad_to_multiple_of == "auto"

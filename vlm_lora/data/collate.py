@@ -17,7 +17,7 @@ from PIL import Image
 from vlm_lora.data.datasets import FALLBACK_CHAT_TEMPLATE, IGNORE_INDEX, ON_BAD_SAMPLE, CaptionExample
 from vlm_lora.data.formats import DEFAULT_PROMPT, DataError, Problem, Sample
 from vlm_lora.data.processors import (FLAT_IMAGE_PROCESSORS, SINGLE_IMAGE_PROCESSORS, SUFFIX_PROCESSORS,
-                                      build_prompt, inserts_image_tokens, pad_batch,
+                                      build_prompt, inserts_image_tokens, length_multiple, pad_batch,
                                       pad_length_to_multiple)
 from vlm_lora.data.video import (VideoClip, blank_clip, load_media, media_turn, media_turns,
                                  processor_kwargs, refuse_video)
@@ -361,19 +361,6 @@ def _problem(example, reason: str) -> Problem:
     return Problem(getattr(example, "id", example.row), _where(example), reason)
 
 
-CUDA_LENGTH_MULTIPLE = 64  # data.pad_to_multiple_of: auto on CUDA
-
-
-def length_multiple(data_cfg, cuda: bool) -> int | None:
-    """``data.pad_to_multiple_of`` resolved. ``auto``: 64 on CUDA (not for packed rows). There SDPA runs cuDNN
-    attention, which builds an execution plan for every new sequence length, about 130 ms per step (forward and
-    backward) on an H100 for LLaVA-7B when every batch has its own length; with lengths in steps of 64 a run meets a
-    few lengths and the plans are reused. On CPU the padding would only add work."""
-    if data_cfg.pad_to_multiple_of != "auto":
-        return data_cfg.pad_to_multiple_of
-    return CUDA_LENGTH_MULTIPLE if cuda and not data_cfg.packing else None
-
-
 def make_collator(processor, recipe) -> ChatCollator:
     """The training collator of a recipe: ``data.chat_template``/``on_bad_sample``/``prompt``/``pad_to_multiple_of``,
     ``train.max_length``."""
@@ -385,22 +372,6 @@ def make_collator(processor, recipe) -> ChatCollator:
 
         collator.pixel_budget = PixelBudget.of(processor, recipe.data.max_total_pixels)
     return collator
-
-
-class CollatorWrapper:
-    """Base of collators that change another's batches (``PackingCollator``, ``WithLabelledPositions``).
-
-    Attributes other than the call (``check_lengths``, ``skipped``, ...) are the wrapped collator's. It holds
-    only the collator (and what a subclass adds), so it pickles into DataLoader workers.
-    """
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __getattr__(self, name: str):
-        if name == "collate":  # not set yet (unpickling): avoid recursing into ourselves
-            raise AttributeError(name)
-        return getattr(self.collate, name)
 
 
 class _Skip(Exception):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm_lora.data.collate import CollatorWrapper
+from vlm_lora.data.wrapper import CollatorWrapper
 from vlm_lora.data.datasets import IGNORE_INDEX
 
 LABELLED_POSITIONS = "labelled_positions"  # batch key: [N] int64 flat positions whose next token is labelled

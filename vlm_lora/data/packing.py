@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_lora.data.collate import CollatorWrapper
+from vlm_lora.data.wrapper import CollatorWrapper
 from vlm_lora.data.datasets import IGNORE_INDEX, DataError
 
 # processor outputs of videos (Qwen2-VL family): their temporal rope positions scale with time, not packed
