@@ -40,8 +40,9 @@ def test_profile_steps_beyond_the_run_are_refused_before_training(tmp_path):
     with pytest.raises(TrainingError, match=r"train.profile_steps: \[3, 4\] records up to step 6, but this run has 4"):
         finetune(load_recipe(_recipe_file(tmp_path), ["train.profile_steps=[3,4]"]))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    with pytest.raises(RecipeError, match="profile_steps"):
-        load_recipe(_recipe_file(tmp_path), ["train.profile_steps=[0,2]"])
+    for value in ("[0,2]", "[2]", "5", "[1,2,3]"):
+        with pytest.raises(RecipeError, match=r"train.profile_steps: expected \[first, count\]"):
+            load_recipe(_recipe_file(tmp_path), [f"train.profile_steps={value}"])
 
 
 def test_profiler_counts_only_its_steps():

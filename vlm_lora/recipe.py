@@ -175,11 +175,12 @@ class TrainConfig(_Strict):
             raise ValueError(unknown_name(f"unknown metric {value!r}", value, valid, f"valid: {', '.join(valid)}"))
         return value
 
-    @field_validator("profile_steps")
+    @field_validator("profile_steps", mode="before")
     @classmethod
-    def _positive_steps(cls, value):
-        if value is not None and (value[0] < 1 or value[1] < 1):
-            raise ValueError(f"[first, count] counts steps from 1 and records at least one; got {list(value)}")
+    def _first_and_count(cls, value):
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+            raise ValueError("expected [first, count]: the first step to record (counting from 1) and how many")
         return value
 
     @field_validator("gradient_checkpointing", "kernels", mode="before")
