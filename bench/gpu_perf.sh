@@ -13,6 +13,8 @@
 # PROFILE=FIRST,COUNT (llava, qwen): every system's steps FIRST.. recorded with torch.profiler ($OUT/<system>_profile/:
 # summary.json, ops.txt, trace.json.gz), the way `train.profile_steps` records a vlm-lora run.
 # Batch sizes: the presets' (LLaVA 16, Qwen 32: an H200's memory), or LLAVA_BATCH / QWEN_BATCH (8 fits an H100).
+# E2E_STEPS=200 (llava, family): the total-time comparison (steps of one epoch; default the preset's 24).
+# STEP_STEPS: timed steps of the step bench (default 5).
 # HF systems get as many DataLoader workers as vlm-lora's default (CPUs - 1, at most 8).
 # Wheels the GPU image lacks (pydantic, ...) are installed from .whl/ when it is there.
 # CPU analogue (tiny presets, same code paths): DEVICE=cpu bash bench/gpu_perf.sh llava
@@ -42,8 +44,8 @@ else
 fi
 if [ "$DEVICE" = cuda ]; then
   LB=${LLAVA_BATCH:-16}; QB=${QWEN_BATCH:-32}
-  STEP="--device cuda --preset llava-7b --batch $LB --steps 5 --warmup 2"
-  LLAVA="--device cuda --preset llava-7b --batch $LB --skip 4"; QWEN="--device cuda --preset qwen2.5-vl-7b --batch $QB --skip 4"
+  STEP="--device cuda --preset llava-7b --batch $LB --steps ${STEP_STEPS:-5} --warmup 2"
+  LLAVA="--device cuda --preset llava-7b --batch $LB --skip 4 ${E2E_STEPS:+--steps $E2E_STEPS}"; QWEN="--device cuda --preset qwen2.5-vl-7b --batch $QB --skip 4"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/gpu.txt"
 else
   LB=4; QB=4; STEP="--preset tiny --steps 1 --warmup 0"; LLAVA="--preset tiny --skip 1"; QWEN="--preset qwen-tiny --skip 1"

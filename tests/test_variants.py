@@ -261,3 +261,42 @@ def test_the_fused_lora_linear_writes_its_output_once():
     copies = [event.input_shapes for event in prof.events() if event.name == "aten::copy_"]
     assert not [shapes for shapes in copies if [3, 24] in shapes], copies
     assert out.grad_fn.name() == "_LinearPlusLowRankBackward"
+
+
+def test_the_fused_lora_linear_backward_matches_the_plain_chain_in_bf16_with_one_add_less():
+    """Backward of the one-node LoRA linear (A inline): the same input and A/B gradients as the plain ops
+    under bf16 autocast (fp32 masters), and the low-rank input gradient is added inside the base GEMM
+    (``addmm_``), not in a separate pass over [N, in]."""
+    from torch.profiler import profile
+
+    from vlm_lora.lora import AdapterSpec, inject_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48)).to(torch.bfloat16).requires_grad_(False)
+    inject_lora(model, {"0": AdapterSpec(rank=8, alpha=16)})
+    layer = model[0]
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(5, 7, 64, dtype=torch.bfloat16)
+    weight_out = torch.randn(5, 7, 48, dtype=torch.bfloat16)
+
+    def gradients(plain: bool):
+        xi = x.clone().requires_grad_(True)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if plain:
+                base = layer.base_layer
+                out = base(xi) + (xi @ a.to(xi.dtype).T) @ (b * layer.scaling["default"]).to(xi.dtype).T
+            else:
+                out = model(xi)
+        with profile() as prof:
+            (out.float() * weight_out).sum().backward()
+        grads = [xi.grad, a.grad, b.grad]
+        a.grad = b.grad = None
+        return grads, {event.key: event.count for event in prof.key_averages()}
+
+    (fused, fused_ops), (plain, _) = gradients(False), gradients(True)
+    assert fused[0].dtype == plain[0].dtype == torch.bfloat16
+    for mine, reference, name in zip(fused, plain, ["x", "A", "B"]):
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(mine.float(), reference.float(), atol=2e-2 * scale, rtol=0, msg=name)
+    assert fused_ops.get("aten::addmm_") == 1 and "aten::add" not in fused_ops, fused_ops

@@ -83,17 +83,20 @@ class _LinearPlusLowRank(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, b_scaled, x2, a = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = (g @ weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_hidden = g @ b_scaled if ctx.needs_input_grad[1] or a is not None else None
         # as autograd did it: the product in the activations' dtype, cast to B's, then scaled
         grad_b = (g.T @ hidden).to(ctx.weight_b_dtype) * ctx.scaling if ctx.needs_input_grad[4] else None
-        grad_a = None
+        grad_a = grad_x = None
         if a is not None:  # h = x A^T was computed here: its two products, as autograd's would be
             if ctx.needs_input_grad[6]:
                 grad_a = (grad_hidden.T @ x2).to(ctx.weight_a_dtype)
             if ctx.needs_input_grad[0]:
-                grad_x = grad_x + (grad_hidden @ a).view(ctx.x_shape)
+                # the low-rank input gradient [N, in] is written first and the base GEMM adds into
+                # it (addmm_ epilogue): no separate add pass over [N, in] per layer
+                grad_x = (grad_hidden @ a).addmm_(g, weight).view(ctx.x_shape)
             grad_hidden = None
+        elif ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).view(ctx.x_shape)
         return grad_x, grad_hidden, None, None, grad_b, None, grad_a
 
 
