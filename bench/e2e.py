@@ -69,6 +69,7 @@ VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recip
     "vlm_lora_unpadded": ["data.pad_to_multiple_of=null"],  # each batch as long as its longest sample
     "vlm_lora_cudnn_ragged": [],
     "vlm_lora_batched_vision": ["train.batched_vision_attention=true"],  # Qwen-VL: windows batched by length
+    "vlm_lora_batched_vision_compile": ["train.batched_vision_attention=true", "train.compile=true"],
 }
 # Environment of a system's process. On Hopper, SDPA runs cuDNN attention, which builds a plan for every new
 # sequence length (most steps of a dynamic-length run); this asks torch to serve every length from one plan.

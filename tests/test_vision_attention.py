@@ -91,3 +91,41 @@ def test_the_recipe_switch_batches_every_vision_layer_of_a_qwen_model():
     cfg = SimpleNamespace(kernels="none", gradient_checkpointing="none", compile=False, batched_vision_attention=True)
     apply_speed_options(model, cfg)
     assert all(block.attn.forward.__func__.__name__ == "_batched_forward" for block in model.model.visual.blocks)
+
+
+def test_compiled_batched_blocks_match_the_per_chunk_path_and_break_only_at_the_plan(tmp_path):
+    """train.compile with train.batched_vision_attention: every vision block compiles with one break, at the
+    plan lookup (the host read of the chunk lengths), and the tower's outputs and gradients stay those of
+    the eager per-chunk path."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_lora.architectures.tiny_processors import save_tiny_family
+    from vlm_lora.data.collate import ChatCollator
+    from vlm_lora.data.datasets import CaptionExample
+    from vlm_lora.train.speed import checkpointable_layers, compile_decoder_layers
+
+    folder = save_tiny_family("qwen2_5_vl", tmp_path / "qwen")
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").train()
+    items = [(Image.new("RGB", size, (60 * i, 90, 200)), CaptionExample(f"{i}.png", ["a cell"], row=i))
+             for i, size in enumerate([(40, 64), (48, 48)])]
+    batch = ChatCollator(AutoProcessor.from_pretrained(folder))(items)
+    plain_out, plain_grads = _tower_outputs_and_grads(model, batch)
+    batch_vision_attention(model)
+    torch._dynamo.reset()
+    counters.clear()
+    visual = model.model.visual
+    try:
+        assert compile_decoder_layers(visual, backend="aot_eager") == len(visual.blocks)
+        for _ in range(2):  # the second pass runs the cached graphs
+            compiled_out, compiled_grads = _tower_outputs_and_grads(model, batch)
+        torch.testing.assert_close(compiled_out, plain_out, atol=1e-5, rtol=1e-4)
+        assert compiled_grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4)
+        breaks = dict(counters["graph_break"])
+        assert len(breaks) == 1 and "disable" in next(iter(breaks)).lower(), breaks
+    finally:
+        for layer in checkpointable_layers(visual):
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()

@@ -66,6 +66,7 @@ class PlanCache:
         self.size = size
         self.entries: list[tuple[weakref.ref, ChunkPlan]] = []
 
+    @torch.compiler.disable  # under train.compile: one clean break here, not a host read traced into the graph
     def get(self, cu_seqlens: torch.Tensor) -> ChunkPlan:
         for ref, plan in self.entries:
             if ref() is cu_seqlens:
