@@ -70,12 +70,11 @@ VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recip
     "vlm_lora_cudnn_ragged": [],
     "vlm_lora_batched_vision": ["train.batched_vision_attention=true"],  # Qwen-VL: windows batched by length
     "vlm_lora_batched_vision_compile": ["train.batched_vision_attention=true", "train.compile=true"],
-    "vlm_lora_compile_cudagraphs": ["train.compile=true"],  # experiment: Inductor's CUDA graphs (SYSTEM_ENV)
+    "vlm_lora_per_chunk_vision": ["train.batched_vision_attention=false"],  # transformers' per-window calls
 }
 # Environment of a system's process. On Hopper, SDPA runs cuDNN attention, which builds a plan for every new
 # sequence length (most steps of a dynamic-length run); this asks torch to serve every length from one plan.
-SYSTEM_ENV = {"vlm_lora_cudnn_ragged": {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"},
-              "vlm_lora_compile_cudagraphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
+SYSTEM_ENV = {"vlm_lora_cudnn_ragged": {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}}
 HF_SYSTEMS = {"floor": dict(lora=False, compile=True), "hf_peft": dict(lora=True, compile=False),
               "hf_peft_compile": dict(lora=True, compile=True)}
 SYSTEMS = [*HF_SYSTEMS, *VLM_LORA_SYSTEMS]

@@ -6,8 +6,8 @@
 #   bash bench/gpu_perf.sh family  the LoRA family on the step bench (floor, LoRA, DoRA, VeRA, DyLoRA, AdaLoRA,
 #                                  QLoRA), profiled; then end to end E2E_SYSTEMS (default hf_peft_compile) on
 #                                  the llava shapes (rows join llava's through bench/results/); none skips them
-#   bash bench/gpu_perf.sh qwen    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, batched vision
-#                                  attention, the same + train.compile
+#   bash bench/gpu_perf.sh qwen    end to end on Qwen2.5-VL-7B shapes: hf_peft, vlm_lora, vlm_lora_compile (both
+#                                  with the batched vision attention of the default), vlm_lora_per_chunk_vision
 #   bash bench/gpu_perf.sh step    the LoRA step alone: floor, PEFT, vlm-lora (model's loss / labelled head), DoRA,
 #                                  and regionally compiled floor and vlm-lora, every variant profiled; VARY=8 gives
 #                                  the steps 8 sequence lengths in turn (a new length per step, as in a run)
@@ -78,7 +78,7 @@ case "$MODE" in
     ;;
   qwen)
     echo "== e2e ($QWEN)"
-    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $QWEN $PROFILE_ARGS --systems ${E2E_SYSTEMS:-hf_peft,vlm_lora,vlm_lora_batched_vision,vlm_lora_batched_vision_compile} \
+    timeout ${E2E_TIMEOUT:-560} python3 bench/e2e.py $QWEN $PROFILE_ARGS --systems ${E2E_SYSTEMS:-hf_peft,vlm_lora,vlm_lora_compile,vlm_lora_per_chunk_vision} \
       --system-timeout ${SYSTEM_TIMEOUT:-170} \
       --work /tmp/e2e_qwen --results bench/results/e2e_qwen_b$QB.jsonl 2>"$OUT/e2e_qwen.err" | tee "$OUT/e2e_qwen.log"
     cp bench/results/e2e_qwen_b$QB.jsonl /tmp/e2e_qwen/*.log "$OUT/" 2>/dev/null

@@ -93,6 +93,51 @@ def test_the_recipe_switch_batches_every_vision_layer_of_a_qwen_model():
     assert all(block.attn.forward.__func__.__name__ == "_batched_forward" for block in model.model.visual.blocks)
 
 
+@pytest.mark.parametrize("release, batched", [((5, 25), True), ((5, 17), True), ((5, 26), False), ((4, 57), False)])
+def test_auto_batches_qwen_vision_only_for_checked_transformers_releases(monkeypatch, caplog, release, batched):
+    """The default (auto) batches a Qwen tower when the installed transformers is a release the replaced
+    forward was checked against, and otherwise leaves transformers' forward and says why."""
+    from types import SimpleNamespace
+
+    from vlm_lora.architectures.tiny_families import tiny_family_model
+    from vlm_lora.recipe import TrainConfig
+    from vlm_lora.train import vision_attention
+    from vlm_lora.train.speed import apply_speed_options
+
+    assert TrainConfig().batched_vision_attention == "auto"
+    monkeypatch.setattr(vision_attention, "transformers_release", lambda: release)
+    model = tiny_family_model("qwen2_5_vl")
+    cfg = SimpleNamespace(kernels="none", gradient_checkpointing="none", compile=False, batched_vision_attention="auto")
+    with caplog.at_level("INFO", logger="vlm_lora.train.vision_attention"):
+        apply_speed_options(model, cfg)
+    names = {block.attn.forward.__func__.__name__ for block in model.model.visual.blocks}
+    assert names == ({"_batched_forward"} if batched else {"forward"})
+    assert ("outside the checked releases" in caplog.text) is not batched
+
+
+def test_auto_keeps_an_eager_attention_tower_as_it_is():
+    """auto changes only SDPA towers: a model loaded with attn_implementation="eager" keeps its kernels."""
+    from types import SimpleNamespace
+
+    from vlm_lora.architectures.tiny_families import tiny_family_model
+    from vlm_lora.train.speed import apply_speed_options
+
+    model = tiny_family_model("qwen2_5_vl")
+    model.model.visual.config._attn_implementation = "eager"
+    cfg = SimpleNamespace(kernels="none", gradient_checkpointing="none", compile=False, batched_vision_attention="auto")
+    apply_speed_options(model, cfg)
+    assert {block.attn.forward.__func__.__name__ for block in model.model.visual.blocks} == {"forward"}
+
+
+def test_auto_leaves_a_model_without_chunked_vision_attention_alone(tiny_llava):
+    from types import SimpleNamespace
+
+    from vlm_lora.train.speed import apply_speed_options
+
+    cfg = SimpleNamespace(kernels="none", gradient_checkpointing="none", compile=False, batched_vision_attention="auto")
+    assert apply_speed_options(tiny_llava, cfg) is tiny_llava
+
+
 def test_compiled_batched_blocks_match_the_per_chunk_path_and_break_only_at_the_plan(tmp_path):
     """train.compile with train.batched_vision_attention: every vision block compiles with one break, at the
     plan lookup (the host read of the chunk lengths), and the tower's outputs and gradients stay those of

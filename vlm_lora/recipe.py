@@ -143,9 +143,11 @@ class TrainConfig(_Strict):
         default="none", description="recompute activations in backward: full (every decoder layer), selective "
                                     "(every other layer), offload (full, saved inputs kept in CPU memory); true = full")
     compile: bool = Field(default=False, description="torch.compile each decoder layer (regional compilation)")
-    batched_vision_attention: bool = Field(
-        default=False, description="Qwen2/2.5/3-VL vision towers under SDPA: one attention call per chunk length "
-                                   "instead of one per window or image (same attention per chunk)")
+    batched_vision_attention: bool | Literal["auto"] = Field(
+        default="auto", description="Qwen2/2.5/3-VL vision towers under SDPA: one attention call per chunk length "
+                                    "instead of one per window or image (same attention per chunk). auto: on for "
+                                    "those towers with a transformers release whose vision attention was checked; "
+                                    "true: on (refused for a model without them); false: transformers' path")
     head_on_labels: bool = Field(default=True, description="lm_head and loss on the answer positions only (same "
                                  "loss and gradients; LLaVA, Qwen-VL); false: the model's loss over every position")
     kernels: Literal["none", "liger", "liger_flce"] = Field(

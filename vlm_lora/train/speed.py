@@ -53,7 +53,12 @@ def apply_speed_options(model, train_cfg, packing: bool = False):
             raise SpeedOptionError(f"train.kernels: {train_cfg.kernels} runs Triton kernels on a CUDA GPU; "
                                    "this run is on CPU, set train.kernels: none")
         apply_liger(model, fused_cross_entropy=train_cfg.kernels == "liger_flce")
-    if getattr(train_cfg, "batched_vision_attention", False):
+    batched_vision = getattr(train_cfg, "batched_vision_attention", False)
+    if batched_vision == "auto":
+        from vlm_lora.train.vision_attention import batch_vision_attention_if_checked
+
+        batch_vision_attention_if_checked(model)
+    elif batched_vision:
         from vlm_lora.train.vision_attention import CHUNKED_VISION_ATTENTION, batch_vision_attention
 
         if not batch_vision_attention(model) and not _uses_flash_attention(model):

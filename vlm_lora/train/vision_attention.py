@@ -17,12 +17,15 @@ per-chunk path.
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 # vision attention classes whose forward is transformers' chunked ``cu_seqlens`` attention (the same code in
 # each, checked for transformers 5.17 and 5.25): class name -> the module that defines it
@@ -31,6 +34,9 @@ CHUNKED_VISION_ATTENTION = {
     "Qwen2_5_VLVisionAttention": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
     "Qwen3VLVisionAttention": "transformers.models.qwen3_vl.modeling_qwen3_vl",
 }
+# ``train.batched_vision_attention: auto`` replaces transformers' forward only for the releases it was read
+# against (first, last: inclusive, by major.minor); outside them the recipe's ``true`` still applies it
+CHECKED_TRANSFORMERS = ((5, 17), (5, 25))
 
 
 class ChunkPlan:
@@ -108,18 +114,45 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 
-def batch_vision_attention(model: torch.nn.Module) -> int:
+def batch_vision_attention(model: torch.nn.Module, sdpa_only: bool = False) -> int:
     """Give every chunked vision attention module of ``model`` the batched forward; returns how many.
-    Modules under FlashAttention keep theirs (its varlen kernel already takes every chunk in one call)."""
+    Modules under FlashAttention keep theirs (its varlen kernel already takes every chunk in one call);
+    with ``sdpa_only`` so do modules under any other implementation than SDPA (e.g. eager)."""
     plans = PlanCache()
     count = 0
     for module in model.modules():
         if CHUNKED_VISION_ATTENTION.get(type(module).__name__) != type(module).__module__:
             continue
-        if "flash" in str(getattr(module.config, "_attn_implementation", "") or ""):
+        implementation = str(getattr(module.config, "_attn_implementation", "") or "sdpa")
+        if "flash" in implementation or (sdpa_only and implementation != "sdpa"):
             continue
         module._rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         module._chunk_plans = plans
         module.forward = types.MethodType(_batched_forward, module)
         count += 1
+    return count
+
+
+def transformers_release() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def batch_vision_attention_if_checked(model: torch.nn.Module) -> int:
+    """``train.batched_vision_attention: auto``: batch the chunked vision attention when this transformers
+    release is one the replaced forward was checked against, for modules under SDPA; returns how many
+    modules were batched."""
+    first, last = CHECKED_TRANSFORMERS
+    release = transformers_release()
+    if not first <= release <= last:
+        if any(CHUNKED_VISION_ATTENTION.get(type(m).__name__) == type(m).__module__ for m in model.modules()):
+            log.info("train.batched_vision_attention: auto leaves transformers' vision attention as it is: "
+                     "transformers %d.%d is outside the checked releases %d.%d-%d.%d (set true to batch anyway)",
+                     *release, *first, *last)
+        return 0
+    count = batch_vision_attention(model, sdpa_only=True)
+    if count:
+        log.info("train.batched_vision_attention: %d vision attention layers batched by chunk length", count)
     return count
