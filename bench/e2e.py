@@ -71,6 +71,8 @@ VLM_LORA_SYSTEMS = {  # system -> recipe overrides on top of the generated recip
     "vlm_lora_batched_vision": ["train.batched_vision_attention=true"],  # Qwen-VL: windows batched by length
     "vlm_lora_batched_vision_compile": ["train.batched_vision_attention=true", "train.compile=true"],
     "vlm_lora_per_chunk_vision": ["train.batched_vision_attention=false"],  # transformers' per-window calls
+    "vlm_lora_dora_compile": ["components.language_decoder.variant=dora", "train.compile=true"],
+    "vlm_lora_qlora_compile": ["model.quantization.bits=4", "train.compile=true"],  # NF4 base (CUDA)
 }
 # Environment of a system's process. On Hopper, SDPA runs cuDNN attention, which builds a plan for every new
 # sequence length (most steps of a dynamic-length run); this asks torch to serve every length from one plan.

@@ -3,12 +3,13 @@ and the compiled step gives the eager loss and gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import randomize_adapters, tiny_llava_config
 
 
-def _model(layers: int = 4):
+def _model(layers: int = 4, variant: str = "lora"):
     from transformers import LlavaForConditionalGeneration
 
     import vlm_lora
@@ -17,7 +18,8 @@ def _model(layers: int = 4):
     config.text_config.num_hidden_layers = layers
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).train()
-    vlm_lora.plan(model, "language_only").apply(model)  # q/k/v and gate/up share their A matmul
+    # q/k/v and gate/up share their A matmul (LoRA); DoRA's one-node linear with its detached norm
+    vlm_lora.plan(model, "language_only", language_decoder={"variant": variant}).apply(model)
     randomize_adapters(model)
     return model
 
@@ -31,13 +33,14 @@ def _batch(length: int) -> dict:
     return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": labels}
 
 
-def test_compiled_lora_layers_share_one_graph_and_match_eager():
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_compiled_lora_layers_share_one_graph_and_match_eager(variant):
     from torch._dynamo.utils import counters
 
     from vlm_lora.train.loss import labelled_token_loss, training_kwargs
     from vlm_lora.train.speed import checkpointable_layers, compile_decoder_layers
 
-    model = _model()
+    model = _model(variant=variant)
     assert training_kwargs(model) == {"use_cache": False}
     eager = []
     for length in (10, 12):
