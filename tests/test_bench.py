@@ -98,3 +98,27 @@ def test_vision_attention_bench_counts_fewer_attention_calls_when_batched():
     # 224 px: 16 x 16 patches, 2 x 2 windows of 8 x 8 per image; 28 windowed layers, 4 full-attention ones
     assert per_chunk["attention_calls"] == 28 * 2 * 4 + 4 * 2 and batched["attention_calls"] == 32
     assert ratio["speedup"] > 0
+
+
+def test_the_profiled_steps_do_not_create_the_optimizer_state(tmp_path, monkeypatch):
+    """The step bench's profile records steady steps: AdamW fills its zeroed moments (a memset per tensor
+    on CUDA) in an unrecorded step first, so the recorded ones show no one-time state creation."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import lora_step
+
+    steps_seen = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            steps_seen.append((torch.autograd._profiler_enabled(), len(self.state)))
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    preset = lora_step.PRESETS["tiny"]
+    model = lora_step.build_model(preset, "cpu", torch.float32)
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    batch = lora_step.make_batch(preset, model, "cpu", torch.float32)
+    lora_step.profile_variant(model, [batch], "cpu", None, str(tmp_path / "ops.txt"))
+    recorded = [state for profiled, state in steps_seen if profiled]
+    assert len(recorded) == 2 and all(state > 0 for state in recorded), steps_seen
