@@ -114,6 +114,10 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 
+def is_chunked_vision_attention(module: torch.nn.Module) -> bool:
+    return CHUNKED_VISION_ATTENTION.get(type(module).__name__) == type(module).__module__
+
+
 def batch_vision_attention(model: torch.nn.Module, sdpa_only: bool = False) -> int:
     """Give every chunked vision attention module of ``model`` the batched forward; returns how many.
     Modules under FlashAttention keep theirs (its varlen kernel already takes every chunk in one call);
@@ -121,7 +125,7 @@ def batch_vision_attention(model: torch.nn.Module, sdpa_only: bool = False) -> i
     plans = PlanCache()
     count = 0
     for module in model.modules():
-        if CHUNKED_VISION_ATTENTION.get(type(module).__name__) != type(module).__module__:
+        if not is_chunked_vision_attention(module):
             continue
         implementation = str(getattr(module.config, "_attn_implementation", "") or "sdpa")
         if "flash" in implementation or (sdpa_only and implementation != "sdpa"):
@@ -134,10 +138,11 @@ def batch_vision_attention(model: torch.nn.Module, sdpa_only: bool = False) -> i
 
 
 def transformers_release() -> tuple[int, int]:
+    """The installed transformers' (major, minor)."""
     import transformers
+    from packaging.version import Version
 
-    major, minor = transformers.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    return Version(transformers.__version__).release[:2]
 
 
 def batch_vision_attention_if_checked(model: torch.nn.Module) -> int:
@@ -147,7 +152,7 @@ def batch_vision_attention_if_checked(model: torch.nn.Module) -> int:
     first, last = CHECKED_TRANSFORMERS
     release = transformers_release()
     if not first <= release <= last:
-        if any(CHUNKED_VISION_ATTENTION.get(type(m).__name__) == type(m).__module__ for m in model.modules()):
+        if any(is_chunked_vision_attention(module) for module in model.modules()):
             log.info("train.batched_vision_attention: auto leaves transformers' vision attention as it is: "
                      "transformers %d.%d is outside the checked releases %d.%d-%d.%d (set true to batch anyway)",
                      *release, *first, *last)
