@@ -185,6 +185,19 @@ def test_padding_auto_means_64_on_cuda_and_none_on_cpu_or_packed():
     assert length_multiple(data.model_copy(update={"pad_to_multiple_of": 8}), cuda=False) == 8
 
 
+def test_batched_vision_attention_takes_auto_or_a_switch_with_one_message():
+    recipe = _minimal()
+    assert validate_recipe(recipe).train.batched_vision_attention == "auto"
+    for value, expected in [(True, True), ("false", False), ("auto", "auto")]:
+        recipe["train"] = {"batched_vision_attention": value}
+        assert validate_recipe(recipe).train.batched_vision_attention == expected
+    recipe["train"] = {"batched_vision_attention": "maybe"}
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(recipe)
+    assert "recipe has 1 error(s)" in str(info.value)
+    assert "train.batched_vision_attention: expected auto, true or false (got 'maybe')" in str(info.value)
+
+
 def test_padding_to_a_multiple_is_checked_and_refused_with_packing():
     recipe = _minimal()
     recipe["data"] = {**recipe.get("data", {}), "pad_to_multiple_of": 64}

@@ -185,6 +185,16 @@ class TrainConfig(_Strict):
             raise ValueError("expected [first, count]: the first step to record (counting from 1) and how many")
         return value
 
+    @field_validator("batched_vision_attention", mode="before")
+    @classmethod
+    def _auto_or_switch(cls, value):  # one message, not one per member of the union
+        if value == "auto" or isinstance(value, bool):
+            return value
+        words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+        if isinstance(value, str) and value.lower() in words:
+            return words[value.lower()]
+        raise ValueError("expected auto, true or false")
+
     @field_validator("gradient_checkpointing", "kernels", mode="before")
     @classmethod
     def _bool_modes(cls, value, info):
