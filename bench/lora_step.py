@@ -10,7 +10,8 @@ Every variant trains the same LLaVA-shaped (or, ``--preset qwen2.5-vl-7b``, Qwen
   *_dora           DoRA instead of LoRA
   *_gc             gradient checkpointing on the language decoder (train.gradient_checkpointing: full);
                    *_gcsel every second layer (selective), *_gcoff full with saved inputs in pinned CPU memory (offload)
-  *_compile        each decoder layer compiled (train.compile: regional torch.compile), after the eager variants
+  *_compile        each decoder layer compiled (train.compile: regional torch.compile, graphs for any sequence
+                   length), after the eager variants; *_compile_static: dynamo's default, graphs for this length
   *_head           lm_head and loss on the labelled positions only (train.head_on_labels, vlm-lora's default
                    training path; the other variants take the model's own loss over every position)
   *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
@@ -60,7 +61,7 @@ FAMILY_VARIANTS = ["peft_vera", "vlm_lora_vera", "vlm_lora_dylora", "vlm_lora_ad
 CHECKPOINT_VARIANTS = ["floor_gc", "peft_gc", "vlm_lora_gc", "floor_gcsel", "vlm_lora_gcsel", "floor_gcoff",
                        "vlm_lora_gcoff"]
 CHECKPOINTING = {"gc": "full", "gcsel": "selective", "gcoff": "offload"}  # variant kind -> train.gradient_checkpointing
-FLOOR_OF = {"vision": "floor_vision", "compile": "floor", "head": "floor_head",
+FLOOR_OF = {"vision": "floor_vision", "compile": "floor", "compile_static": "floor", "head": "floor_head",
             **{kind: f"floor_{kind}" for kind in CHECKPOINTING}}
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -175,12 +176,14 @@ def setup_variant(model, variant: str, arch: dict):
         enable_gradient_checkpointing(model.model.language_model, CHECKPOINTING[kind])
         model.enable_input_require_grads()
         undo.append(model.model.language_model.gradient_checkpointing_disable)
-    if kind == "compile":  # regional: the eager forwards come back on undo (nn.Module.compile keeps them)
+    if kind in ("compile", "compile_static"):  # regional: the eager forwards come back on undo
         from vlm_lora.train.speed import checkpointable_layers, compile_decoder_layers
 
-        compile_decoder_layers(model.model.language_model)
+        # train.compile's graphs are for any sequence length; compile_static: dynamo's default (this length)
+        compile_decoder_layers(model.model.language_model, any_length=kind == "compile")
         undo.append(lambda: [setattr(layer, "_compiled_call_impl", None)
                              for layer in checkpointable_layers(model.model.language_model)])
+        undo.append(torch._dynamo.reset)
     if family == "floor":
         model.model.get_submodule(arch["connector"]).requires_grad_(True)
         if kind == "vision":  # activations of the vision tower need grad, so backward walks it
@@ -385,8 +388,9 @@ def main() -> None:
             ratios[variant] = {"step_vs_floor": round(result["step_s"] / floor["step_s"], 3)}
             if result["peak_mib"] and floor["peak_mib"]:
                 ratios[variant]["mem_vs_floor"] = round(result["peak_mib"] / floor["peak_mib"], 3)
-            if "compile" in kind and "floor_compile" in results:  # also against the compiled floor
-                ratios[variant]["step_vs_compiled_floor"] = round(result["step_s"] / results["floor_compile"]["step_s"], 3)
+            compiled_floor = results.get(f"floor_{kind}") if "compile" in kind else None
+            if compiled_floor:  # also against the floor compiled the same way
+                ratios[variant]["step_vs_compiled_floor"] = round(result["step_s"] / compiled_floor["step_s"], 3)
     print(json.dumps({"ratios": ratios, **shape}), flush=True)
 
 

@@ -1,5 +1,5 @@
-"""Regional torch.compile of LoRA decoder layers: one graph for every layer (no per-layer recompiles),
-and the compiled step gives the eager loss and gradients."""
+"""Regional torch.compile of LoRA decoder layers: one graph for every layer and every sequence length (no
+per-layer recompiles, none at a new length), and the compiled step gives the eager loss and gradients."""
 
 from __future__ import annotations
 
@@ -50,17 +50,37 @@ def test_compiled_lora_layers_share_one_graph_and_match_eager(variant):
         eager.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     torch._dynamo.reset()
     counters.clear()
-    assert compile_decoder_layers(model.model.language_model, backend="aot_eager") == 4
+    vision_layers = len(checkpointable_layers(model.model.vision_tower))
+    assert compile_decoder_layers(model, backend="aot_eager") == 4 + vision_layers
+    graphs = []
     for (eager_loss, eager_grads), length in zip(eager, (10, 12)):
         model.zero_grad(set_to_none=True)
         loss = labelled_token_loss(model, _batch(length), use_cache=False)
         loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
         torch.testing.assert_close(loss.detach(), eager_loss, atol=1e-5, rtol=1e-5)
         for name, grad in eager_grads.items():
             torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4)
-    # 4 layers, 2 lengths: one static graph, one dynamic-shape graph; no graph breaks
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # one graph for the 4 decoder layers at any length, one for the vision layers (one image size); the new
+    # length compiles nothing (dynamo's default would compile the decoder layers again); no graph breaks
+    assert graphs == [2, 2], (graphs, dict(counters["stats"]))
     assert not counters["graph_break"], dict(counters["graph_break"])
-    for layer in checkpointable_layers(model.model.language_model):
+    for layer in checkpointable_layers(model):
         layer._compiled_call_impl = None
     torch._dynamo.reset()
+
+
+def test_only_the_language_decoder_layers_compile_for_any_length(monkeypatch):
+    from vlm_lora.train.speed import checkpointable_layers, compile_decoder_layers
+
+    model = _model(layers=2)
+    asked = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: asked.__setitem__(self, kw["dynamic"]))
+    compile_decoder_layers(model, backend="aot_eager")
+    language = set(checkpointable_layers(model.model.language_model))
+    assert len(asked) == 2 + len(checkpointable_layers(model.model.vision_tower))
+    assert {layer: dynamic for layer, dynamic in asked.items() if layer in language} == dict.fromkeys(language, True)
+    assert all(dynamic is None for layer, dynamic in asked.items() if layer not in language)
+    asked.clear()
+    compile_decoder_layers(model.model.language_model, backend="aot_eager", any_length=False)
+    assert set(asked.values()) == {None}
