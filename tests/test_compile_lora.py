@@ -84,3 +84,31 @@ def test_only_the_language_decoder_layers_compile_for_any_length(monkeypatch):
     asked.clear()
     compile_decoder_layers(model.model.language_model, backend="aot_eager", any_length=False)
     assert set(asked.values()) == {None}
+
+
+def test_inductor_runs_the_lora_linear_without_copying_the_low_rank_addend():
+    """Inductor turns an in-place ``addmm_`` into ``addmm(addend, ..., out=new)``, which copies the [N, out]
+    addend first; the LoRA linear's sum is one opaque op under compile, with the eager bits."""
+    from torch._inductor.utils import run_and_get_code
+
+    from vlm_lora.lora.nodes import _LinearPlusLowRank
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 16, generator=g)
+    x, a, b = (torch.randn(*shape, generator=g, requires_grad=True) for shape in ((3, 5, 16), (4, 16), (24, 4)))
+
+    def step(x, a, b):
+        y = _LinearPlusLowRank.apply(x, None, weight, None, b, 0.5, a)
+        loss = (y * y.detach().sin()).sum()
+        return loss, torch.autograd.grad(loss, (x, a, b))
+
+    eager_loss, eager_grads = step(x, a, b)
+    torch._dynamo.reset()
+    (loss, grads), codes = run_and_get_code(torch.compile(step, backend="inductor"), x, a, b)
+    code = "\n".join(codes)
+    assert "extern_kernels.addmm" not in code
+    assert code.count("torch.ops.vlm_lora.low_rank_plus_mm.default(") == 2  # forward sum, input gradient
+    torch.testing.assert_close(loss, eager_loss, atol=1e-4, rtol=1e-5)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad, atol=1e-4, rtol=1e-5)
+    torch._dynamo.reset()
