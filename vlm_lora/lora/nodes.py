@@ -21,9 +21,13 @@ def low_rank_plus_mm(small: torch.Tensor, small_w: torch.Tensor, big: torch.Tens
     out-of-place ``addmm`` that first copies the [N, out] addend (a device-to-device copy per linear,
     about 3% of a compiled LLaVA-7B step). Both paths run the same kernels, so the bits are the same.
     """
-    same_dtype = small.dtype == small_w.dtype == big.dtype == big_w.dtype and (bias is None or bias.dtype == big.dtype)
-    if torch.compiler.is_compiling() and same_dtype:
+    one_dtype = small.dtype == small_w.dtype == big.dtype == big_w.dtype and (bias is None or bias.dtype == big.dtype)
+    if torch.compiler.is_compiling() and one_dtype:
         return torch.ops.vlm_lora.low_rank_plus_mm(small, small_w, big, big_w, bias)
+    return _low_rank_then_mm(small, small_w, big, big_w, bias)
+
+
+def _low_rank_then_mm(small, small_w, big, big_w, bias):
     low = torch.addmm(bias, small, small_w) if bias is not None else small @ small_w
     return low.addmm_(big, big_w)
 
@@ -32,8 +36,7 @@ def low_rank_plus_mm(small: torch.Tensor, small_w: torch.Tensor, big: torch.Tens
 def _low_rank_plus_mm_op(small: torch.Tensor, small_w: torch.Tensor, big: torch.Tensor, big_w: torch.Tensor,
                          bias: Optional[torch.Tensor]) -> torch.Tensor:
     with torch.autocast(big.device.type, enabled=False):  # one dtype in (checked by the caller), no casts
-        low = torch.addmm(bias, small, small_w) if bias is not None else small @ small_w
-        return low.addmm_(big, big_w)
+        return _low_rank_then_mm(small, small_w, big, big_w, bias)
 
 
 @_low_rank_plus_mm_op.register_fake
@@ -101,8 +104,6 @@ class _LinearPlusLowRank(torch.autograd.Function):
             a = weight_a.to(x.dtype)
             hidden = x2 @ a.T
         b_scaled = (weight_b * scaling).to(x.dtype)  # [out, r]
-        # in place: an out-of-place addmm first copies the low-rank [N, out] into its result (on CUDA a
-        # device-to-device memcpy per layer, about 3% of a LLaVA-7B step); same GEMM, same bits
         out = low_rank_plus_mm(hidden, b_scaled.T, x2, weight.T, bias)
         ctx.save_for_backward(hidden, weight, b_scaled, x2 if a is not None else None, a)
         ctx.x_shape, ctx.scaling, ctx.weight_b_dtype = x.shape, scaling, weight_b.dtype
