@@ -33,8 +33,8 @@ def _batch(length: int) -> dict:
     return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": labels}
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_compiled_lora_layers_share_one_graph_and_match_eager(variant):
+@pytest.mark.parametrize("variant,dynamic_dims", [("lora", "sequence"), ("dora", "sequence"), ("lora", "all")])
+def test_compiled_lora_layers_share_one_graph_and_match_eager(variant, dynamic_dims):
     from torch._dynamo.utils import counters
 
     from vlm_lora.train.loss import labelled_token_loss, training_kwargs
@@ -51,7 +51,7 @@ def test_compiled_lora_layers_share_one_graph_and_match_eager(variant):
     torch._dynamo.reset()
     counters.clear()
     vision_layers = len(checkpointable_layers(model.model.vision_tower))
-    assert compile_decoder_layers(model, backend="aot_eager") == 4 + vision_layers
+    assert compile_decoder_layers(model, backend="aot_eager", dynamic_dims=dynamic_dims) == 4 + vision_layers
     graphs = []
     for (eager_loss, eager_grads), length in zip(eager, (10, 12)):
         model.zero_grad(set_to_none=True)
@@ -70,20 +70,39 @@ def test_compiled_lora_layers_share_one_graph_and_match_eager(variant):
     torch._dynamo.reset()
 
 
-def test_only_the_language_decoder_layers_compile_for_any_length(monkeypatch):
-    from vlm_lora.train.speed import checkpointable_layers, compile_decoder_layers
+def test_only_the_language_decoders_sequence_length_is_dynamic():
+    """Language layers get one graph with a symbolic length and the batch and widths fixed; vision layers
+    and ``any_length=False`` keep dynamo's default (static on the first call)."""
+    from vlm_lora.train.speed import SequenceLengthDynamic, checkpointable_layers, compile_decoder_layers
 
     model = _model(layers=2)
-    asked = {}
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: asked.__setitem__(self, kw["dynamic"]))
-    compile_decoder_layers(model, backend="aot_eager")
     language = set(checkpointable_layers(model.model.language_model))
-    assert len(asked) == 2 + len(checkpointable_layers(model.model.vision_tower))
-    assert {layer: dynamic for layer, dynamic in asked.items() if layer in language} == dict.fromkeys(language, True)
-    assert all(dynamic is None for layer, dynamic in asked.items() if layer not in language)
-    asked.clear()
-    compile_decoder_layers(model.model.language_model, backend="aot_eager", any_length=False)
-    assert set(asked.values()) == {None}
+    graph_inputs = []
+
+    def recording_backend(graph, example_inputs):
+        values = [node.meta.get("example_value") for node in graph.graph.nodes if node.op == "placeholder"]
+        graph_inputs.append([tuple(v.shape) for v in values if torch.is_tensor(v)])
+        return graph.forward
+
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend=recording_backend)
+    for layer in checkpointable_layers(model):
+        assert isinstance(layer._compiled_call_impl, SequenceLengthDynamic) == (layer in language)
+    labelled_loss = model(**_batch(10), use_cache=False).loss
+    assert labelled_loss.isfinite()
+    hidden = model.config.text_config.hidden_size
+    # the decoder layer's hidden states [2, T, hidden]: T symbolic, batch and width plain ints
+    layer_hidden = [shape for shapes in graph_inputs for shape in shapes
+                    if len(shape) == 3 and shape[0] == 2 and shape[2] == hidden]
+    assert layer_hidden and all(isinstance(s[1], torch.SymInt) for s in layer_hidden), graph_inputs
+    assert all(not isinstance(s[0], torch.SymInt) and not isinstance(s[2], torch.SymInt) for s in layer_hidden)
+    for layer in checkpointable_layers(model):
+        layer._compiled_call_impl = None
+    compile_decoder_layers(model.model.language_model, backend="eager", any_length=False)
+    assert not any(isinstance(layer._compiled_call_impl, SequenceLengthDynamic) for layer in language)
+    for layer in checkpointable_layers(model):
+        layer._compiled_call_impl = None
+    torch._dynamo.reset()
 
 
 def test_inductor_runs_the_lora_linear_without_copying_the_low_rank_addend():

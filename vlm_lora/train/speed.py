@@ -13,6 +13,7 @@ import logging
 from functools import partial
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from vlm_lora.architectures.registry import detect_architecture
@@ -142,16 +143,22 @@ def offloaded_checkpoint(function, *args, **kwargs):
 
 # ---------------------------------------------------------------- regional compilation
 
-def compile_decoder_layers(model, backend: str = "inductor", any_length: bool | None = None) -> int:
+def compile_decoder_layers(model, backend: str = "inductor", any_length: bool | None = None,
+                           dynamic_dims: str = "sequence") -> int:
     """``torch.compile`` every checkpointable layer in place (``nn.Module.compile``); returns how many.
 
-    The language decoder's layers are compiled for any sequence length from the first step
-    (``dynamic=True``): text lengths change from batch to batch in nearly every run, and dynamo's default
-    compiles once for the first length and again at the first new one (8.7 s of a LLaVA-7B run on an
-    H200). Other layers (vision blocks, of one shape for fixed-size images) keep that default.
+    The language decoder's layers are compiled for any sequence length from the first step: text lengths
+    change from batch to batch in nearly every run, and dynamo's default compiles once for the first
+    length and again at the first new one (8.7 s of a LLaVA-7B run on an H200). Other layers (vision
+    blocks, of one shape for fixed-size images) keep that default.
     ``any_length``: None finds the language decoder by ``model``'s registry entry; True or False applies
     to every layer (``model`` a bare decoder or tower).
+    ``dynamic_dims``: "sequence" marks only the sequence-length dimensions dynamic (every dimension of an
+    input whose size is the hidden states' length); "all" compiles with ``dynamic=True`` (every size
+    symbolic, batch and widths included).
     """
+    if dynamic_dims not in ("sequence", "all"):
+        raise ValueError(f"dynamic_dims: {dynamic_dims!r}; valid: sequence, all")
     layers = checkpointable_layers(model)
     if not layers:
         raise SpeedOptionError(f"train.compile: found no decoder layers to compile in {type(model).__name__}; "
@@ -162,10 +169,40 @@ def compile_decoder_layers(model, backend: str = "inductor", any_length: bool | 
     else:
         dynamic = [any_length] * len(layers)
     for layer, any_length_layer in zip(layers, dynamic):
-        layer.compile(backend=backend, dynamic=True if any_length_layer else None)
+        if any_length_layer and dynamic_dims == "all":
+            layer.compile(backend=backend, dynamic=True)
+            continue
+        layer.compile(backend=backend)
+        if any_length_layer:
+            layer._compiled_call_impl = SequenceLengthDynamic(layer._compiled_call_impl)
     log.info("train.compile: %d layers compiled (%s), %d of them for any sequence length", len(layers), backend,
              sum(dynamic))
     return len(layers)
+
+
+class SequenceLengthDynamic:
+    """Calls a compiled decoder layer with the sequence length marked dynamic in its inputs.
+
+    The length is the hidden states' dimension -2 ([B, T, H] or [T, H]). On the first call every
+    dimension of that size in any tensor input (position embeddings [B, T, D], masks [B, 1, T, T],
+    positions) is found; every call marks those same dimensions with ``maybe_mark_dynamic``, so a width
+    that equals a later length is not marked (that would change the graph's guards and recompile)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.length_dims: list[tuple[int, ...]] | None = None  # per input leaf: its sequence-length dims
+
+    def __call__(self, *args, **kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        if self.length_dims is None or len(self.length_dims) != len(leaves):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            length = hidden.shape[-2] if torch.is_tensor(hidden) and hidden.dim() >= 2 else None
+            self.length_dims = [tuple(d for d, size in enumerate(leaf.shape) if size == length)
+                                if torch.is_tensor(leaf) and length is not None else () for leaf in leaves]
+        for leaf, dims in zip(leaves, self.length_dims):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(leaf, dim)
+        return self.compiled(*args, **kwargs)
 
 
 def language_decoder_layers(model) -> list[torch.nn.Module]:
