@@ -10,16 +10,14 @@ Every variant trains the same LLaVA-shaped (or, ``--preset qwen2.5-vl-7b``, Qwen
   *_dora           DoRA instead of LoRA
   *_gc             gradient checkpointing on the language decoder (train.gradient_checkpointing: full);
                    *_gcsel every second layer (selective), *_gcoff full with saved inputs in pinned CPU memory (offload)
-  *_compile        each decoder layer compiled (train.compile: regional torch.compile, graphs for any sequence
-                   length), after the eager variants; *_compile_static: dynamo's default, graphs for this length;
-                   *_compile_all: every size symbolic (dynamic=True), batch and widths included
+  *_compile        each decoder layer compiled (train.compile: regional torch.compile), after the eager variants
   *_head           lm_head and loss on the labelled positions only (train.head_on_labels, vlm-lora's default
                    training path; the other variants take the model's own loss over every position)
   *_qlora          language-decoder linears in bitsandbytes NF4 (double quant); runs last
   *_vera, vlm_lora_dylora, vlm_lora_adalora   the other variants (r=16), on request only (--variants)
 
-Prints one JSON line per variant (step_s = median of timed steps after warm-up) and a final
-line of ratios to the matching floor. Examples::
+Prints one JSON line per variant (step_s = median of timed steps after warm-up; warmup_s = the warm-up
+steps' times, compile included) and a final line of ratios to the matching floor. Examples::
 
     python bench/lora_step.py                                   # CPU preset, about a minute on 2 cores
     python bench/lora_step.py --device cuda --preset llava-7b   # design-notes shapes, bf16 autocast
@@ -62,8 +60,7 @@ FAMILY_VARIANTS = ["peft_vera", "vlm_lora_vera", "vlm_lora_dylora", "vlm_lora_ad
 CHECKPOINT_VARIANTS = ["floor_gc", "peft_gc", "vlm_lora_gc", "floor_gcsel", "vlm_lora_gcsel", "floor_gcoff",
                        "vlm_lora_gcoff"]
 CHECKPOINTING = {"gc": "full", "gcsel": "selective", "gcoff": "offload"}  # variant kind -> train.gradient_checkpointing
-FLOOR_OF = {"vision": "floor_vision", "compile": "floor", "compile_static": "floor", "compile_all": "floor",
-            "head": "floor_head",
+FLOOR_OF = {"vision": "floor_vision", "compile": "floor", "head": "floor_head",
             **{kind: f"floor_{kind}" for kind in CHECKPOINTING}}
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -178,12 +175,10 @@ def setup_variant(model, variant: str, arch: dict):
         enable_gradient_checkpointing(model.model.language_model, CHECKPOINTING[kind])
         model.enable_input_require_grads()
         undo.append(model.model.language_model.gradient_checkpointing_disable)
-    if kind in ("compile", "compile_static", "compile_all"):  # regional: the eager forwards come back on undo
+    if kind == "compile":  # regional: the eager forwards come back on undo
         from vlm_lora.train.speed import checkpointable_layers, compile_decoder_layers
 
-        # train.compile's graphs are for any sequence length; compile_static: dynamo's default (this length)
-        compile_decoder_layers(model.model.language_model, any_length=kind != "compile_static",
-                               dynamic_dims="all" if kind == "compile_all" else "sequence")
+        compile_decoder_layers(model.model.language_model)
         undo.append(lambda: [setattr(layer, "_compiled_call_impl", None)
                              for layer in checkpointable_layers(model.model.language_model)])
         undo.append(torch._dynamo.reset)
@@ -263,8 +258,8 @@ def time_variant(model, batches: list[dict], device: str, autocast_dtype, steps:
     del optimizer
     # what stays allocated between steps (weights, gradients freed): the base's share of the peak
     resident = torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else None
-    return {"step_s": statistics.median(times), "warmup_s": [round(t, 3) for t in warmup_times], "peak_mib": peak, "resident_mib": resident, "loss": loss.item(),
-            "trainable": sum(p.numel() for p in trainable)}
+    return {"step_s": statistics.median(times), "warmup_s": [round(t, 3) for t in warmup_times], "peak_mib": peak,
+            "resident_mib": resident, "loss": loss.item(), "trainable": sum(p.numel() for p in trainable)}
 
 
 def profile_variant(model, batches: list[dict], device: str, autocast_dtype, path: str, variant: str = "") -> dict:

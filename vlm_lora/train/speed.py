@@ -13,7 +13,6 @@ import logging
 from functools import partial
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from vlm_lora.architectures.registry import detect_architecture
@@ -143,77 +142,21 @@ def offloaded_checkpoint(function, *args, **kwargs):
 
 # ---------------------------------------------------------------- regional compilation
 
-def compile_decoder_layers(model, backend: str = "inductor", any_length: bool | None = None,
-                           dynamic_dims: str = "sequence") -> int:
+def compile_decoder_layers(model, backend: str = "inductor") -> int:
     """``torch.compile`` every checkpointable layer in place (``nn.Module.compile``); returns how many.
 
-    The language decoder's layers are compiled for any sequence length from the first step: text lengths
-    change from batch to batch in nearly every run, and dynamo's default compiles once for the first
-    length and again at the first new one (8.7 s of a LLaVA-7B run on an H200). Other layers (vision
-    blocks, of one shape for fixed-size images) keep that default.
-    ``any_length``: None finds the language decoder by ``model``'s registry entry; True or False applies
-    to every layer (``model`` a bare decoder or tower).
-    ``dynamic_dims``: "sequence" marks only the sequence-length dimensions dynamic (every dimension of an
-    input whose size is the hidden states' length); "all" compiles with ``dynamic=True`` (every size
-    symbolic, batch and widths included).
-    """
-    if dynamic_dims not in ("sequence", "all"):
-        raise ValueError(f"dynamic_dims: {dynamic_dims!r}; valid: sequence, all")
+    Dynamo's default shapes: a layer compiles for the first length it sees and once more, for any length,
+    at the first new one. Compiling for any length from the first step cost more in all: 42.6 s (batch 8)
+    and 64.8 s (batch 16) for the first step of a LLaVA-7B run on an H100, against 12.7 s plus an 8.7 s
+    recompile on an H200 with the default; on CPU 17.8 s against 11.9 + 3.6 s (README, session 33)."""
     layers = checkpointable_layers(model)
     if not layers:
         raise SpeedOptionError(f"train.compile: found no decoder layers to compile in {type(model).__name__}; "
                                "set train.compile: false")
-    if any_length is None:
-        language = {id(m) for m in language_decoder_layers(model)}
-        dynamic = [id(layer) in language for layer in layers]
-    else:
-        dynamic = [any_length] * len(layers)
-    for layer, any_length_layer in zip(layers, dynamic):
-        if any_length_layer and dynamic_dims == "all":
-            layer.compile(backend=backend, dynamic=True)
-            continue
+    for layer in layers:
         layer.compile(backend=backend)
-        if any_length_layer:
-            layer._compiled_call_impl = SequenceLengthDynamic(layer._compiled_call_impl)
-    log.info("train.compile: %d layers compiled (%s), %d of them for any sequence length", len(layers), backend,
-             sum(dynamic))
+    log.info("train.compile: %d layers compiled (%s)", len(layers), backend)
     return len(layers)
-
-
-class SequenceLengthDynamic:
-    """Calls a compiled decoder layer with the sequence length marked dynamic in its inputs.
-
-    The length is the hidden states' dimension -2 ([B, T, H] or [T, H]). On the first call every
-    dimension of that size in any tensor input (position embeddings [B, T, D], masks [B, 1, T, T],
-    positions) is found; every call marks those same dimensions with ``maybe_mark_dynamic``, so a width
-    that equals a later length is not marked (that would change the graph's guards and recompile)."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-        self.length_dims: list[tuple[int, ...]] | None = None  # per input leaf: its sequence-length dims
-
-    def __call__(self, *args, **kwargs):
-        leaves = pytree.tree_leaves((args, kwargs))
-        if self.length_dims is None or len(self.length_dims) != len(leaves):
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            length = hidden.shape[-2] if torch.is_tensor(hidden) and hidden.dim() >= 2 else None
-            self.length_dims = [tuple(d for d, size in enumerate(leaf.shape) if size == length)
-                                if torch.is_tensor(leaf) and length is not None else () for leaf in leaves]
-        for leaf, dims in zip(leaves, self.length_dims):
-            for dim in dims:
-                torch._dynamo.maybe_mark_dynamic(leaf, dim)
-        return self.compiled(*args, **kwargs)
-
-
-def language_decoder_layers(model) -> list[torch.nn.Module]:
-    """The checkpointable layers of ``model``'s language decoder, found by its registry entry (none when
-    ``model`` has no entry)."""
-    layers = {id(m) for m in checkpointable_layers(model)}
-    try:
-        arch = detect_architecture(model)
-    except ValueError:
-        return []
-    return [m for name, m in model.named_modules() if id(m) in layers and arch.component_of(name) == "language_decoder"]
 
 
 # ---------------------------------------------------------------- Liger kernels
