@@ -1,6 +1,5 @@
 """The merged export loads in plain transformers and gives the adapter model's logits."""
 
-import copy
 import subprocess
 import sys
 

@@ -146,9 +146,9 @@ def compile_decoder_layers(model, backend: str = "inductor") -> int:
     """``torch.compile`` every checkpointable layer in place (``nn.Module.compile``); returns how many.
 
     Dynamo's default shapes: a layer compiles for the first length it sees and once more, for any length,
-    at the first new one. Compiling for any length from the first step cost more in all: 42.6 s (batch 8)
-    and 64.8 s (batch 16) for the first step of a LLaVA-7B run on an H100, against 12.7 s plus an 8.7 s
-    recompile on an H200 with the default; on CPU 17.8 s against 11.9 + 3.6 s (README, session 33)."""
+    at the first new one. Compiling for any length from the first step cost more in all: 42.6 s for the
+    first step of a LLaVA-7B batch-8 run on an H100, against 10.3 s plus a 4.4 s recompile with the default
+    on an H100 at the same batch; on CPU 17.8 s against 11.9 + 3.6 s (README, sessions 30 and 33)."""
     layers = checkpointable_layers(model)
     if not layers:
         raise SpeedOptionError(f"train.compile: found no decoder layers to compile in {type(model).__name__}; "
